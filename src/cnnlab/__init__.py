@@ -1,0 +1,13 @@
+"""cnnlab: train, evaluate, inspect, export and serve convolutional image classifiers."""
+
+__version__ = "0.1.0"
+
+from .config import TrainConfig, list_recipes, load_recipe, resolve_config  # noqa: E402
+from .data import list_datasets, load_dataset  # noqa: E402
+from .errors import CnnlabError  # noqa: E402
+from .models import create_model, list_models, register_model  # noqa: E402
+from .train import Classifier, evaluate, fit, load_trained, train_step  # noqa: E402
+
+__all__ = ["Classifier", "CnnlabError", "TrainConfig", "create_model", "evaluate", "fit", "list_datasets",
+           "list_models", "list_recipes", "load_dataset", "load_recipe", "load_trained", "register_model",
+           "resolve_config", "train_step"]

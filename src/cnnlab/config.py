@@ -1,0 +1,271 @@
+"""Training configuration: one frozen, typed dataclass; recipes (TOML) plus ``key=value`` overrides.
+
+Unknown keys and values of the wrong type are rejected with a `ConfigError` (nanoGPT's rule, without
+its ``exec``). The resolved config is printed at the start of a run and saved beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "onecycle", "cosine", "linear", "triangle")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (the model directory and data location are not part of it)."""
+
+    # What to train.
+    model: str = "tf-estimator-cnn"
+    dataset: str = "mnist"
+    model_args: dict = field(default_factory=dict)  # extra keyword arguments for create_model (dropout, ...)
+    # Optimisation.
+    optimizer: str = "sgd"
+    lr: float = 0.001
+    momentum: float = 0.9  # for momentum / nesterov
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8  # tf.train.AdamOptimizer's default; Keras uses 1e-7
+    batch_size: int = 100
+    steps: int = 1000
+    epochs: float = 0.0  # > 0: train this many passes over the training set instead of `steps`
+    schedule: str = "constant"
+    warmup: float = 0.0  # fraction of steps spent warming up (onecycle / triangle peak position)
+    label_smoothing: float = 0.0
+    ema: float = 0.0  # > 0: keep an exponential moving average of the weights with this decay; evaluate it
+    # Augmentation (batched, per sample, applied to training batches only).
+    random_crop: bool = False  # random crops to the model's input size (else centre crop)
+    translate: int = 0  # random shifts of up to this many pixels (reflect padding)
+    flip: bool = False  # random horizontal flips
+    hue: float = 0.0  # max hue shift (fraction of the colour circle), as tf.image.random_hue
+    brightness: float = 0.0  # max additive brightness change, as tf.image.random_brightness
+    contrast: tuple[float, float] = (1.0, 1.0)  # contrast factor range, as tf.image.random_contrast
+    saturation: tuple[float, float] = (1.0, 1.0)  # saturation factor range
+    cutout: int = 0  # side of a random square set to zero (0: off)
+    tta: bool = False  # test-time augmentation: average logits of the image and its mirror (+ shifts)
+    # Reproducibility and bookkeeping.
+    seed: int = 0
+    log_every: int = 100
+    log_probs: int = 0  # print the softmax probabilities of this many batch samples in each log line
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # 0: evaluate on the test split only at the end
+    eval_batch_size: int = 1000
+    # Execution.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    precision: str = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def total_steps(self, num_train: int) -> int:
+        """Number of optimisation steps, from ``epochs`` when set, else ``steps``."""
+        if self.epochs > 0:
+            return max(1, -(-int(self.epochs * num_train) // self.batch_size))
+        return self.steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _validate(c: TrainConfig) -> None:
+    """Check value ranges; raise ConfigError on the first bad one."""
+    checks = [
+        (c.lr > 0, f"lr must be > 0, got {c.lr}"),
+        (c.batch_size > 0, f"batch_size must be > 0, got {c.batch_size}"),
+        (c.steps > 0, f"steps must be > 0, got {c.steps}"),
+        (c.epochs >= 0, f"epochs must be >= 0, got {c.epochs}"),
+        (c.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}"),
+        (c.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}"),
+        (c.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}"),
+        (0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}"),
+        (c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}"),
+        (0 <= c.warmup < 1, f"warmup must be in [0, 1), got {c.warmup}"),
+        (0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}"),
+        (0 <= c.ema < 1, f"ema must be in [0, 1), got {c.ema}"),
+        (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
+        (0 <= c.hue <= 0.5, f"hue must be in [0, 0.5], got {c.hue}"),
+        (c.brightness >= 0, f"brightness must be >= 0, got {c.brightness}"),
+        (0 <= c.contrast[0] <= c.contrast[1], f"contrast must be (lower, upper) with 0 <= lower <= upper, got {c.contrast}"),
+        (0 <= c.saturation[0] <= c.saturation[1], f"saturation must be (lower, upper) with 0 <= lower <= upper, got {c.saturation}"),
+        (c.log_every > 0 and c.ckpt_every > 0, "log_every and ckpt_every must be > 0"),
+        (c.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {c.keep_checkpoints}"),
+        (c.eval_every >= 0 and c.eval_batch_size > 0, "eval_every must be >= 0 and eval_batch_size > 0"),
+        (c.log_probs >= 0 and c.threads >= 0 and c.seed >= 0, "log_probs, threads and seed must be >= 0"),
+        (c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
+         f"device must be auto, cpu or cuda[:N], got {c.device!r}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value, hint):
+    """Convert ``value`` (from TOML or a command-line string) to the field's type, or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        args = typing.get_args(hint)
+        if isinstance(items, (list, tuple)) and len(items) == len(args):
+            return tuple(_coerce(key, v, a) for v, a in zip(items, args))
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif origin in (typing.Union, types.UnionType):
+        return _coerce(key, value, typing.get_args(hint)[0])
+    raise ConfigError(f"bad value for {key}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _parse_scalar(text: str):
+    """Parse a model_args value typed on the command line: TOML literal if it is one, else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def make_config(values: dict) -> TrainConfig:
+    """Build a TrainConfig from a mapping, rejecting unknown keys and converting types."""
+    hints = _hints()
+    out = {}
+    for key, value in values.items():
+        if key not in _FIELDS:
+            raise _unknown_key(key)
+        out[key] = _coerce(key, value, hints[key])
+    return TrainConfig(**out)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ``['--lr=0.01', '--batch-size', '64', 'model_args.dropout=0.3']`` into a dict of raw values.
+
+    Dashes in keys become underscores. ``model_args.NAME=VALUE`` sets one model argument.
+    """
+    out: dict = {}
+    i = 0
+    while i < len(items):
+        item = items[i].removeprefix("--")
+        if "=" in item:
+            key, value = item.split("=", 1)
+        elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+            key, value = item, items[i + 1]
+            i += 1
+        elif item.startswith("no-"):
+            key, value = item[3:], "false"
+        else:
+            key, value = item, "true"
+        key = key.replace("-", "_")
+        if key.startswith("model_args."):
+            out.setdefault("model_args", {})[key.split(".", 1)[1]] = _parse_scalar(value)
+        else:
+            if key not in _FIELDS:
+                raise _unknown_key(key)
+            out[key] = value
+        i += 1
+    return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named training setup: its config values and, where it reproduces a tutorial, the reported result."""
+
+    name: str
+    description: str
+    values: dict
+    reference: dict  # {'accuracy': 0.973, 'steps': 20000, 'source': '...', 'bench_steps': ...}
+
+
+def _recipe_dir():
+    return resources.files("cnnlab") / "recipes"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in _recipe_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """Load a recipe by name (bundled) or from a TOML file path."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {name_or_path}")
+        text, name = path.read_text(encoding="utf-8"), path.stem
+    else:
+        res = _recipe_dir() / f"{name_or_path}.toml"
+        if not res.is_file():
+            close = difflib.get_close_matches(name_or_path, list_recipes(), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown recipe {name_or_path!r}{hint}; known recipes: {', '.join(list_recipes())}")
+        text, name = res.read_text(encoding="utf-8"), name_or_path
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {name_or_path}: invalid TOML: {e}") from None
+    description = data.pop("description", "")
+    reference = data.pop("reference", {})
+    make_config(data)  # validate now, so a bad recipe fails before any work
+    return Recipe(name=name, description=description, values=data, reference=reference)
+
+
+def resolve_config(recipe: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Recipe values (if any), then overrides; ``model_args`` tables are merged key by key."""
+    values = dict(load_recipe(recipe).values) if recipe else {}
+    for key, value in (overrides or {}).items():
+        if key == "model_args":
+            values["model_args"] = {**values.get("model_args", {}), **value}
+        else:
+            values[key] = value
+    return make_config(values)

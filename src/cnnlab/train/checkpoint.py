@@ -1,0 +1,214 @@
+"""One checkpoint format: a safetensors file of tensors plus a JSON header, written atomically.
+
+Loading never unpickles anything: safetensors holds only raw tensors, and everything else (model name and
+arguments, config, step, optimiser hyper-parameters) is JSON in the file's metadata. A file that is not a
+valid safetensors file (a pickle, a truncated write) is refused with a `CheckpointError`.
+
+Tensor keys: ``model/<state_dict key>``, ``ema/<key>``, ``optim/<param index>/<state key>``, ``rng/<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from ..errors import CheckpointError
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{8})\.safetensors$")
+
+
+def checkpoint_path(model_dir: Path, step: int) -> Path:
+    return Path(model_dir) / f"ckpt-{step:08d}.safetensors"
+
+
+def list_checkpoints(model_dir: Path) -> list[Path]:
+    """Checkpoints in ``model_dir``, oldest first (by step in the name)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never a part.
+
+    Temp file in the same directory, fsync, rename over the target, fsync the directory.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _optimizer_to_flat(opt_state: dict) -> tuple[dict, dict]:
+    """Split an optimizer state_dict into tensors (flat keys) and a JSON-able remainder."""
+    tensors, scalars = {}, {}
+    for pid, st in opt_state["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{pid}/{k}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("optim/"):
+            _, pid, k = key.split("/", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for pid, st in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    step: int, config: dict, data: dict, ema: torch.nn.Module | None = None,
+                    extra: dict | None = None) -> Path:
+    """Save everything needed to resume or serve: weights, optimiser, step, RNG states, model args, config.
+
+    Args:
+        path: Target file (``ckpt-XXXXXXXX.safetensors``).
+        model: The model (a `CnnModel`; its ``meta`` names the architecture and arguments).
+        optimizer: Optimiser to resume, or None for a weights-only file.
+        step: Number of optimisation steps done.
+        config: The TrainConfig as a dict.
+        data: Dataset facts the model needs at prediction time (name, class names, shape).
+        ema: Averaged copy of the model, if kept.
+        extra: Any other JSON-able facts (metrics, code version).
+    """
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema/{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+    optim_meta = None
+    if optimizer is not None:
+        opt_tensors, optim_meta = _optimizer_to_flat(optimizer.state_dict())
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda{i}"] = s
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "model": {"name": model.meta.name, "args": model.meta.args,
+                  "input_size": list(model.meta.input_size), "num_classes": model.meta.num_classes},
+        "config": config,
+        "data": data,
+        "optimizer": optim_meta,
+        "extra": extra or {},
+    }
+    try:
+        header = json.dumps(meta)
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {e}") from None
+    atomic_write_bytes(path, st_save(tensors, metadata={"cnnlab": header}))
+    return Path(path)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint: (tensors, metadata). Never executes code from the file.
+
+    Raises:
+        CheckpointError: missing, not a cnnlab safetensors file (e.g. a pickle), truncated, or newer format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = (f.metadata() or {}).get("cnnlab")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a valid cnnlab checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if header is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a cnnlab checkpoint (no cnnlab header)")
+    try:
+        meta = json.loads(header)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: corrupt checkpoint header") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version!r}, newer than this cnnlab reads "
+                              f"({FORMAT_VERSION}); upgrade cnnlab")
+    return tensors, meta
+
+
+def latest_checkpoint(model_dir: Path) -> Path | None:
+    """The newest checkpoint in ``model_dir``, or None."""
+    found = list_checkpoints(model_dir)
+    return found[-1] if found else None
+
+
+def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix/`` with the prefix removed (e.g. the model's state_dict)."""
+    p = prefix + "/"
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a state_dict, refusing missing or unexpected keys and shape mismatches with one clear line."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}")
+        if bad_shape:
+            k = bad_shape[0]
+            parts.append(f"shape of {k} is {tuple(state[k].shape)}, model has {tuple(own[k].shape)}")
+        raise CheckpointError(f"{where} does not match the model ({'; '.join(parts)})")
+    module.load_state_dict(state)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict | None, where: str) -> None:
+    """Load optimiser state saved by `save_checkpoint`; tuples in param groups come back as tuples."""
+    if meta is None:
+        raise CheckpointError(f"{where} holds no optimiser state; cannot resume training from it")
+    sd = _optimizer_from_flat(tensors, meta)
+    current = optimizer.state_dict()["param_groups"]
+    if len(current) != len(sd["param_groups"]):
+        raise CheckpointError(f"{where}: optimiser has {len(current)} parameter groups, checkpoint {len(sd['param_groups'])}")
+    for cur, saved in zip(current, sd["param_groups"]):
+        for k, v in list(saved.items()):
+            if isinstance(cur.get(k), tuple) and isinstance(v, list):
+                saved[k] = tuple(v)
+    try:
+        optimizer.load_state_dict(sd)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{where}: optimiser state does not fit ({e})") from None
+
+
+def restore_rng(tensors: dict) -> None:
+    """Restore the global torch RNG states saved in the checkpoint (dropout draws depend on them)."""
+    if "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)

@@ -1,0 +1,181 @@
+"""The training loop: plain code, top to bottom. Resumes from the newest checkpoint in the model directory.
+
+An interrupted run (even SIGKILL) that is started again with the same command continues from its last
+checkpoint and ends with the same weights as an uninterrupted run: batch order and augmentation draws are
+functions of (seed, step), and the optimiser, step and RNG state come back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..data import ArrayDataset, load_dataset
+from ..data.augment import Augment
+from ..errors import CheckpointError, CnnlabError
+from ..models import create_model
+from ..runinfo import run_info
+from . import checkpoint as ck
+from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
+from .steps import (EpochSampler, EvalResult, evaluate, lr_factor, make_optimizer, select_device,
+                    step_generator, train_step)
+
+
+class TrainingDiverged(CnnlabError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class FitResult:
+    model: torch.nn.Module  # the model to use (the EMA copy when EMA is on)
+    step: int
+    test: EvalResult | None
+    seconds: float
+    model_dir: Path
+
+
+def build_model(config: TrainConfig, info) -> torch.nn.Module:
+    """The model a config names, sized for the dataset (classes, channels)."""
+    return create_model(config.model, num_classes=info.num_classes, in_chans=info.shape[0], **config.model_args)
+
+
+def _check_same_run(meta: dict, model: torch.nn.Module, config: TrainConfig, where: Path) -> None:
+    """Refuse to resume a checkpoint of another model or dataset: a silent mismatch would corrupt the run."""
+    saved = meta["model"]
+    if saved["name"] != model.meta.name or saved["args"] != model.meta.args:
+        raise CheckpointError(f"{where} holds {saved['name']} {saved['args']}, not {model.meta.name} "
+                              f"{model.meta.args}; use another --model-dir")
+    if meta["config"].get("dataset") != config.dataset:
+        raise CheckpointError(f"{where} was trained on {meta['config'].get('dataset')}, not {config.dataset}; "
+                              "use another --model-dir")
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(p, 1 - decay)
+            else:
+                e.copy_(p)
+
+
+def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = None,
+        train_set: ArrayDataset | None = None, test_set: ArrayDataset | None = None,
+        log=print, progress: bool | None = None) -> FitResult:
+    """Train (or resume training) ``config`` in ``model_dir``; evaluate on the test split at the end.
+
+    Args:
+        config: The run's settings.
+        model_dir: Where checkpoints, ``config.json`` and ``metrics.jsonl`` go; resumed from if it has any.
+        data_dir: First place to look for dataset files.
+        train_set, test_set: Pre-loaded data (else loaded by name from ``config.dataset``).
+        log: Where log lines go.
+        progress: Show a progress bar (None: when stderr is a terminal).
+    """
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create model directory {model_dir}: {e.strerror}") from None
+    device = select_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    train_set = train_set or load_dataset(config.dataset, "train", data_dir=data_dir)
+    test_set = test_set or load_dataset(config.dataset, "test", data_dir=data_dir)
+    info = train_set.info
+
+    torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
+    model = build_model(config, info).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, model)
+    ema = copy.deepcopy(model).eval() if config.ema else None
+    step = 0
+    last = ck.latest_checkpoint(model_dir)
+    if last is not None:
+        tensors, meta = ck.load_checkpoint(last)
+        _check_same_run(meta, model, config, last)
+        ck.load_state_strict(model, ck.section(tensors, "model"), str(last))
+        ck.restore_optimizer(optimizer, tensors, meta["optimizer"], str(last))
+        if ema is not None:
+            ema_state = ck.section(tensors, "ema")
+            ck.load_state_strict(ema, ema_state or ck.section(tensors, "model"), str(last))
+        ck.restore_rng(tensors)
+        step = meta["step"]
+        log(f"resuming from {last.name} (step {step})")
+    total = config.total_steps(len(train_set))
+    data_meta = {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape)}
+    record = {"config": config.to_dict(), "model": {"name": model.meta.name, "args": model.meta.args},
+              "data": data_meta, "total_steps": total, **run_info(device, config)}
+    ck.atomic_write_bytes(model_dir / "config.json", json.dumps(record, indent=2).encode())
+    truncate_metrics(model_dir / "metrics.jsonl", step)
+
+    def save(at: int) -> None:
+        path = ck.save_checkpoint(ck.checkpoint_path(model_dir, at), model=model, optimizer=optimizer, step=at,
+                                  config=config.to_dict(), data=data_meta, ema=ema)
+        for old in ck.list_checkpoints(model_dir)[:-config.keep_checkpoints]:
+            if old != path:
+                old.unlink(missing_ok=True)
+
+    images = train_set.images.to(device)  # the whole training set stays resident as uint8
+    labels = train_set.labels.to(device)
+    sampler = EpochSampler(len(train_set), config.batch_size, config.seed)
+    augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
+    bar = ProgressBar(total, step, progress)
+    hooks = [bar, ConsoleLog(bar.write, total), MetricsLog(model_dir / "metrics.jsonl")]
+    emit = lambda rec: [h.on_record(rec) for h in hooks]  # noqa: E731
+    eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device,
+                   precision=config.precision, channels_last=config.channels_last)
+    model.train()
+    seen, t_log = 0, time.perf_counter()
+    try:
+        while step < total:
+            idx = sampler.indices(step).to(device)
+            x = augment(images[idx].float().div_(255.0), step_generator(config.seed, step))
+            if config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(config.schedule, step, total, config.warmup)
+            loss, logits = train_step(model, optimizer, x, labels[idx], label_smoothing=config.label_smoothing,
+                                      precision=config.precision)
+            step += 1
+            seen += len(idx)
+            if ema is not None:
+                _ema_update(ema, model, config.ema)
+            is_log, is_ckpt = step % config.log_every == 0 or step == total, step % config.ckpt_every == 0 or step == total
+            if (is_log or is_ckpt) and not torch.isfinite(loss):
+                good = ck.latest_checkpoint(model_dir)
+                raise TrainingDiverged(f"loss became {loss.item()} at step {step}; stopped without saving "
+                                       f"(last good checkpoint: {good.name if good else 'none'}); try a lower lr")
+            if is_log:
+                now = time.perf_counter()
+                rec = {"kind": "train", "step": step, "loss": loss.item(),
+                       "acc": (logits.argmax(1) == labels[idx]).float().mean().item(),
+                       "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen / max(now - t_log, 1e-9),
+                       "time": round(now - t0, 3)}
+                if config.log_probs:
+                    rec["probs"] = torch.softmax(logits[:config.log_probs].float(), 1).tolist()
+                emit(rec)
+                seen, t_log = 0, now
+            if is_ckpt:
+                save(step)
+            if config.eval_every and step % config.eval_every == 0 and step < total:
+                res = evaluate(ema or model, test_set.images, test_set.labels, **eval_kw)
+                emit({"kind": "eval", "split": "test", "step": step, **res.as_dict()})
+        final = ema or model
+        test = evaluate(final, test_set.images, test_set.labels, **eval_kw)
+        emit({"kind": "eval", "split": "test", "step": step, **test.as_dict()})
+    finally:
+        for h in hooks:
+            h.close()
+    seconds = time.perf_counter() - t0
+    result = {"step": step, "test": test.as_dict(), "seconds": round(seconds, 3)}
+    ck.atomic_write_bytes(model_dir / "results.json", json.dumps(result, indent=2).encode())
+    return FitResult(model=final, step=step, test=test, seconds=seconds, model_dir=model_dir)
