@@ -1,0 +1,74 @@
+"""Config: recipes load and validate; overrides convert types and reject unknown keys and bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from cnnlab.config import TrainConfig, list_recipes, load_recipe, make_config, parse_overrides, resolve_config
+from cnnlab.errors import ConfigError
+from cnnlab.models import list_models
+
+TUTORIAL_RECIPES = ["tf-estimator-cnn-mnist", "tf-core-convnet-mnist", "tf2-convnet-mnist",
+                    "cifar10-prettytensor", "lenet5-mnist"]
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_recipe_loads_and_names_a_model(name):
+    config = resolve_config(name)
+    assert config.model in list_models()
+
+
+def test_tutorial_recipes_match_the_tutorials():
+    est = resolve_config("tf-estimator-cnn-mnist")
+    assert (est.optimizer, est.lr, est.batch_size, est.steps, est.log_every) == ("sgd", 0.001, 100, 20000, 50)
+    cifar = resolve_config("cifar10-prettytensor")
+    assert (cifar.optimizer, cifar.lr, cifar.batch_size, cifar.steps) == ("adam", 1e-4, 64, 150000)
+    assert cifar.random_crop and cifar.flip and cifar.hue == 0.05 and cifar.contrast == (0.3, 1.0)
+    assert cifar.brightness == 0.2 and cifar.saturation == (0.0, 2.0)
+    core = resolve_config("tf-core-convnet-mnist")
+    assert core.total_steps(60000) == 2344  # 5 epochs of 128, last batch partial
+    for name in TUTORIAL_RECIPES:
+        assert load_recipe(name).reference["accuracy"] > 0.79
+
+
+def test_overrides_convert_types():
+    o = parse_overrides(["--lr=0.01", "--batch-size", "64", "--flip", "--no-channels-last",
+                         "--contrast=0.2,0.9", "--model_args.dropout=0.3"])
+    c = resolve_config("lenet5-mnist", o)
+    assert c.lr == 0.01 and c.batch_size == 64 and c.flip is True and c.channels_last is False
+    assert c.contrast == (0.2, 0.9) and c.model_args == {"dropout": 0.3}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--lr=-1"], "lr must be > 0"),
+    (["--batch_size=0"], "batch_size must be > 0"),
+    (["--lr=abc"], "bad value for lr"),
+    (["--bach_size=3"], "did you mean batch_size"),
+    (["--optimizer=rmsprop"], "optimizer must be one of"),
+    (["--steps=1.5"], "bad value for steps"),
+    (["--flip=maybe"], "bad value for flip"),
+])
+def test_bad_overrides_are_one_clear_error(args, msg):
+    with pytest.raises(ConfigError, match=msg):
+        resolve_config("lenet5-mnist", parse_overrides(args))
+
+
+def test_unknown_recipe_and_bad_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown recipe 'lenet'"):
+        load_recipe("lenet")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "lenet5"\nlearning_rate = 0.1\n')
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+        load_recipe(str(bad))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("model = \n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_recipe(str(broken))
+
+
+def test_config_is_frozen_and_round_trips():
+    c = make_config({"model": "lenet5", "contrast": [0.3, 1.0]})
+    with pytest.raises(Exception):
+        c.lr = 1.0  # type: ignore[misc]
+    assert make_config(c.to_dict()) == c
+    assert TrainConfig().total_steps(1000) == TrainConfig().steps

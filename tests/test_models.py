@@ -1,0 +1,96 @@
+"""Every registered model: forward/backward, shapes, gradients; tutorial layer shapes; conv parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cnnlab.errors import ModelError
+from cnnlab.models import count_params, create_model, list_models
+
+# Parameter counts implied by the tutorials' layer definitions (e.g. the TF estimator guide's
+# 3,274,634 for conv32-conv64-dense1024), so a wrong kernel size, padding or width fails here.
+TUTORIAL_PARAMS = {
+    "tf-estimator-cnn": 3_274_634,
+    "tf-core-convnet": 218_490,
+    "tf2-convnet": 1_669_002,
+    "cifar10-prettytensor": 731_658,
+    "lenet5": 61_706,
+}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_backward_every_model(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    x = torch.rand(3, *model.meta.input_size)
+    logits = model(x)
+    assert logits.shape == (3, model.meta.num_classes)
+    assert torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{pname} got no gradient"
+    # The common parts that plots and export rely on.
+    assert isinstance(model.features, torch.nn.Module) and isinstance(model.head, torch.nn.Module)
+    assert model.head(model.features(x)).shape == logits.shape
+
+
+@pytest.mark.parametrize("name,params", sorted(TUTORIAL_PARAMS.items()))
+def test_tutorial_parameter_counts(name, params):
+    assert count_params(create_model(name)) == params
+
+
+def test_tutorial_layer_shapes():
+    # The estimator guide's comments: [N,28,28,32] -> pool [N,14,14,32] -> [N,14,14,64] -> pool [N,7,7,64].
+    m = create_model("tf-estimator-cnn").eval()
+    shapes = []
+    x = torch.zeros(1, 1, 28, 28)
+    for layer in m.features:
+        x = layer(x)
+        shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(32, 28, 28), (32, 28, 28), (32, 14, 14), (64, 14, 14), (64, 14, 14), (64, 7, 7)]
+    # CIFAR tutorial: 24x24 crops, 2 pools -> 6x6x64 = 2304 into fc 256.
+    assert create_model("cifar10-prettytensor").head[1].in_features == 2304
+    # LeNet-5 tutorial: 28x28x6 (SAME) -> 14x14x6 -> 10x10x16 (VALID) -> 5x5x16 = 400.
+    assert create_model("lenet5").head[1].in_features == 400
+
+
+def test_same_conv_matches_hand_computed_correlation():
+    m = create_model("tf-estimator-cnn")
+    conv = m.features[0]
+    rng = np.random.default_rng(0)
+    img = rng.random((28, 28)).astype(np.float32)
+    w = conv.weight.detach().numpy()[5, 0]  # one 5x5 kernel
+    b = conv.bias.detach().numpy()[5]
+    padded = np.pad(img, 2)  # TF 'SAME' for 5x5 stride 1: 2 on each side
+    # Cross-correlation (what TF and PyTorch call convolution), output (10, 17).
+    want = (padded[10:15, 17:22] * w).sum() + b
+    got = conv(torch.from_numpy(img)[None, None])[0, 5, 10, 17].item()
+    assert got == pytest.approx(float(want), abs=1e-5)
+
+
+def test_tf_style_init():
+    m = create_model("tf-estimator-cnn")
+    fc = m.head[1]
+    limit = (6 / (fc.in_features + fc.out_features)) ** 0.5  # Glorot-uniform bound
+    assert fc.weight.abs().max() <= limit and fc.weight.abs().max() > 0.9 * limit
+    assert (fc.bias == 0).all()
+
+
+def test_create_model_options():
+    m = create_model("tf-estimator-cnn", num_classes=7, dropout=0.1, in_chans=3, img_size=32)
+    assert m(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+    assert m.meta.args == {"num_classes": 7, "dropout": 0.1, "in_chans": 3, "img_size": 32}
+    # None means "keep the model's default".
+    assert create_model("tf-estimator-cnn", dropout=None).head[3].p == 0.4
+
+
+def test_registry_errors_and_patterns():
+    assert set(list_models("tf*")) == {"tf-estimator-cnn", "tf-core-convnet", "tf2-convnet"}
+    assert list_models("tf-*") == ["tf-core-convnet", "tf-estimator-cnn"]
+    with pytest.raises(ModelError, match="unknown model 'nope'"):
+        create_model("nope")
+    with pytest.raises(ModelError, match="takes no argument"):
+        create_model("lenet5", dropout=0.5)

@@ -1,0 +1,189 @@
+"""Training end to end on tiny data: CLI train -> resume -> evaluate -> predict, resume equality, API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnlab import Classifier, create_model, load_dataset, train_step
+from cnnlab.cli import main
+from cnnlab.config import make_config
+from cnnlab.errors import CheckpointError
+from cnnlab.train import checkpoint as ck
+from cnnlab.train import loop as loop_mod
+from cnnlab.train.loop import fit
+
+TINY = ["--batch_size=16", "--log_every=2", "--ckpt_every=4", "--eval_batch_size=16"]
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = ck.load_checkpoint(ck.latest_checkpoint(model_dir))
+    return ck.section(tensors, "model")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_train_resume_evaluate_predict(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "tf-estimator-cnn-mnist-short", "--model-dir", str(run), "--steps=6", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "step 6/6" in out and "test accuracy" in out
+    assert [p.name for p in ck.list_checkpoints(run)] == ["ckpt-00000004.safetensors", "ckpt-00000006.safetensors"]
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6]
+    assert records[-1]["kind"] == "eval" and records[-1]["n"] == 32
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["steps"] == 6 and cfg["seed"] == 0 and "code_version" in cfg
+
+    # Same command with more steps: resumes from step 6 instead of starting again.
+    assert main(["train", "--recipe", "tf-estimator-cnn-mnist-short", "--model-dir", str(run), "--steps=10", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from ckpt-00000006.safetensors (step 6)" in out and "step 10/10" in out and "step 2/" not in out
+
+    assert main(["evaluate", str(run), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 32 and res["step"] == 10 and 0 <= res["accuracy"] <= 1
+
+    img = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((50, 40), np.uint8)).save(img)
+    assert main(["predict", str(run), str(img), "--json", "--top-k", "2"]) == 0
+    pred = json.loads(capsys.readouterr().out)[0]
+    assert pred["file"] == str(img) and len(pred["top_k"]) == 2 and pred["label"] in [str(i) for i in range(10)]
+    assert pred["top_k"][0]["probability"] >= pred["top_k"][1]["probability"]
+
+
+def test_interrupted_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch):
+    config = make_config({"model": "tf-estimator-cnn", "dataset": "mnist", "optimizer": "adam", "lr": 1e-3,
+                          "batch_size": 24, "steps": 12, "ckpt_every": 4, "log_every": 4, "eval_batch_size": 32})
+    fit(config, tmp_path / "a", progress=False, log=lambda *_: None)
+
+    real_step, calls = loop_mod.train_step, {"n": 0}
+
+    def crash_at_7(*args, **kw):  # dies during step 7, after checkpoint 4 was written
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(loop_mod, "train_step", crash_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, tmp_path / "b", progress=False, log=lambda *_: None)
+    assert ck.latest_checkpoint(tmp_path / "b").name == "ckpt-00000004.safetensors"
+    monkeypatch.setattr(loop_mod, "train_step", real_step)
+    torch.manual_seed(123)  # resume must not depend on the process's RNG state before it
+    fit(config, tmp_path / "b", progress=False, log=lambda *_: None)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert steps == [4, 8, 12]  # the log holds no duplicates of the re-run steps
+
+
+def _train_cmd(model_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "cnnlab", "train", "--recipe", "tf-estimator-cnn-mnist-short",
+            "--model-dir", str(model_dir), "--steps=40", "--batch_size=32", "--ckpt_every=5", "--log_every=5",
+            "--eval_batch_size=32", "--no-progress"]
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(tiny_data, tmp_path):
+    env = {**os.environ, "CNNLAB_DATA": str(tiny_data)}
+    subprocess.run(_train_cmd(tmp_path / "a"), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ck.list_checkpoints(tmp_path / "b"):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = ck.latest_checkpoint(tmp_path / "b")
+    assert killed_at is not None and killed_at.name != "ckpt-00000040.safetensors", "run ended before the kill"
+    rerun = subprocess.run(_train_cmd(tmp_path / "b"), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from" in rerun.stdout
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_same_seed_same_weights_other_seed_differs(tiny_data, tmp_path):
+    base = {"model": "lenet5", "dataset": "mnist", "batch_size": 16, "steps": 5, "ckpt_every": 5, "log_every": 5}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        fit(make_config({**base, "seed": seed}), tmp_path / name, progress=False, log=lambda *_: None)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert not torch.equal(weights(tmp_path / "a")["features.0.weight"], weights(tmp_path / "c")["features.0.weight"])
+
+
+def test_cifar_recipe_with_distortions_runs(tiny_data, tmp_path, capsys):
+    run = tmp_path / "cifar"
+    assert main(["train", "--recipe", "cifar10-prettytensor", "--model-dir", str(run), "--steps=3",
+                 "--batch_size=8", "--log_every=1", "--eval_batch_size=8"]) == 0
+    assert "step 3/3" in capsys.readouterr().out
+    img = tmp_path / "cat.jpg"
+    Image.fromarray(np.full((40, 30, 3), 128, np.uint8)).save(img)
+    assert main(["predict", str(run), str(img)]) == 0
+    assert capsys.readouterr().out.split(":")[1].split()[0] in load_dataset("cifar10").info.class_names
+
+
+def test_classifier_api(tiny_data, tmp_path):
+    clf = Classifier(model="lenet5", model_dir=tmp_path / "lenet", dataset="mnist", batch_size=16, lr=0.05,
+                     log_every=5, ckpt_every=10)
+    metrics = clf.train(steps=10, log=lambda *_: None)
+    assert set(metrics) == {"loss", "accuracy", "n"}
+    ev = clf.evaluate()
+    assert ev["accuracy"] == pytest.approx(metrics["accuracy"]) and ev["step"] == 10
+    test = load_dataset("mnist", "test")
+    preds = clf.predict(test.images[:4])
+    assert len(preds) == 4 and all(abs(sum(p["probabilities"]) - 1) < 1e-5 for p in preds)
+    arrays = clf.predict([test.images[0, 0].numpy()])  # an HxW uint8 array
+    assert arrays[0]["class"] == preds[0]["class"]
+    # A second Classifier on the same directory picks the run up from its config.
+    again = Classifier(model_dir=tmp_path / "lenet")
+    assert again.config.model == "lenet5" and again.evaluate()["step"] == 10
+
+
+def test_plain_building_blocks():
+    model = create_model("lenet5")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    first, _ = train_step(model, opt, x, y)
+    for _ in range(20):
+        loss, logits = train_step(model, opt, x, y)
+    assert loss < first and logits.shape == (8, 10)
+
+
+def test_resume_refuses_another_architecture(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--steps=2", *TINY]) == 0
+    assert main(["train", "--recipe", "tf2-convnet-mnist", "--model-dir", str(run), "--steps=2", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "holds lenet5" in err and "another --model-dir" in err and "Traceback" not in err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--batch_size=16", "--log_every=1",
+            "--ckpt_every=2"]
+    assert main([*args, "--steps=2"]) == 0
+    good = weights(run)
+    assert main([*args, "--steps=6", "--lr=1e30"]) == 2  # diverges at once
+    err = capsys.readouterr().err
+    assert "loss became" in err and "ckpt-00000002" in err
+    assert ck.latest_checkpoint(run).name == "ckpt-00000002.safetensors"
+    assert_same_weights(good, weights(run))
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    evil = tmp_path / "ckpt-00000001.safetensors"
+    torch.save({"model": 1}, evil)
+    with pytest.raises(CheckpointError, match="not a valid cnnlab checkpoint"):
+        ck.load_checkpoint(evil)
