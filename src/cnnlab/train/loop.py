@@ -67,7 +67,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = None,
         train_set: ArrayDataset | None = None, test_set: ArrayDataset | None = None,
-        log=print, progress: bool | None = None) -> FitResult:
+        log=print, progress: bool | None = None, hooks: list | None = None) -> FitResult:
     """Train (or resume training) ``config`` in ``model_dir``; evaluate on the test split at the end.
 
     Args:
@@ -77,6 +77,8 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
         train_set, test_set: Pre-loaded data (else loaded by name from ``config.dataset``).
         log: Where log lines go.
         progress: Show a progress bar (None: when stderr is a terminal).
+        hooks: Extra hooks (objects with ``on_record(rec)`` and ``close()``, e.g. a TensorBoard writer);
+            they see every train/eval record after the built-in ones.
     """
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -129,7 +131,7 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
     sampler = EpochSampler(len(train_set), config.batch_size, config.seed)
     augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
     bar = ProgressBar(total, step, progress)
-    hooks = [bar, ConsoleLog(bar.write, total), MetricsLog(model_dir / "metrics.jsonl")]
+    hooks = [bar, ConsoleLog(bar.write, total), MetricsLog(model_dir / "metrics.jsonl"), *(hooks or [])]
     emit = lambda rec: [h.on_record(rec) for h in hooks]  # noqa: E731
     eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device,
                    precision=config.precision, channels_last=config.channels_last)

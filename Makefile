@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine (see README): `make main` and `make test`.
+# Both create .venv if needed, install torch's CPU wheel first (a plain `torch` requirement would pull
+# the multi-GB CUDA build), then this package with its extras.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+# Use ../shared/data (the team's copy of MNIST / CIFAR-10) when it is there; else the usual search + download.
+SHARED_DATA := $(abspath ../shared/data)
+export CNNLAB_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
+
+.PHONY: setup main test clean
+
+$(BIN)/cnnlab: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/cnnlab
+
+# The main job: train the tf.estimator MNIST CNN with the tutorial's settings (2,000 steps), then evaluate.
+main: setup
+	$(BIN)/cnnlab train --recipe tf-estimator-cnn-mnist-short --model-dir runs/quickstart
+	$(BIN)/cnnlab evaluate runs/quickstart
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs bench-out
