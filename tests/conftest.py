@@ -1,0 +1,51 @@
+"""Shared test setup: the ``robust`` marker and tiny on-disk datasets.
+
+Fixtures:
+    data_env: isolates dataset lookup from this machine (no ``$CNNLAB_DATA``,
+        a private ``$XDG_CACHE_HOME``, no system dirs, no download mirrors), so
+        no test reads real datasets or touches the network by accident.
+    tiny_data: a data root holding tiny MNIST, Fashion-MNIST and CIFAR-10 in
+        their real formats (see ``fakedata.py``), also set as ``$CNNLAB_DATA``
+        so ``load_dataset("mnist")`` finds it without a ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from fakedata import write_cifar, write_mnist
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here because pyproject.toml's pytest section is owned elsewhere.
+    config.addinivalue_line(
+        "markers", "robust: fault-injection tests (corrupt, truncated or hostile inputs, network failures)"
+    )
+
+
+@pytest.fixture
+def data_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Cuts dataset lookup off from the machine; returns the (empty) private cache root."""
+    from cnnlab.data import download as dl
+    from cnnlab.data import sources
+
+    monkeypatch.delenv("CNNLAB_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setattr(sources, "SYSTEM_DATA_DIRS", ())
+    for name in ("MNIST_REMOTE", "FASHION_MNIST_REMOTE", "CIFAR10_REMOTE"):
+        monkeypatch.setattr(dl, name, dataclasses.replace(getattr(dl, name), mirrors=()))
+    return tmp_path / "xdg-cache" / "cnnlab"
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path, data_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data root with tiny mnist (64 train / 32 test), fashion-mnist (same sizes) and
+    cifar10 (5 x 20 train / 20 test); also exported as ``$CNNLAB_DATA``."""
+    root = tmp_path / "data"
+    write_mnist(root)
+    write_mnist(root, seed=1, folder="fashion-mnist")
+    write_cifar(root)
+    monkeypatch.setenv("CNNLAB_DATA", str(root))
+    return root
