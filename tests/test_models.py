@@ -30,6 +30,9 @@ def test_forward_backward_every_model(name):
     assert torch.isfinite(logits).all()
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
     for pname, p in model.named_parameters():
+        if not p.requires_grad:  # frozen by design (airbench's data-set whitening)
+            assert p.grad is None, pname
+            continue
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
         assert p.grad.abs().sum() > 0, f"{pname} got no gradient"
     # The common parts that plots and export rely on.
@@ -85,6 +88,23 @@ def test_create_model_options():
     assert m.meta.args == {"num_classes": 7, "dropout": 0.1, "in_chans": 3, "img_size": 32}
     # None means "keep the model's default".
     assert create_model("tf-estimator-cnn", dropout=None).head[3].p == 0.4
+
+
+def test_airbench_whitening_decorrelates_patches():
+    torch.manual_seed(0)
+    model = create_model("airbench")
+    images = torch.rand(300, 3, 32, 32) * torch.tensor([1.0, 0.5, 0.2])[:, None, None]
+    images[:, 1] += 0.4 * images[:, 0]  # correlated channels
+    whiten = model.features[0]
+    whiten.init_from_data(images)
+    out = torch.nn.functional.conv2d(images - images.mean((0, 2, 3), keepdim=True), whiten.weight)
+    half = out[:, : whiten.out_channels // 2].transpose(0, 1).reshape(whiten.out_channels // 2, -1)
+    cov = torch.cov(half)
+    off = cov - torch.diag(torch.diag(cov))
+    assert off.abs().max() < 1e-3  # decorrelated
+    # unit variance, a little less along the weakest directions (eps regularises 1/sqrt(eigenvalue))
+    assert (torch.diag(cov) > 0.8).all() and (torch.diag(cov) < 1.01).all()
+    assert not whiten.weight.requires_grad
 
 
 def test_registry_errors_and_patterns():

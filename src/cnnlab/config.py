@@ -21,6 +21,7 @@ from .errors import ConfigError
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine", "linear", "triangle")
 PRECISIONS = ("fp32", "bf16")
+TTA_MODES = ("none", "flip", "translate", "flip-translate")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class TrainConfig:
     contrast: tuple[float, float] = (1.0, 1.0)  # contrast factor range, as tf.image.random_contrast
     saturation: tuple[float, float] = (1.0, 1.0)  # saturation factor range
     cutout: int = 0  # side of a random square set to zero (0: off)
-    tta: bool = False  # test-time augmentation: average logits of the image and its mirror (+ shifts)
+    tta: str = "none"  # test-time augmentation: none | flip | translate | flip-translate (averaged logits)
     # Reproducibility and bookkeeping.
     seed: int = 0
     log_every: int = 100
@@ -94,6 +95,7 @@ def _validate(c: TrainConfig) -> None:
         (c.epochs >= 0, f"epochs must be >= 0, got {c.epochs}"),
         (c.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}"),
         (c.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}"),
+        (c.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {c.tta!r}"),
         (c.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}"),
         (0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}"),
         (c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}"),

@@ -24,7 +24,7 @@ from ..runinfo import run_info
 from . import checkpoint as ck
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
 from .steps import (EpochSampler, EvalResult, evaluate, lr_factor, make_optimizer, select_device,
-                    step_generator, train_step)
+                    step_generator, to_input, train_step)
 
 
 class TrainingDiverged(CnnlabError):
@@ -54,6 +54,18 @@ def _check_same_run(meta: dict, model: torch.nn.Module, config: TrainConfig, whe
     if meta["config"].get("dataset") != config.dataset:
         raise CheckpointError(f"{where} was trained on {meta['config'].get('dataset')}, not {config.dataset}; "
                               "use another --model-dir")
+
+
+def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor) -> None:
+    """Let layers that set themselves from data (e.g. airbench's patch whitening) see some training images.
+
+    Runs on every start; a resumed run then overwrites these weights with the checkpoint's.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "init_from_data")]
+    if layers:
+        x = to_input(images_u8, model.meta.input_size)
+        for layer in layers:
+            layer.init_from_data(x)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -95,6 +107,7 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
 
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
     model = build_model(config, info).to(device)
+    init_from_data(model, train_set.images[:5000].to(device))
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)

@@ -138,7 +138,19 @@ class EvalResult:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int = 1000, tta: bool = False,
+def _tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views whose logits are averaged: the image, its mirror and/or 1-pixel shifts (airbench's TTA)."""
+    views = [x]
+    if mode in ("flip", "flip-translate"):
+        views.append(x.flip(-1))
+    if mode in ("translate", "flip-translate"):
+        for v in list(views):
+            views.append(F.pad(v, (1, 0, 1, 0), mode="replicate")[..., :-1, :-1])  # shift right/down by 1
+            views.append(F.pad(v, (0, 1, 0, 1), mode="replicate")[..., 1:, 1:])  # shift left/up by 1
+    return views
+
+
+def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int = 1000, tta: str = "none",
                    device: torch.device | None = None, precision: str = "fp32",
                    channels_last: bool = False) -> torch.Tensor:
     """Logits for uint8 images [N,C,H,W] (any size; fitted to the model input), in eval mode, on CPU."""
@@ -149,9 +161,8 @@ def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int
     for i in range(0, len(images_u8), batch_size):
         x = to_input(images_u8[i:i + batch_size].to(device), model.meta.input_size, channels_last)
         with autocast(device, precision):
-            logits = model(x).float()
-            if tta:  # average with the mirror image
-                logits = 0.5 * (logits + model(x.flip(-1)).float())
+            views = _tta_views(x, tta)
+            logits = sum(model(v).float() for v in views) / len(views)
         out.append(logits.cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, model.meta.num_classes)
