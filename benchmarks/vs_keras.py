@@ -1,0 +1,121 @@
+"""cnnlab vs Keras (tensorflow-cpu): training throughput of the tutorial MNIST CNN at batch 100, side by side.
+
+    python benchmarks/vs_keras.py [--rounds 3] [--keras-venv bench-out/keras-venv]
+
+Keras runs in its own virtual environment, created by this script on first use (`pip install tensorflow-cpu`).
+Both sides run in fresh processes, alternately, with their default thread settings on the same machine; each
+measures steady-state samples/s of the same model (tf.estimator guide: conv32 5x5 - pool - conv64 5x5 - pool -
+dense 1024 - dropout 0.4 - dense 10; SGD lr 0.001; batch 100) on in-memory data after a warm-up. The ratio is of
+the medians. Also reports the fraction of the CPU's fp32 matmul peak that cnnlab reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import hardware_line, print_table  # noqa: E402
+
+KERAS_WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np, tensorflow as tf, keras
+    from keras import layers
+    steps, epochs = int(sys.argv[1]), int(sys.argv[2])
+    rng = np.random.default_rng(0)
+    x = (rng.integers(0, 256, (steps * 100, 28, 28, 1), dtype=np.uint8) / 255.0).astype("float32")
+    y = rng.integers(0, 10, steps * 100).astype("int32")
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        layers.Conv2D(32, 5, padding="same", activation="relu"), layers.MaxPooling2D(2, 2),
+        layers.Conv2D(64, 5, padding="same", activation="relu"), layers.MaxPooling2D(2, 2),
+        layers.Flatten(), layers.Dense(1024, activation="relu"), layers.Dropout(0.4), layers.Dense(10)])
+    model.compile(optimizer=keras.optimizers.SGD(0.001),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    times = []
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None): self.t = time.perf_counter()
+        def on_epoch_end(self, epoch, logs=None): times.append(time.perf_counter() - self.t)
+    model.fit(x, y, batch_size=100, epochs=epochs, verbose=0, shuffle=True, callbacks=[Timer()])
+    median = sorted(times[1:])[len(times[1:]) // 2]  # epoch 1 is the warm-up (tracing)
+    print(json.dumps({"samples_per_s": steps * 100 / median, "tf": tf.__version__, "keras": keras.__version__,
+                      "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
+                                  tf.config.threading.get_inter_op_parallelism_threads()]}))
+""")
+
+CNNLAB_WORKER = textwrap.dedent("""
+    import json, sys, torch
+    from cnnlab.bench import train_throughput
+    r = train_throughput("tf-estimator-cnn", batch_size=100, steps=int(sys.argv[1]), warmup=20,
+                         precision=sys.argv[2], channels_last=True)
+    r["threads"] = torch.get_num_threads()
+    print(json.dumps(r))
+""")
+
+
+def ensure_keras(venv: Path) -> Path:
+    py = venv / "bin" / "python"
+    if not py.exists():
+        print(f"creating {venv} with tensorflow-cpu (one time, a few minutes)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "tensorflow-cpu"], check=True)
+    return py
+
+
+def run_json(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{cmd[0]} worker failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (fresh processes each)")
+    ap.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
+    ap.add_argument("--keras-venv", default="bench-out/keras-venv")
+    args = ap.parse_args()
+    kpy = ensure_keras(Path(args.keras_venv))
+    from cnnlab.bench import matmul_peak_flops
+
+    print(hardware_line(), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        kscript, cscript = Path(tmp) / "keras_worker.py", Path(tmp) / "cnnlab_worker.py"
+        kscript.write_text(KERAS_WORKER)
+        cscript.write_text(CNNLAB_WORKER)
+        keras_sps, fp32, bf16 = [], [], []
+        for r in range(args.rounds):
+            k = run_json([str(kpy), str(kscript), str(args.steps), "4"])
+            c = run_json([sys.executable, str(cscript), str(args.steps), "fp32"])
+            b = run_json([sys.executable, str(cscript), str(args.steps), "bf16"])
+            keras_sps.append(k["samples_per_s"])
+            fp32.append(c)
+            bf16.append(b)
+            print(f"round {r + 1}: keras {k['samples_per_s']:.0f}, cnnlab fp32 {c['samples_per_s']:.0f}, "
+                  f"cnnlab bf16 {b['samples_per_s']:.0f} samples/s", flush=True)
+    peak = matmul_peak_flops()
+    km = statistics.median(keras_sps)
+    rows = [[f"Keras {k['keras']} (TF {k['tf']}), fp32", f"{km:.0f}", "1.00x", "", f"intra/inter {k['threads']}"]]
+    for name, runs in (("cnnlab fp32, channels_last", fp32), ("cnnlab bf16 autocast, channels_last", bf16)):
+        sps = statistics.median(r["samples_per_s"] for r in runs)
+        fl = statistics.median(r["flops_per_s"] for r in runs)
+        rows.append([name, f"{sps:.0f}", f"{sps / km:.2f}x", f"{fl / 1e9:.0f} GFLOP/s = {fl / peak:.0%} of peak",
+                     f"torch threads {runs[0]['threads']}"])
+    print()
+    print(f"tf-estimator-cnn, batch 100, SGD; median of {args.rounds} rounds x {args.steps} steps; "
+          f"peak = best fp32 2048^3 matmul here, {peak / 1e9:.0f} GFLOP/s; "
+          f"{fp32[0]['flops_per_sample'] / 1e6:.1f} MFLOP per training sample")
+    print_table(["framework", "samples/s", "vs Keras", "FLOP/s", "threads"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

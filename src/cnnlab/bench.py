@@ -1,0 +1,109 @@
+"""Micro-benchmarks behind ``cnnlab bench``: training throughput, FLOP counts and prediction latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import create_model
+from .train.steps import autocast
+
+
+def forward_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one forward pass for one image, counted on Conv2d and Linear layers."""
+    total = 0
+
+    def conv_hook(m: nn.Conv2d, _inp, out):
+        nonlocal total
+        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
+        total += 2 * out[0].numel() * k
+
+    def linear_hook(m: nn.Linear, _inp, out):
+        nonlocal total
+        total += 2 * out[0].numel() * m.in_features
+
+    handles = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *input_size))
+    model.train(was)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
+    """Achievable FLOP/s of this machine: the best of a few large square matmuls (the practical peak)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def train_throughput(model_name: str, batch_size: int = 100, steps: int = 100, warmup: int = 10,
+                     precision: str = "fp32", channels_last: bool = True, compile: bool = False,
+                     optimizer: str = "sgd", lr: float = 1e-3, **model_kw) -> dict:
+    """Samples/s of training steps (forward, backward, optimiser) on random data resident in memory.
+
+    Returns {'samples_per_s', 'step_ms', 'flops_per_sample' (training, ~3x forward), 'flops_per_s'}.
+    """
+    torch.manual_seed(0)
+    model = create_model(model_name, **model_kw)
+    size = model.meta.input_size
+    flops = 3 * forward_flops(model, size)  # backward ~ 2x forward
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=lr))
+    step_model = torch.compile(model) if compile else model
+    # As the training loop does: a resident uint8 set, a batch gathered by index and scaled each step.
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4096, *size), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, model.meta.num_classes, (4096,), generator=gen)
+    dev = torch.device("cpu")
+
+    def step():
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        x, y = images[idx].float().div_(255.0), labels[idx]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(dev, precision):
+            loss = F.cross_entropy(step_model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = (time.perf_counter() - t) / steps
+    return {"samples_per_s": batch_size / dt, "step_ms": dt * 1e3, "flops_per_sample": flops,
+            "flops_per_s": flops * batch_size / dt}
+
+
+def latency(model: nn.Module, input_size: tuple[int, int, int], n: int = 1000, warmup: int = 50) -> dict:
+    """Single-image inference latency (ms): p50 / p90 / p99 over ``n`` calls, batch of 1, eval mode."""
+    model.eval()
+    x = torch.rand(1, *input_size)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + n):
+            t = time.perf_counter()
+            torch.softmax(model(x), 1)
+            if i >= warmup:
+                times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    return {"p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99), "mean_ms": statistics.fmean(times), "n": n}
