@@ -7,5 +7,6 @@ Typical use::
 """
 
 from .sources import ArrayDataset, DatasetInfo, dataset_info, list_datasets, load_dataset
+from . import folder  # noqa: E402,F401  (registers the folder:PATH dataset prefix)
 
 __all__ = ["ArrayDataset", "DatasetInfo", "dataset_info", "list_datasets", "load_dataset"]

@@ -59,6 +59,8 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
+# 'prefix' -> resolver(argument) -> (canonical name, factory, description), for names like 'spec:conv32k5-fc10'.
+_PREFIXES: dict[str, Callable[[str], tuple[str, Callable[..., CnnModel], str]]] = {}
 
 
 def register_model(name: str, *, description: str = "") -> Callable:
@@ -73,13 +75,33 @@ def register_model(name: str, *, description: str = "") -> Callable:
     return wrap
 
 
+def register_model_prefix(prefix: str) -> Callable:
+    """Resolve every model name ``'<prefix>:<argument>'`` with the decorated ``resolver(argument)``.
+
+    The resolver returns ``(canonical name, factory, description)``; the canonical name is what the model's
+    ``meta.name`` (and so its checkpoints) records.
+    """
+
+    def wrap(resolver: Callable) -> Callable:
+        if not prefix or ":" in prefix or prefix in _PREFIXES:
+            raise ValueError(f"bad or duplicate model prefix {prefix!r}")
+        _PREFIXES[prefix] = resolver
+        return resolver
+
+    return wrap
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style ``pattern`` (e.g. ``'tf-*'``), sorted."""
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
 def model_entry(name: str) -> _Entry:
-    """The registry entry of ``name``; unknown names raise `ModelError` listing the known ones."""
+    """The registry entry of ``name`` (or of a ``prefix:argument`` name); unknown names raise `ModelError`."""
+    prefix, sep, argument = name.partition(":")
+    resolver = _PREFIXES.get(prefix.strip().lower()) if sep else None
+    if resolver is not None:
+        return _Entry(*resolver(argument))
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -104,7 +126,7 @@ def create_model(name: str, **kwargs) -> CnnModel:
     except (TypeError, ValueError) as e:
         raise ModelError(f"cannot build model {name!r} with {kwargs}: {e}") from None
     # Record the exact arguments so a checkpoint can rebuild the same model.
-    model.meta = replace(model.meta, name=name, args=dict(kwargs))
+    model.meta = replace(model.meta, name=entry.name, args=dict(kwargs))
     return model
 
 

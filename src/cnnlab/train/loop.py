@@ -22,8 +22,9 @@ from ..errors import CheckpointError, CnnlabError
 from ..models import create_model
 from ..runinfo import run_info
 from . import checkpoint as ck
+from . import distributed
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
-from .steps import (EpochSampler, EvalResult, evaluate, lr_factor, make_optimizer, select_device,
+from .steps import (EpochSampler, EvalResult, lr_factor, make_optimizer, select_device,
                     step_generator, to_input, train_step)
 
 
@@ -91,14 +92,25 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
         progress: Show a progress bar (None: when stderr is a terminal).
         hooks: Extra hooks (objects with ``on_record(rec)`` and ``close()``, e.g. a TensorBoard writer);
             they see every train/eval record after the built-in ones.
+
+    Under ``torchrun --nproc-per-node N`` the same call trains data-parallel (see `distributed`): the
+    global batch ``config.batch_size`` is split over the N processes, and only rank 0 logs and writes.
     """
+    with distributed.session(select_device(config.device)) as dist:
+        dist.check_batch_size(config.batch_size)
+        return _fit(config, model_dir, dist, data_dir=data_dir, train_set=train_set, test_set=test_set,
+                    log=log if dist.is_main else (lambda *a: None), progress=progress, hooks=hooks)
+
+
+def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistContext, *, data_dir, train_set,
+         test_set, log, progress, hooks) -> FitResult:
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"cannot create model directory {model_dir}: {e.strerror}") from None
-    device = select_device(config.device)
+    device = dist.device  # select_device(config.device), or cuda:LOCAL_RANK under torchrun
     if config.threads:
         torch.set_num_threads(config.threads)
     train_set = train_set or load_dataset(config.dataset, "train", data_dir=data_dir)
@@ -125,12 +137,13 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
         ck.restore_rng(tensors)
         step = meta["step"]
         log(f"resuming from {last.name} (step {step})")
+    dist.check_same(step, "step to resume from")
     total = config.total_steps(len(train_set))
     data_meta = {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape)}
     record = {"config": config.to_dict(), "model": {"name": model.meta.name, "args": model.meta.args},
-              "data": data_meta, "total_steps": total, **run_info(device, config)}
-    ck.atomic_write_bytes(model_dir / "config.json", json.dumps(record, indent=2).encode())
-    truncate_metrics(model_dir / "metrics.jsonl", step)
+              "data": data_meta, "total_steps": total, "processes": dist.world_size, **run_info(device, config)}
+    dist.on_main(ck.atomic_write_bytes, model_dir / "config.json", json.dumps(record, indent=2).encode())
+    dist.on_main(truncate_metrics, model_dir / "metrics.jsonl", step)
 
     def save(at: int) -> None:
         path = ck.save_checkpoint(ck.checkpoint_path(model_dir, at), model=model, optimizer=optimizer, step=at,
@@ -143,28 +156,33 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
     labels = train_set.labels.to(device)
     sampler = EpochSampler(len(train_set), config.batch_size, config.seed)
     augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
-    bar = ProgressBar(total, step, progress)
-    hooks = [bar, ConsoleLog(bar.write, total), MetricsLog(model_dir / "metrics.jsonl"), *(hooks or [])]
+    bar = ProgressBar(total, step, progress if dist.is_main else False)
+    hooks = [bar, ConsoleLog(bar.write, total), MetricsLog(model_dir / "metrics.jsonl"), *(hooks or [])] \
+        if dist.is_main else [bar]  # other ranks neither print nor write
     emit = lambda rec: [h.on_record(rec) for h in hooks]  # noqa: E731
     eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device,
                    precision=config.precision, channels_last=config.channels_last)
     model.train()
+    train_model = dist.wrap(model)  # DDP under torchrun (same parameters as `model`, which is what is saved)
     seen, t_log = 0, time.perf_counter()
     try:
         while step < total:
             idx = sampler.indices(step).to(device)
             x = augment(images[idx].float().div_(255.0), step_generator(config.seed, step))
+            idx, x = dist.shard(idx), dist.shard(x)  # this rank's rows of the global batch
             if config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(config.schedule, step, total, config.warmup)
-            loss, logits = train_step(model, optimizer, x, labels[idx], label_smoothing=config.label_smoothing,
+            loss, logits = train_step(train_model, optimizer, x, labels[idx], label_smoothing=config.label_smoothing,
                                       precision=config.precision)
             step += 1
-            seen += len(idx)
+            seen += len(idx) * dist.world_size
             if ema is not None:
                 _ema_update(ema, model, config.ema)
             is_log, is_ckpt = step % config.log_every == 0 or step == total, step % config.ckpt_every == 0 or step == total
+            if is_log or is_ckpt:
+                loss = dist.mean(loss)  # the global batch's loss: every rank sees the same NaN
             if (is_log or is_ckpt) and not torch.isfinite(loss):
                 good = ck.latest_checkpoint(model_dir)
                 raise TrainingDiverged(f"loss became {loss.item()} at step {step}; stopped without saving "
@@ -172,7 +190,7 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
             if is_log:
                 now = time.perf_counter()
                 rec = {"kind": "train", "step": step, "loss": loss.item(),
-                       "acc": (logits.argmax(1) == labels[idx]).float().mean().item(),
+                       "acc": dist.mean((logits.argmax(1) == labels[idx]).float().mean()).item(),
                        "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen / max(now - t_log, 1e-9),
                        "time": round(now - t0, 3)}
                 if config.log_probs:
@@ -180,17 +198,17 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
                 emit(rec)
                 seen, t_log = 0, now
             if is_ckpt:
-                save(step)
+                dist.on_main(save, step)
             if config.eval_every and step % config.eval_every == 0 and step < total:
-                res = evaluate(ema or model, test_set.images, test_set.labels, **eval_kw)
+                res = dist.evaluate(ema or model, test_set.images, test_set.labels, **eval_kw)
                 emit({"kind": "eval", "split": "test", "step": step, **res.as_dict()})
         final = ema or model
-        test = evaluate(final, test_set.images, test_set.labels, **eval_kw)
+        test = dist.evaluate(final, test_set.images, test_set.labels, **eval_kw)
         emit({"kind": "eval", "split": "test", "step": step, **test.as_dict()})
     finally:
         for h in hooks:
             h.close()
     seconds = time.perf_counter() - t0
     result = {"step": step, "test": test.as_dict(), "seconds": round(seconds, 3)}
-    ck.atomic_write_bytes(model_dir / "results.json", json.dumps(result, indent=2).encode())
+    dist.on_main(ck.atomic_write_bytes, model_dir / "results.json", json.dumps(result, indent=2).encode())
     return FitResult(model=final, step=step, test=test, seconds=seconds, model_dir=model_dir)

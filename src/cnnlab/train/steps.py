@@ -137,7 +137,6 @@ class EvalResult:
         return {"loss": self.loss, "accuracy": self.accuracy, "n": self.n}
 
 
-@torch.no_grad()
 def _tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     """The views whose logits are averaged: the image, its mirror and/or 1-pixel shifts (airbench's TTA)."""
     views = [x]
@@ -150,6 +149,7 @@ def _tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return views
 
 
+@torch.no_grad()
 def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int = 1000, tta: str = "none",
                    device: torch.device | None = None, precision: str = "fp32",
                    channels_last: bool = False) -> torch.Tensor:
