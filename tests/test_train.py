@@ -23,7 +23,7 @@ from cnnlab.train import checkpoint as ck
 from cnnlab.train import loop as loop_mod
 from cnnlab.train.loop import fit
 
-TINY = ["--batch_size=16", "--log_every=2", "--ckpt_every=4", "--eval_batch_size=16"]
+TINY = ["--batch_size=16", "--log_every=2", "--ckpt_every=4", "--eval_batch_size=16", "--no-report"]
 
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -95,7 +95,7 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_data, tmp_path, monke
 def _train_cmd(model_dir: Path) -> list[str]:
     return [sys.executable, "-m", "cnnlab", "train", "--recipe", "tf-estimator-cnn-mnist-short",
             "--model-dir", str(model_dir), "--steps=40", "--batch_size=32", "--ckpt_every=5", "--log_every=5",
-            "--eval_batch_size=32", "--no-progress"]
+            "--eval_batch_size=32", "--no-progress", "--no-report"]
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(tiny_data, tmp_path):
@@ -126,7 +126,7 @@ def test_same_seed_same_weights_other_seed_differs(tiny_data, tmp_path):
 def test_cifar_recipe_with_distortions_runs(tiny_data, tmp_path, capsys):
     run = tmp_path / "cifar"
     assert main(["train", "--recipe", "cifar10-prettytensor", "--model-dir", str(run), "--steps=3",
-                 "--batch_size=8", "--log_every=1", "--eval_batch_size=8"]) == 0
+                 "--batch_size=8", "--log_every=1", "--eval_batch_size=8", "--no-report"]) == 0
     assert "step 3/3" in capsys.readouterr().out
     img = tmp_path / "cat.jpg"
     Image.fromarray(np.full((40, 30, 3), 128, np.uint8)).save(img)
@@ -172,7 +172,7 @@ def test_resume_refuses_another_architecture(tiny_data, tmp_path, capsys):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--batch_size=16", "--log_every=1",
-            "--ckpt_every=2"]
+            "--ckpt_every=2", "--no-report"]
     assert main([*args, "--steps=2"]) == 0
     good = weights(run)
     assert main([*args, "--steps=6", "--lr=1e30"]) == 2  # diverges at once

@@ -20,15 +20,34 @@ def _add_common_data(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args, extra: list[str]) -> int:
     from .config import parse_overrides, resolve_config
+    from .train.distributed import is_main_process
     from .train.loop import fit
 
     config = resolve_config(args.recipe, parse_overrides(extra))
     model_dir = Path(args.model_dir or Path("runs") / (args.recipe or config.model))
+    if not is_main_process():  # a torchrun worker of rank > 0: rank 0 alone prints, logs and reports
+        args.tensorboard, args.report = None, False
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (this worker process ends after training)
     print(f"cnnlab train: {args.recipe or 'no recipe'} -> {model_dir}")
     print(config.to_json())
-    result = fit(config, model_dir, data_dir=args.data_dir, progress=args.progress)
+    hooks = []
+    if args.tensorboard is not None:
+        from .train.tensorboard import TensorBoardLog
+
+        hooks.append(TensorBoardLog(args.tensorboard or model_dir / "tensorboard"))
+    result = fit(config, model_dir, data_dir=args.data_dir, progress=args.progress, hooks=hooks)
     print(f"done: step {result.step}, test accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f}, "
           f"{result.seconds:.1f} s; model in {model_dir}")
+    if args.report:
+        try:  # the trained run is safe on disk whatever happens here: a failure is one warning line
+            from .analysis import analyze, write_report
+            from .train.steps import select_device
+
+            analysis = analyze(model_dir, data_dir=args.data_dir, device=select_device(config.device))
+            print(f"report: {write_report(analysis)}")
+        except Exception as e:  # noqa: BLE001
+            print(f"cnnlab: warning: report not written ({type(e).__name__}: {e}); "
+                  f"try `cnnlab report {model_dir}`", file=sys.stderr)
     return 0
 
 
@@ -64,6 +83,11 @@ def cmd_predict(args, extra: list[str]) -> int:
 def cmd_models(args, extra: list[str]) -> int:
     from .models import count_params, create_model, list_models, model_entry
 
+    if args.describe:  # layer-by-layer table of one model (registered name or spec:...)
+        from .models.spec import describe_model
+
+        print(describe_model(create_model(args.describe)))
+        return 0
     names = list_models(args.pattern)
     if not names:
         raise CnnlabError(f"no model matches {args.pattern!r}")
@@ -88,12 +112,105 @@ def cmd_datasets(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_report(args, extra: list[str]) -> int:
+    from .analysis import analyze, write_report
+
+    a = analyze(args.run_dir, args.split, data_dir=args.data_dir, require_data=False)
+    if a.data_error:
+        print(f"cnnlab: warning: no {args.split} metrics in the report: {a.data_error}", file=sys.stderr)
+    else:
+        m = a.metrics
+        tops = "".join(f", top-{k} {v:.4f}" for k, v in m.top_k.items())
+        print(f"{a.run_dir} step {a.trained.step}: {args.split} accuracy {m.accuracy:.4f}{tops}, loss {m.loss:.4f} "
+              f"({m.n} images)")
+        if m.most_confused:
+            print("most confused: " + ", ".join(f"{p.actual} -> {p.predicted} ({p.count})" for p in m.most_confused[:5]))
+    print(f"report: {write_report(a, args.out)}")
+    return 0
+
+
+def cmd_plot(args, extra: list[str]) -> int:
+    from .analysis import PLOT_KINDS, PlotOptions, analyze, describe_layers, save_figure
+    from .analysis.analyze import DATA_FREE_KINDS
+
+    if args.kind == "layers":  # a listing, not a picture: the indices --layer takes
+        from .train.restore import load_trained
+
+        print(f"{'module':>6}  {'conv':>4}  {'name':<10} {'type':<14} output (C, H, W)")
+        for r in describe_layers(load_trained(args.run_dir).model):
+            conv = "" if r["conv"] is None else str(r["conv"])
+            print(f"{r['index']:>6}  {conv:>4}  {r['name']:<10} {r['type']:<14} {r['shape']}")
+        return 0
+    if args.kind not in PLOT_KINDS:
+        raise CnnlabError(f"unknown plot kind {args.kind!r}; choose from {', '.join(PLOT_KINDS)}, layers")
+    needs_data = args.kind not in DATA_FREE_KINDS and args.image is None
+    a = analyze(args.run_dir, args.split, data_dir=args.data_dir, require_data=needs_data,
+                limit=None if args.kind in ("confusion", "misclassified") else max(args.n, args.index + 1))
+    opts = PlotOptions(layer=args.layer, channel=args.channel, index=args.index, image=args.image, n=args.n)
+    fig, lines = PLOT_KINDS[args.kind](a, opts)
+    for line in lines:
+        print(line)
+    out = Path(args.out) if args.out else a.run_dir / "plots" / f"{args.kind}.png"
+    try:
+        print(f"wrote {save_figure(fig, out)}")
+    except OSError as e:
+        raise CnnlabError(f"cannot write {out}: {e.strerror or e}") from None
+    return 0
+
+
 def cmd_recipes(args, extra: list[str]) -> int:
     from .config import list_recipes, load_recipe
 
     for name in list_recipes():
         r = load_recipe(name)
         print(f"{name:<30} {r.description}")
+    return 0
+
+
+def cmd_bench(args, extra: list[str]) -> int:
+    import torch
+
+    from .bench import latency, matmul_peak_flops, train_throughput
+    from .models import create_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = train_throughput(args.model, batch_size=args.batch_size, steps=args.steps, precision=args.precision,
+                         channels_last=args.channels_last, compile=args.compile)
+    peak = matmul_peak_flops()
+    print(f"{args.model}: train batch {args.batch_size} ({args.precision}, threads {torch.get_num_threads()}): "
+          f"{r['samples_per_s']:.0f} samples/s, {r['step_ms']:.1f} ms/step, {r['flops_per_s'] / 1e9:.1f} GFLOP/s "
+          f"= {r['flops_per_s'] / peak:.0%} of this CPU's fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
+    m = create_model(args.model)
+    lat = latency(m, m.meta.input_size, n=args.latency_n)
+    print(f"{args.model}: single-image latency p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms ({lat['n']} calls)")
+    return 0
+
+
+def cmd_export(args, extra: list[str]) -> int:
+    from .export import export_onnx
+
+    res = export_onnx(args.run_dir, args.out, tolerance=args.tolerance, opset=args.opset, data_dir=args.data_dir)
+    print(f"wrote {res.path} ({res.path.stat().st_size:,} bytes, {res.seconds:.1f} s); parity with onnxruntime on "
+          f"{res.n_samples} images, batch sizes {'/'.join(map(str, res.batch_sizes))}: max abs diff "
+          f"{res.max_abs_diff:.2e} (tolerance {args.tolerance:g})")
+    return 0
+
+
+def cmd_serve(args, extra: list[str]) -> int:
+    from .serve import require_serve
+
+    require_serve()
+    from .serve import create_app, is_loopback, serve_forever
+
+    app = create_app(args.run_dir, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                     max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    t = app.state.trained
+    if not is_loopback(args.host):
+        print(f"cnnlab serve: warning: listening on {args.host}, reachable from other machines", file=sys.stderr)
+    print(f"cnnlab serve: {t.model.meta.name} step {t.step} ({t.path}) on http://{args.host}:{args.port}/",
+          flush=True)
+    serve_forever(app, args.host, args.port, log_level=args.log_level)
     return 0
 
 
@@ -108,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", help="run directory (default runs/<recipe or model>)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write MODEL_DIR/report.html at the end")
+    p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="also log scalars for TensorBoard (default DIR: MODEL_DIR/tensorboard)")
     _add_common_data(p)
     p.set_defaults(func=cmd_train, takes_overrides=True)
 
@@ -128,8 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-probs", action="store_true", help="with --json: include every class probability")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("bench", allow_abbrev=False, help="training throughput and prediction latency of a model")
+    p.add_argument("model")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--latency-n", type=int, default=300, help="single-image calls to time")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("models", allow_abbrev=False, help="list models with parameter counts and input shapes")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'tf-*'")
+    p.add_argument("--describe", metavar="NAME",
+                   help="print layer output shapes and parameter counts of a model or 'spec:conv32k5-pool2-fc10'")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("datasets", allow_abbrev=False, help="list datasets")
@@ -137,6 +271,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", allow_abbrev=False, help="list recipes")
     p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("report", allow_abbrev=False, help="write a self-contained HTML report of a run",
+                       description="Config, training curves, metrics, confusion matrix, mistakes, filters and "
+                                   "activations of a run in one HTML file with embedded images.")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output file (default RUN_DIR/report.html)")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    _add_common_data(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plot", allow_abbrev=False, help="write one plot of a run as PNG",
+                       description="Write one plot of a run as a PNG (default RUN_DIR/plots/KIND.png). "
+                                   "`layers` lists the indices --layer takes.")
+    p.add_argument("run_dir")
+    p.add_argument("kind", help="samples, predictions, misclassified, confusion, curves, filters, activations, "
+                                "augment, probs, or layers")
+    p.add_argument("--out", help="output PNG file")
+    p.add_argument("--layer", type=int, default=0,
+                   help="filters: conv layer index; activations: feature module index (see `layers`)")
+    p.add_argument("--channel", type=int, default=0, help="filters: input channel")
+    p.add_argument("--index", type=int, default=0, help="activations/augment/probs: example of the split")
+    p.add_argument("--image", help="activations/augment/probs: an image file instead of --index")
+    p.add_argument("-n", type=int, default=16, help="images in a grid (at most 25)")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    _add_common_data(p)
+    p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("export", allow_abbrev=False, help="export a trained run to ONNX (checked against onnxruntime)")
+    p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", help="output file (default RUN_DIR/model.onnx)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed max abs difference of logits")
+    p.add_argument("--opset", type=int, default=18)
+    _add_common_data(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", allow_abbrev=False, help="serve a trained run: HTTP API and a web page to draw on")
+    p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--max-batch", type=int, default=64, help="most images per forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits to share a batch")
+    p.add_argument("--max-upload-mb", type=float, default=5.0, help="largest request body (413 above)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

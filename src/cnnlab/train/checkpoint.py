@@ -155,6 +155,15 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def remove_stale_temps(model_dir: Path) -> list[Path]:
+    """Delete partial files left by a write that was killed (``.NAME.tmp-PID``); return what was removed."""
+    d = Path(model_dir)
+    stale = [p for p in d.iterdir() if p.name.startswith(".") and ".tmp-" in p.name] if d.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def latest_checkpoint(model_dir: Path) -> Path | None:
     """The newest checkpoint in ``model_dir``, or None."""
     found = list_checkpoints(model_dir)

@@ -125,6 +125,8 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     optimizer = make_optimizer(config, model)
     ema = copy.deepcopy(model).eval() if config.ema else None
     step = 0
+    if dist.is_main:
+        ck.remove_stale_temps(model_dir)  # partial writes of a killed run; the checkpoints themselves are whole
     last = ck.latest_checkpoint(model_dir)
     if last is not None:
         tensors, meta = ck.load_checkpoint(last)

@@ -1,0 +1,210 @@
+"""One trained run, evaluated and ready to plot: ``analyze(run_dir) -> Analysis``.
+
+`Analysis` loads the run's newest checkpoint, its config and metrics log, evaluates a split of its
+dataset once, and draws every plot from those results. The CLI's ``plot`` and ``report`` use it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+from pathlib import Path
+
+import torch
+
+from ..config import resolve_config
+from ..data import load_dataset
+from ..data.augment import Augment
+from ..data.images import as_batch
+from ..errors import CnnlabError, DataError
+from ..train.hooks import read_metrics
+from ..train.restore import TrainedModel, load_trained
+from ..train.steps import predict_logits
+from . import plots
+from .metrics import Metrics, compute_metrics
+
+
+@dataclass
+class Analysis:
+    """A trained run and its evaluation on one split.
+
+    Attributes:
+        run_dir: The run directory.
+        trained: The restored model with its classes and data shape.
+        run: The run's ``config.json`` (empty when missing).
+        records: The metrics log records (empty when missing).
+        split: The evaluated split.
+        images: uint8 [N,C,H,W] of the split (None when its data could not be loaded).
+        labels: int64 [N] (None likewise).
+        logits: float [N, K] of the model on ``images`` (None likewise).
+        metrics: Metrics of ``logits`` (None likewise).
+        data_error: Why the split could not be loaded, when it could not.
+    """
+
+    run_dir: Path
+    trained: TrainedModel
+    run: dict
+    records: list[dict]
+    split: str
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    metrics: Metrics | None = None
+    data_error: str | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.trained.classes
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.trained.model
+
+    def need_data(self) -> None:
+        """Raise DataError (with the reason) when the split's images are not available."""
+        if self.images is None:
+            raise DataError(self.data_error or "no evaluation data")
+
+    def augment(self) -> tuple[Augment, bool]:
+        """(the run's training augmentation, True) when it had one, else (a demonstration one, False)."""
+        size = tuple(self.model.meta.input_size[1:])
+        try:
+            aug = Augment.from_config(resolve_config(None, self.trained.config), size)
+        except CnnlabError:  # a config from another version: fall back to the demonstration distortions
+            aug = None
+        if aug is not None and aug.active:
+            return aug, True
+        return plots.demo_augment(self.trained.data_shape[0], size), False
+
+    def image(self, index: int = 0, file: str | Path | None = None) -> tuple[torch.Tensor, int | None, str]:
+        """(uint8 [C,H,W], true label or None, caption) of an image file or of example ``index`` of the split."""
+        c, h, w = self.trained.data_shape
+        if file is not None:
+            return as_batch(file, c, (h, w))[0], None, Path(file).name
+        self.need_data()
+        if not -len(self.images) <= index < len(self.images):
+            raise DataError(f"index {index} out of range: the {self.split} split has {len(self.images)} images")
+        y = int(self.labels[index])
+        return self.images[index], y, f"{self.split}[{index}] {self.classes[y]}"
+
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [K] of one uint8 image [C,H,W]."""
+        with torch.no_grad():
+            return predict_logits(self.model, image[None]).softmax(1)[0]
+
+
+def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = None,
+            device: str | torch.device = "cpu", limit: int | None = None, require_data: bool = True) -> Analysis:
+    """Load a run and evaluate it on ``split`` of its dataset.
+
+    Args:
+        run_dir: A run directory (or a checkpoint file inside one).
+        split: Dataset split to evaluate ('test' or 'train').
+        data_dir: First place to look for the dataset files.
+        device: Where to run the model.
+        limit: Evaluate only the first ``limit`` images (None: all).
+        require_data: When False, a dataset that cannot be loaded leaves the evaluation empty (with
+            ``data_error`` set) instead of raising, so plots that need no data still work.
+    """
+    trained = load_trained(run_dir, device)
+    run_dir = Path(run_dir) if Path(run_dir).is_dir() else trained.path.parent
+    config_file = run_dir / "config.json"
+    run = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    metrics_file = run_dir / "metrics.jsonl"
+    records = read_metrics(metrics_file) if metrics_file.is_file() else []
+    result = Analysis(run_dir=run_dir, trained=trained, run=run, records=records, split=split)
+    try:
+        ds = load_dataset(trained.dataset or trained.config.get("dataset", ""), split, data_dir=data_dir)
+    except CnnlabError as e:
+        if require_data:
+            raise
+        result.data_error = str(e)
+        return result
+    images, labels = ds.images, ds.labels
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    if len(ds.info.class_names) != len(trained.classes):
+        raise DataError(f"{ds.info.name} has {len(ds.info.class_names)} classes, the model {len(trained.classes)}")
+    batch = int(trained.config.get("eval_batch_size") or 1000)
+    result.images, result.labels = images, labels
+    tta = trained.config.get("tta") or "none"
+    tta = {True: "flip", False: "none"}.get(tta, tta) if isinstance(tta, bool) else tta  # older configs: a bool
+    with torch.no_grad():
+        result.logits = predict_logits(trained.model, images, batch_size=batch, tta=tta, device=torch.device(device))
+    result.metrics = compute_metrics(result.logits, labels, trained.classes)
+    return result
+
+
+@dataclass(frozen=True)
+class PlotOptions:
+    """What the individual plots may be asked for (``cnnlab plot`` options)."""
+
+    layer: int = 0  # conv layer (filters) or feature module (activations)
+    channel: int = 0  # input channel of the filters
+    index: int = 0  # example of the split (activations, augment, probs)
+    image: str | None = None  # an image file instead of ``index``
+    n: int = 16  # images in a grid
+
+
+def _filters(a: Analysis, o: PlotOptions):
+    from .layers import filter_weights
+
+    return plots.plot_filters(a.model, o.layer, o.channel), filter_weights(a.model, o.layer)[2].lines()
+
+
+def _activations(a: Analysis, o: PlotOptions):
+    img, _, caption = a.image(o.index, o.image)
+    return plots.plot_activations(a.model, img, o.layer, caption), []
+
+
+def _augment(a: Analysis, o: PlotOptions):
+    img, y, _ = a.image(o.index, o.image)
+    aug, own = a.augment()
+    what = "the run's augmentation" if own else "the run used none; demonstration distortions"
+    fig = plots.plot_augmentations(img, aug, a.classes[y] if y is not None else "", seed=o.index,
+                                   title=f"9 distorted copies ({what})")
+    return fig, []
+
+
+def _probs(a: Analysis, o: PlotOptions):
+    img, y, caption = a.image(o.index, o.image)
+    p = a.probabilities(img)
+    lines = [f"{caption}: " + ", ".join(f"{a.classes[i]} {float(p[i]):.3f}" for i in p.argsort(descending=True)[:5])]
+    return plots.plot_probabilities(p, a.classes, img, y), lines
+
+
+def _curves(a: Analysis, o: PlotOptions):
+    return plots.plot_curves(a.records, title=f"{a.run_dir.name}: {a.trained.config.get('model', '')}"), []
+
+
+def _confusion(a: Analysis, o: PlotOptions):
+    from .metrics import format_confusion
+
+    a.need_data()
+    m = a.metrics
+    return plots.plot_confusion(m.confusion, a.classes, f"Confusion matrix, {a.split} split"), \
+        format_confusion(m.confusion, a.classes).splitlines()
+
+
+def _misclassified(a: Analysis, o: PlotOptions):
+    a.need_data()
+    return plots.plot_misclassified(a.images, a.labels, a.logits, a.classes, o.n), []
+
+
+def _predictions(a: Analysis, o: PlotOptions):
+    a.need_data()
+    return plots.plot_predictions(a.images, a.labels, a.logits, a.classes, o.n), []
+
+
+def _samples(a: Analysis, o: PlotOptions):
+    a.need_data()
+    return plots.plot_samples(a.images, a.labels, a.classes, o.n, title=f"{a.split} samples with true labels"), []
+
+
+# kind -> fn(analysis, options) -> (figure, text lines to print); `cnnlab plot RUN KIND` looks kinds up here.
+PLOT_KINDS: dict[str, Callable] = {
+    "samples": _samples, "predictions": _predictions, "misclassified": _misclassified, "confusion": _confusion,
+    "curves": _curves, "filters": _filters, "activations": _activations, "augment": _augment, "probs": _probs,
+}
+DATA_FREE_KINDS = {"curves", "filters"}  # kinds that need no dataset (with --image: activations, augment, probs)

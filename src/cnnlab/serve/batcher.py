@@ -1,0 +1,141 @@
+"""Micro-batching: requests that arrive within a few milliseconds of each other share one forward pass.
+
+Each request puts its images (uint8 [n, C, H, W], already the training shape) on an asyncio queue with a
+future. One collector task takes the first waiting request, keeps taking more for up to ``max_wait_ms`` or
+until ``max_batch`` images are gathered, runs the model once on the concatenation in a worker thread (so the
+event loop keeps accepting requests meanwhile), and hands each request its rows of the result. While a forward
+pass runs, new requests queue up and form the next batch, so under load batches grow by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class BatchStats:
+    """Counters since start-up (read by /health, tests and the load benchmark)."""
+
+    requests: int = 0
+    images: int = 0
+    forward_passes: int = 0
+    largest_batch: int = 0
+    busy_seconds: float = 0.0  # time spent inside forward passes
+
+    def as_dict(self) -> dict:
+        mean = self.images / self.forward_passes if self.forward_passes else 0.0
+        return {"requests": self.requests, "images": self.images, "forward_passes": self.forward_passes,
+                "mean_batch": round(mean, 2), "largest_batch": self.largest_batch,
+                "busy_seconds": round(self.busy_seconds, 3)}
+
+
+class MicroBatcher:
+    """Gathers concurrent requests into batches for ``forward``.
+
+    Args:
+        forward: Maps uint8 images [N, C, H, W] to a result tensor [N, ...]; runs in one worker thread.
+        max_batch: Most images in one forward pass (a single larger request still runs, alone).
+        max_wait_ms: How long the first request of a batch waits for company.
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 64,
+                 max_wait_ms: float = 5.0):
+        self.forward = forward
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._carry: tuple[torch.Tensor, asyncio.Future] | None = None  # taken but did not fit the last batch
+
+    async def start(self) -> None:
+        """Start the collector on the running event loop."""
+        self._queue = asyncio.Queue()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnlab-forward")
+        self._task = asyncio.create_task(self._run(), name="cnnlab-batcher")
+
+    async def stop(self) -> None:
+        """Stop collecting; requests still waiting get an error instead of hanging."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        waiting = [self._carry] if self._carry else []
+        while self._queue is not None and not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        for _, fut in waiting:
+            if not fut.done():
+                fut.set_exception(RuntimeError("server is shutting down"))
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._task = self._pool = self._carry = None
+
+    async def submit(self, images: torch.Tensor) -> torch.Tensor:
+        """The forward result for ``images`` [n, C, H, W], computed together with whatever else is waiting."""
+        if self._queue is None or self._task is None or self._task.done():
+            raise RuntimeError("batcher is not running")
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put((images, fut))
+        return await fut
+
+    async def _gather(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
+        first, self._carry = self._carry or await self._queue.get(), None
+        items, count = [first], len(first[0])
+        deadline = time.monotonic() + self.max_wait
+        while count < self.max_batch:
+            # Take what is already queued without waiting, then wait out the rest of the window.
+            if self._queue.empty():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+            else:
+                item = self._queue.get_nowait()
+            if count + len(item[0]) > self.max_batch:
+                self._carry = item  # it opens the next batch, so it cannot be overtaken for ever
+                break
+            items.append(item)
+            count += len(item[0])
+        return items
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._gather()
+            items = [(x, f) for x, f in items if not f.cancelled()]  # clients that hung up
+            if not items:
+                continue
+            batch = torch.cat([x for x, _ in items])
+            t0 = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self._pool, self.forward, batch)
+            except (Exception, asyncio.CancelledError) as e:  # every waiter hears of it, none hangs
+                for _, f in items:
+                    if not f.done():
+                        f.set_exception(e if isinstance(e, Exception) else RuntimeError("server is shutting down"))
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                continue  # a failed batch does not stop the collector
+            finally:
+                self.stats.busy_seconds += time.perf_counter() - t0
+            self.stats.forward_passes += 1
+            self.stats.requests += len(items)
+            self.stats.images += len(batch)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            start = 0
+            for x, f in items:
+                if not f.done():
+                    f.set_result(out[start:start + len(x)])
+                start += len(x)

@@ -1,0 +1,188 @@
+"""The web page in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven over WebDriver.
+
+`cnnlab serve` runs as a subprocess on a loopback port; the test draws on the canvas with mouse actions,
+lets the page post the drawing to /predict, and checks that the label shown in #prediction (and its
+probability and bar chart) is what the Python API predicts for the very pixels the canvas holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the 'test' extra)")
+
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from test_serve import fetch, train_tiny_run  # noqa: E402
+
+from cnnlab import Classifier  # noqa: E402
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+if not (CHROMIUM and CHROMEDRIVER):
+    reason = "chromium / chromedriver not installed (apt-get install -y chromium chromium-driver; .ci/run does it)"
+    if os.environ.get("CI"):  # CI installs them: missing there is a set-up failure, not a reason to skip
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+                  "--window-size=1000,800"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, run dir): `cnnlab serve` in a subprocess on a free loopback port."""
+    root = tmp_path_factory.mktemp("browser")
+    run = train_tiny_run(root)
+    port = free_port()
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run), "--port", str(port),
+                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if fetch(url + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"cnnlab serve did not start: {(root / 'serve.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield url, run
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")  # fresh profile
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for_answer(driver, count: int, state: str = "done") -> None:
+    """Wait until the page has shown ``count`` answers in all and the latest request ended in ``state``."""
+    def ready(d):
+        result = d.find_element(By.ID, "result")
+        return result.get_attribute("data-state") == state and (
+            state != "done" or result.get_attribute("data-count") == str(count))
+
+    WebDriverWait(driver, 30, poll_frequency=0.1).until(ready)
+
+
+def draw(driver, strokes: list[list[tuple[int, int]]]) -> None:
+    """Draw polylines on the canvas with the mouse; points are offsets in CSS pixels from its centre."""
+    canvas = driver.find_element(By.ID, "canvas")
+    for stroke in strokes:
+        actions = ActionChains(driver, duration=10)  # ms per pointer move (default 250)
+        actions.move_to_element_with_offset(canvas, *stroke[0]).click_and_hold()
+        for x, y in stroke[1:]:
+            actions.move_to_element_with_offset(canvas, x, y)
+        actions.release().perform()
+
+
+def canvas_png(driver) -> Image.Image:
+    url = driver.execute_script("return document.getElementById('canvas').toDataURL('image/png');")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def shown(driver) -> dict:
+    """What the page shows: the label, the probability and the bar chart."""
+    bars = driver.find_elements(By.CSS_SELECTOR, "#chart .bar-row")
+    return {"label": driver.find_element(By.ID, "prediction").text,
+            "probability": float(driver.find_element(By.ID, "probability").get_attribute("data-value")),
+            "bars": [int(b.get_attribute("data-class")) for b in bars],
+            "top_bar": [int(b.get_attribute("data-class")) for b in bars if "top" in b.get_attribute("class")]}
+
+
+def test_draw_a_digit_and_read_the_prediction(server, browser, tmp_path):
+    url, run = server
+    api = Classifier(model_dir=run)
+    browser.get(url + "/")
+    assert "lenet5" in browser.find_element(By.ID, "model").text
+    assert browser.find_element(By.ID, "prediction").text == ""
+
+    one = [[(0, -95 + 10 * i) for i in range(20)]]  # a vertical stroke: a '1'
+    zero = [[(int(60 * math.sin(t / 10)), int(-90 * math.cos(t / 10)))
+             for t in range(0, 64)]]  # an ellipse: a '0'
+    answers = []
+    for count, strokes in enumerate((one, zero), start=1):
+        browser.find_element(By.ID, "clear").click()
+        draw(browser, strokes)  # the page predicts when the stroke ends
+        wait_for_answer(browser, count)
+        drawing = canvas_png(browser)
+        ink = (np.asarray(drawing.convert("L")) > 128).mean()
+        assert 0.02 < ink < 0.5, f"the drawing did not land on the canvas (ink {ink:.3f})"
+        want = api.predict(drawing, top_k=3)[0]
+        got = shown(browser)
+        assert got["label"] == want["label"]
+        assert got["probability"] == pytest.approx(want["probability"], abs=1e-5)
+        assert got["bars"] == list(range(10)) and got["top_bar"] == [want["class"]]
+        answers.append(got["probability"])
+        browser.save_screenshot(str(tmp_path / f"page-{count}.png"))
+    # two different drawings reached the model as different images
+    assert answers[0] != answers[1]
+
+    browser.find_element(By.ID, "clear").click()
+    assert browser.find_element(By.ID, "prediction").text == ""
+    assert browser.find_elements(By.CSS_SELECTOR, "#chart .bar-row") == []
+
+
+def test_upload_an_image_and_see_errors(server, browser, tmp_path):
+    url, run = server
+    browser.get(url + "/")
+    digit = Image.new("L", (56, 56), 255)  # a dark digit on white paper, as a photo of one looks
+    for y in range(8, 48):
+        for x in range(26, 31):
+            digit.putpixel((x, y), 0)
+    path = tmp_path / "digit.png"
+    digit.save(path)
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    wait_for_answer(browser, 1)
+    want = Classifier(model_dir=run).predict([path])[0]  # the same 'auto' inversion as the server
+    assert shown(browser)["label"] == want["label"]
+    assert browser.find_element(By.ID, "preview").is_displayed()
+
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("this is text")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    wait_for_answer(browser, 1, state="error")
+    status = browser.find_element(By.ID, "status").text
+    assert status.startswith("error 400:") and "not an image" in status
+

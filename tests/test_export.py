@@ -1,0 +1,130 @@
+"""ONNX export: metadata, dynamic batch, parity with PyTorch, loud failures (needs the 'export' extra)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fakedata import write_mnist
+
+from cnnlab import Classifier, create_model, list_models, load_dataset
+from cnnlab import export as export_mod
+from cnnlab.cli import main
+from cnnlab.export import PREPROCESSING, check_parity
+from cnnlab.train.restore import load_trained
+from cnnlab.train.steps import to_input
+
+onnx = pytest.importorskip("onnx", reason="the 'export' extra is not installed")
+ort = pytest.importorskip("onnxruntime", reason="the 'export' extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, data root): lenet5 trained for 4 steps on tiny MNIST."""
+    root = tmp_path_factory.mktemp("export")
+    write_mnist(root / "data")
+    run = root / "run"
+    rc = main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--data-dir", str(root / "data"),
+               "--no-progress", "--steps=4", "--batch_size=16", "--log_every=2", "--ckpt_every=4",
+               "--eval_batch_size=16"])
+    assert rc == 0
+    return run, root / "data"
+
+
+def test_cli_export_metadata_dynamic_batch_and_same_predictions(run, capsys):
+    run_dir, data = run
+    assert main(["export", str(run_dir), "--format", "onnx", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    path = run_dir / "model.onnx"  # the default place
+    assert f"wrote {path}" in out and "max abs diff" in out
+
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    trained = load_trained(run_dir)
+    assert json.loads(props["classes"]) == trained.classes == [str(i) for i in range(10)]
+    assert json.loads(props["input_size"]) == [1, 28, 28]
+    assert json.loads(props["data_shape"]) == [1, 28, 28]
+    assert props["preprocessing"] == PREPROCESSING
+    assert props["model"] == "lenet5" and props["step"] == "4" and props["cnnlab_version"]
+    (inp,) = model.graph.input
+    assert inp.name == "image"
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].HasField("dim_value")  # symbolic batch axis
+    assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
+
+    # The file alone, preprocessed as its metadata says, predicts what the Python API predicts, at any batch size.
+    images = load_dataset("mnist", "test", data_dir=data).images
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = Classifier(model_dir=run_dir).predict_proba(images)
+    for n in (1, 5, 32):
+        x = to_input(images[:n], tuple(json.loads(props["input_size"]))).numpy()
+        (logits,) = session.run(None, {"image": x})
+        probs = torch.softmax(torch.from_numpy(logits), 1)
+        assert probs.shape == (n, 10)
+        assert torch.allclose(probs, want[:n], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_exports_with_parity(name):
+    model = create_model(name).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, *model.meta.input_size, generator=g)
+    data = export_mod._to_onnx_bytes(model, x[:2], 18)
+    assert check_parity(data, model, [x, x[:1]]) < 1e-4
+
+
+@pytest.mark.robust
+def test_parity_break_fails_loudly_and_writes_nothing(run, monkeypatch, capsys, tmp_path):
+    run_dir, data = run
+    real = export_mod._to_onnx_bytes
+
+    def export_a_different_model(model, example, opset):  # a broken exporter: the graph's weights are off
+        wrong = create_model("lenet5").eval()
+        wrong.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            wrong.head[-1].bias.add_(0.01)
+        return real(wrong, example, opset)
+
+    monkeypatch.setattr(export_mod, "_to_onnx_bytes", export_a_different_model)
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(run_dir), "--out", str(out), "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnnlab: error: ONNX parity check failed: max abs difference of logits 0.01")
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.robust
+def test_missing_onnx_packages_is_one_line(run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
+    assert main(["export", str(run[0])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "cnnlab: error: ONNX export needs onnxruntime: pip install 'cnnlab[export]'"
+
+
+@pytest.mark.robust
+@pytest.mark.parametrize("case", ["no-run", "bad-out-dir"])
+def test_bad_arguments_are_one_line(run, case, tmp_path, capsys):
+    if case == "no-run":
+        args = ["export", str(tmp_path / "nope")]
+        expect = "no such run directory"
+    else:
+        args = ["export", str(run[0]), "--out", str(tmp_path / "missing" / "m.onnx"), "--data-dir", str(run[1])]
+        expect = "output folder does not exist"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnnlab: error:") and expect in err and len(err.strip().splitlines()) == 1
+
+
+def test_sample_images_fall_back_to_smooth_images_without_data(run, tmp_path, data_env):
+    trained = load_trained(run[0])
+    u8 = export_mod.sample_images(trained, 4, data_dir=str(tmp_path / "empty"))
+    assert u8.dtype == torch.uint8 and u8.shape == (4, 1, 28, 28)
+    # smooth, not noise: neighbouring pixels are close on average
+    assert np.abs(np.diff(u8.numpy().astype(int), axis=-1)).mean() < 20
+    real = export_mod.sample_images(trained, 4, data_dir=str(run[1]))
+    assert torch.equal(real, load_dataset("mnist", "test", data_dir=run[1]).images[:4])

@@ -1,0 +1,291 @@
+"""The fault catalogue (see README, "Robustness"): each bad input or crash ends in one clear line on stderr and a
+non-zero exit, never a traceback, and loses no data. Run with ``pytest -m robust``.
+
+Dataset-file faults (truncated, corrupt, wrong magic, wrong counts, labels out of range, hostile pickles, missing
+files) are in test_data.py, also marked ``robust``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnlab.cli import main
+from cnnlab.train import checkpoint as ck
+from fakedata import write_mnist
+
+pytestmark = pytest.mark.robust
+
+TINY = ["--batch_size=16", "--log_every=2", "--ckpt_every=2", "--eval_batch_size=16", "--no-report"]
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.fixture(scope="module")
+def trained_template(tmp_path_factory):
+    """A tiny lenet5 run with checkpoints at steps 2 and 4, trained once per module."""
+    root = tmp_path_factory.mktemp("template")
+    write_mnist(root / "data")  # the same files tiny_data writes
+    run = root / "lenet"
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--data-dir", str(root / "data"),
+                 "--steps=4", *TINY]) == 0
+    return run
+
+
+@pytest.fixture
+def trained(tiny_data, trained_template, tmp_path):
+    """A private copy of the template run (tests may damage it)."""
+    return Path(shutil.copytree(trained_template, tmp_path / "lenet"))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return ck.section(ck.load_checkpoint(path)[0], "model")
+
+
+# --- names and config values -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--recipe", "lenet5-mnist", "--model=resnet9000"], ["unknown model 'resnet9000'"]),
+    (["--recipe", "lenet5-mnist", "--dataset=imagenet"], ["imagenet"]),
+    (["--recipe", "lenet7-mnist"], ["unknown recipe 'lenet7-mnist'"]),
+    (["--recipe", "lenet5-mnist", "--learning_rate=0.1"], ["unknown config key 'learning_rate'"]),
+    (["--recipe", "lenet5-mnist", "--lr=-0.1"], ["lr must be > 0"]),
+    (["--recipe", "lenet5-mnist", "--batch_size=0"], ["batch_size must be > 0"]),
+    (["--recipe", "lenet5-mnist", "--steps=ten"], ["bad value for steps"]),
+    (["--recipe", "lenet5-mnist", "--model_args.width=3"], ["takes no argument"]),
+])
+def test_bad_names_and_values(tiny_data, tmp_path, capsys, argv, needles):
+    code, _, err = run_cli(capsys, "train", "--model-dir", str(tmp_path / "r"), *argv)
+    assert_one_line_error(code, err, *needles)
+    assert not list((tmp_path / "r").glob("ckpt-*")) if (tmp_path / "r").exists() else True
+
+
+def test_bad_recipe_file(tmp_path, capsys):
+    f = tmp_path / "r.toml"
+    f.write_text("model = 'lenet5'\nlr = 'fast'\n")
+    code, _, err = run_cli(capsys, "train", "--recipe", str(f))
+    assert_one_line_error(code, err, "bad value for lr")
+
+
+# --- files to predict ----------------------------------------------------------------------------------------
+
+def test_predict_bad_files(trained, tmp_path, capsys):
+    cases = {
+        "missing.png": None,
+        "empty.png": b"",
+        "text.png": b"this is not an image\n",
+        "truncated.png": None,  # filled below
+    }
+    buf = tmp_path / "good.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(buf)
+    cases["truncated.png"] = buf.read_bytes()[:40]
+    for name, data in cases.items():
+        path = tmp_path / name
+        if data is not None:
+            path.write_bytes(data)
+        code, _, err = run_cli(capsys, "predict", str(trained), str(path))
+        assert_one_line_error(code, err, name)
+
+
+@pytest.mark.parametrize("mode,size", [("RGBA", (60, 40)), ("P", (28, 28)), ("I;16", (28, 28)), ("CMYK", (100, 100)),
+                                       ("1", (300, 200)), ("LA", (5, 5))])
+def test_predict_converts_odd_modes_and_sizes(trained, tmp_path, capsys, mode, size):
+    path = tmp_path / ("img.jpg" if mode == "CMYK" else "img.png")
+    Image.new(mode, size).save(path)
+    code, out, err = run_cli(capsys, "predict", str(trained), str(path), "--json")
+    assert code == 0, err
+    pred = json.loads(out)[0]
+    assert 0 <= pred["class"] < 10 and abs(sum(t["probability"] for t in pred["top_k"])) <= 1.0001
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+def test_missing_run_dir(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "evaluate", str(tmp_path / "nope"))
+    assert_one_line_error(code, err, "no such run directory")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "predict", str(tmp_path / "empty"), "x.png")
+    assert_one_line_error(code, err, "no checkpoint in")
+
+
+def test_checkpoint_of_another_architecture(trained, tmp_path, capsys):
+    # A tf2-convnet checkpoint placed in the lenet5 run: resume refuses it...
+    other = tmp_path / "other"
+    assert main(["train", "--recipe", "tf2-convnet-mnist", "--model-dir", str(other), "--steps=2", *TINY]) == 0
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "train", "--recipe", "lenet5-mnist", "--model-dir", str(other), "--steps=4", *TINY)
+    assert_one_line_error(code, err, "holds tf2-convnet")
+    # ... and a checkpoint whose weights do not fit its own header is refused on load.
+    tensors, meta = ck.load_checkpoint(ck.latest_checkpoint(trained))
+    from safetensors.torch import save_file
+    meta["model"] = {**meta["model"], "name": "tf-core-convnet", "args": {}}
+    save_file(tensors, str(tmp_path / "ckpt-00000009.safetensors"), metadata={"cnnlab": json.dumps(meta)})
+    code, _, err = run_cli(capsys, "evaluate", str(tmp_path / "ckpt-00000009.safetensors"))
+    assert_one_line_error(code, err, "does not match the model")
+
+
+def test_checkpoint_from_newer_format(trained, tmp_path, capsys):
+    from safetensors.torch import save_file
+    tensors, meta = ck.load_checkpoint(ck.latest_checkpoint(trained))
+    meta["format_version"] = ck.FORMAT_VERSION + 1
+    path = tmp_path / "ckpt-00000004.safetensors"
+    save_file(tensors, str(path), metadata={"cnnlab": json.dumps(meta)})
+    code, _, err = run_cli(capsys, "evaluate", str(path))
+    assert_one_line_error(code, err, "newer than this cnnlab reads", "upgrade")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "zero"])
+def test_corrupt_checkpoint_is_refused(trained, capsys, damage):
+    path = ck.latest_checkpoint(trained)
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(2000), "zero": b""}[damage])
+    code, _, err = run_cli(capsys, "evaluate", str(trained))
+    assert_one_line_error(code, err, path.name)
+
+
+class _Evil:
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_malicious_pickle_checkpoint_executes_nothing(tmp_path, capsys, how):
+    sentinel = tmp_path / "pwned"
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "ckpt-00000001.safetensors"
+    if how == "pickle":
+        path.write_bytes(pickle.dumps({"model": _Evil(sentinel)}))
+    else:
+        torch.save({"model": _Evil(sentinel)}, path)
+    for argv in (["evaluate", str(run)], ["predict", str(run), "x.png"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, "not a valid cnnlab checkpoint")
+    assert not sentinel.exists()
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(trained, monkeypatch, capsys):
+    before = {p.name: p.read_bytes() for p in ck.list_checkpoints(trained)}
+    real_fsync = os.fsync
+
+    def full(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".ckpt-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    code, _, err = run_cli(capsys, "train", "--recipe", "lenet5-mnist", "--model-dir", str(trained), "--steps=8", *TINY)
+    assert_one_line_error(code, err, "No space left on device", "ckpt-00000006")
+    assert {p.name: p.read_bytes() for p in ck.list_checkpoints(trained)} == before  # nothing lost or changed
+    assert not [p for p in trained.iterdir() if ".tmp-" in p.name]  # no partial file left behind
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(trained), "--steps=8", *TINY]) == 0
+
+
+def test_read_only_model_dir(trained, monkeypatch, capsys):
+    real_open = open
+
+    def read_only(file, mode="r", *a, **kw):  # root ignores chmod, so simulate a read-only mount
+        if any(m in mode for m in "wax+") and str(file).startswith(str(trained)):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    before = {p.name: p.read_bytes() for p in ck.list_checkpoints(trained)}
+    code, _, err = run_cli(capsys, "train", "--recipe", "lenet5-mnist", "--model-dir", str(trained), "--steps=8", *TINY)
+    assert_one_line_error(code, err, "Read-only file system")
+    monkeypatch.setattr("builtins.open", real_open)
+    assert {p.name: p.read_bytes() for p in ck.list_checkpoints(trained)} == before
+
+
+def test_unwritable_model_dir_path(tiny_data, capsys):
+    code, _, err = run_cli(capsys, "train", "--recipe", "lenet5-mnist", "--model-dir", "/proc/cnnlab-run", "--steps=2",
+                           *TINY)
+    assert_one_line_error(code, err, "/proc/cnnlab-run")
+
+
+def test_inf_loss_stops_with_message(trained, capsys):
+    good = weights(ck.latest_checkpoint(trained))
+    code, _, err = run_cli(capsys, "train", "--recipe", "lenet5-mnist", "--model-dir", str(trained), "--steps=8",
+                           "--lr=1e38", *TINY)
+    assert_one_line_error(code, err, "loss became", "ckpt-00000004")
+    latest = ck.latest_checkpoint(trained)
+    assert latest.name == "ckpt-00000004.safetensors"
+    assert all(torch.equal(good[k], v) for k, v in weights(latest).items())
+
+
+def test_no_traceback_from_a_real_process(tiny_data, tmp_path):
+    for argv in (["train", "--recipe", "nope"], ["evaluate", str(tmp_path)], ["models", "zzz*"],
+                 ["train", "--recipe", "lenet5-mnist", "--dataset=cifar100", "--model-dir", str(tmp_path / "x")]):
+        p = subprocess.run([sys.executable, "-m", "cnnlab", *argv], capture_output=True, text=True)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+# --- crash safety --------------------------------------------------------------------------------------------
+
+def _cmd(model_dir: Path) -> list[str]:
+    # ckpt_every=1: a save at every step, so random kills often land inside one.
+    return [sys.executable, "-m", "cnnlab", "train", "--recipe", "tf-estimator-cnn-mnist-short", "--model-dir",
+            str(model_dir), "--steps=30", "--batch_size=32", "--ckpt_every=1", "--keep_checkpoints=2",
+            "--log_every=5", "--eval_batch_size=32", "--no-progress", "--no-report"]
+
+
+def test_sigkill_at_random_moments_loses_nothing(tiny_data, tmp_path):
+    env = {**os.environ, "CNNLAB_DATA": str(tiny_data)}
+    subprocess.run(_cmd(tmp_path / "ref"), env=env, check=True, capture_output=True)
+    reference = weights(ck.latest_checkpoint(tmp_path / "ref"))
+    run, rng = tmp_path / "run", random.Random(0)
+    kills = during_save = 0
+    while kills < 20:
+        proc = subprocess.Popen(_cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start_step = ck.latest_checkpoint(run)
+        # wait until this process has trained a little past where it resumed, then kill at a random moment
+        deadline = time.time() + 60
+        while time.time() < deadline and ck.latest_checkpoint(run) == start_step and proc.poll() is None:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.25))
+        if proc.poll() is not None:  # finished before the kill: start over to get more kills
+            shutil.rmtree(run)
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        during_save += any(".tmp-" in p.name for p in run.iterdir())
+        latest = ck.latest_checkpoint(run)
+        ck.load_checkpoint(latest)  # every surviving checkpoint is whole
+    final = subprocess.run(_cmd(run), env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    got = weights(ck.latest_checkpoint(run))
+    assert all(torch.equal(reference[k], got[k]) for k in reference)
+    assert not [p for p in run.iterdir() if ".tmp-" in p.name]  # stale partial files cleaned up
+    assert during_save >= 1, "no kill landed inside a checkpoint write"

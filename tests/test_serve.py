@@ -1,0 +1,359 @@
+"""The HTTP API on a real uvicorn server on a loopback port: predictions, limits, bad input, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import io
+import json
+import sys
+import threading
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import torch
+from fakedata import write_mnist
+from PIL import Image
+
+from cnnlab import Classifier, load_dataset
+from cnnlab.cli import main
+
+pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
+pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
+
+from cnnlab.serve import background_server, create_app  # noqa: E402
+from cnnlab.serve.batcher import MicroBatcher  # noqa: E402
+
+UPLOAD_LIMIT = 200_000  # bytes; small so the over-limit tests stay quick
+
+
+# ----------------------------------------------------------------------------- helpers (also used by test_browser)
+
+
+def train_tiny_run(root: Path) -> Path:
+    """lenet5 trained for 4 steps on tiny MNIST written under ``root/data``; returns the run directory."""
+    write_mnist(root / "data")
+    run = root / "run"
+    rc = main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--data-dir", str(root / "data"),
+               "--no-progress", "--steps=4", "--batch_size=16", "--log_every=2", "--ckpt_every=4",
+               "--eval_batch_size=16"])
+    assert rc == 0
+    return run
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def multipart(field: str, filename: str, data: bytes, content_type: str = "image/png") -> tuple[bytes, str]:
+    """A multipart/form-data body with one file field; returns (body, content type header)."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def fetch(url: str, method: str = "GET", body=None, headers: dict | None = None,
+         chunked: bool = False) -> tuple[int, bytes]:
+    """One request with the standard library; returns (status, body)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=body,
+                     headers=headers or {}, encode_chunked=chunked)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def post_json(url: str, payload) -> tuple[int, dict]:
+    status, body = fetch(url, "POST", json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    return status, json.loads(body)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(server, app, run dir, tiny MNIST test images uint8 [32,1,28,28])."""
+    root = tmp_path_factory.mktemp("serve")
+    run = train_tiny_run(root)
+    images = load_dataset("mnist", "test", data_dir=root / "data").images
+    # A 20 ms window makes the batching test independent of how fast this machine is.
+    app = create_app(run, max_wait_ms=20, max_upload_bytes=UPLOAD_LIMIT, max_images=8)
+    with background_server(app) as server:
+        yield server, app, run, images
+
+
+@pytest.fixture(scope="module")
+def python_api(served):
+    return Classifier(model_dir=served[2])
+
+
+def digit_png(images: torch.Tensor, i: int, scale: int = 1) -> bytes:
+    im = Image.fromarray(images[i, 0].numpy())
+    if scale != 1:
+        im = im.resize((28 * scale, 28 * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def test_health_names_the_model(served):
+    server, app, run, _ = served
+    status, body = fetch(server.url + "/health")
+    h = json.loads(body)
+    assert status == 200
+    assert h["status"] == "ok" and h["model"] == "lenet5" and h["step"] == 4
+    assert h["classes"] == [str(i) for i in range(10)] and h["data_shape"] == [1, 28, 28]
+
+
+def test_multipart_and_raw_uploads_predict_like_the_python_api(served, python_api):
+    server, _, _, images = served
+    for i in (0, 7):
+        png = digit_png(images, i, scale=3)  # 84x84: the server resizes it as `cnnlab predict` would
+        want = python_api.predict(Image.open(io.BytesIO(png)), top_k=3)[0]
+        body, ctype = multipart("file", "digit.png", png)
+        s1, r1 = fetch(server.url + "/predict", "POST", body, {"Content-Type": ctype})
+        s2, r2 = fetch(server.url + "/predict?top_k=2", "POST", png, {"Content-Type": "image/png"})
+        assert s1 == 200 and s2 == 200
+        r1, r2 = json.loads(r1), json.loads(r2)
+        for r in (r1, r2):
+            assert r["class"] == want["class"] and r["label"] == want["label"]
+            assert r["probability"] == pytest.approx(want["probability"], abs=1e-6)
+            assert np.allclose(r["probabilities"], want["probabilities"], atol=1e-6)
+            assert sum(r["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+        assert len(r1["top_k"]) == 3 and len(r2["top_k"]) == 2
+        assert r1["top_k"][0]["class"] == r1["class"]
+
+
+def test_jpeg_upload(served, python_api):
+    server, _, _, images = served
+    buf = io.BytesIO()
+    Image.fromarray(images[3, 0].numpy()).convert("RGB").save(buf, format="JPEG", quality=95)
+    status, body = fetch(server.url + "/predict", "POST", buf.getvalue(), {"Content-Type": "image/jpeg"})
+    want = python_api.predict(Image.open(io.BytesIO(buf.getvalue())))[0]
+    assert status == 200 and json.loads(body)["class"] == want["class"]
+
+
+def test_json_batch_of_base64_files_and_pixel_arrays(served, python_api):
+    server, _, _, images = served
+    items = [base64.b64encode(digit_png(images, 0)).decode(),
+             "data:image/png;base64," + base64.b64encode(digit_png(images, 1)).decode(),
+             images[2, 0].tolist(),  # integers 0..255
+             (images[3, 0].float() / 255).tolist()]  # floats in [0, 1]
+    status, body = post_json(server.url + "/predict", {"images": items})
+    assert status == 200
+    got = body["predictions"]
+    want = python_api.predict(images[:4])
+    assert [g["class"] for g in got] == [w["class"] for w in want]
+    for g, w in zip(got, want):
+        assert np.allclose(g["probabilities"], w["probabilities"], atol=1e-5)
+
+
+def test_page_is_self_contained_with_canvas_and_result_area(served):
+    server = served[0]
+    status, body = fetch(server.url + "/")
+    page = body.decode()
+    assert status == 200
+    for needle in ('<canvas id="canvas" width="280" height="280"', 'id="prediction"', 'id="chart"',
+                   'type="file"', 'id="clear"', '"draw": true', '"model": "lenet5"'):
+        assert needle in page
+    assert "http://" not in page and "https://" not in page and "<link" not in page  # nothing from the network
+    assert "/*CNNLAB_FACTS*/" not in page
+
+
+# ----------------------------------------------------------------------------- bad input: always 4xx with a message
+
+
+def _bad_requests(images) -> dict:
+    png = digit_png(images, 0)
+    over = b"\x89PNG" + b"\0" * (UPLOAD_LIMIT + 10)
+    big_form, ctype_big_form = multipart("file", "x.png", over)
+    text_file, ctype_text = multipart("file", "notes.txt", b"just some text", "text/plain")
+    no_file = (b"--xx\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--xx--\r\n",
+               "multipart/form-data; boundary=xx")
+    b64 = base64.b64encode(png).decode()
+    return {
+        "over limit (declared length)": (over, {"Content-Type": "image/png"}, False, 413, "over the limit"),
+        "over limit (chunked)": ((over[i:i + 65536] for i in range(0, len(over), 65536)),
+                                 {"Content-Type": "image/png"}, True, 413, "over the limit"),
+        "multipart over limit": (big_form, {"Content-Type": ctype_big_form}, False, 413, "over the limit"),
+        "text file in form": (text_file, {"Content-Type": ctype_text}, False, 400, "not an image"),
+        "truncated png": (png[: len(png) // 2], {"Content-Type": "image/png"}, False, 400, "not a readable image"),
+        "empty body": (b"", {"Content-Type": "image/png"}, False, 400, "empty"),
+        "form without file": (no_file[0], {"Content-Type": no_file[1]}, False, 400, "no file field"),
+        "unsupported type": (b"hello", {"Content-Type": "text/plain"}, False, 415, "unsupported content type"),
+        "no type": (b"hello", {}, False, 415, "unsupported content type"),
+        "broken json": (b'{"images": [', {"Content-Type": "application/json"}, False, 400, "not valid JSON"),
+        "json without images": (b'{"x": 1}', {"Content-Type": "application/json"}, False, 400, '"images"'),
+        "json empty list": (b'{"images": []}', {"Content-Type": "application/json"}, False, 400, "non-empty"),
+        "json bad base64": (b'{"images": ["@@@"]}', {"Content-Type": "application/json"}, False, 400, "base64"),
+        "json base64 of text": (json.dumps({"images": [base64.b64encode(b"hello").decode()]}).encode(),
+                                {"Content-Type": "application/json"}, False, 400, "not an image"),
+        "json ragged array": (b'{"images": [[[1, 2], [3]]]}', {"Content-Type": "application/json"}, False, 400,
+                              "images[0]"),
+        "json pixel out of range": (b'{"images": [[[0, 300]]]}', {"Content-Type": "application/json"}, False, 400,
+                                    "0..255"),
+        "json float out of range": (b'{"images": [[[0.5, 1.5]]]}', {"Content-Type": "application/json"}, False,
+                                    400, "[0, 1]"),
+        "json wrong item": (b'{"images": [{"a": 1}]}', {"Content-Type": "application/json"}, False, 400,
+                            "base64 string or a nested list"),
+        "json too many images": (json.dumps({"images": [b64] * 9}).encode(), {"Content-Type": "application/json"},
+                                 False, 413, "too many images"),
+    }
+
+
+BAD_CASES = list(_bad_requests(torch.zeros(1, 1, 28, 28, dtype=torch.uint8)))
+
+
+@pytest.mark.robust
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_uploads_get_4xx_with_a_message(served, case):
+    server, _, _, images = served
+    body, headers, chunked, want_status, want_text = _bad_requests(images)[case]
+    status, answer = fetch(server.url + "/predict", "POST", body, headers, chunked=chunked)
+    assert status == want_status, answer
+    message = json.loads(answer)["error"]
+    assert want_text in message
+    # the server is still fine afterwards
+    assert fetch(server.url + "/health")[0] == 200
+
+
+@pytest.mark.robust
+@pytest.mark.parametrize("query", ["top_k=0", "top_k=x", "invert=maybe"])
+def test_bad_query_parameters_are_422(served, query):
+    server, _, _, images = served
+    status, answer = fetch(server.url + f"/predict?{query}", "POST", digit_png(images, 0), {"Content-Type": "image/png"})
+    assert status == 422 and json.loads(answer)["error"].split(":")[0] in query
+
+
+@pytest.mark.robust
+def test_decompression_bomb_is_refused(served):
+    server = served[0]
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buf, format="PNG")  # 36 MP of zeros compress to ~35 KB
+    assert len(buf.getvalue()) < UPLOAD_LIMIT
+    status, answer = fetch(server.url + "/predict", "POST", buf.getvalue(), {"Content-Type": "image/png"})
+    assert status == 413 and "too large" in json.loads(answer)["error"]
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_concurrent_requests_share_forward_passes(served, python_api):
+    server, app, _, images = served
+    n = 24
+    stats = app.state.batcher.stats
+    before = (stats.requests, stats.forward_passes)
+    pngs = [digit_png(images, i) for i in range(n)]
+    results: list = [None] * n
+    start = threading.Barrier(n)
+
+    def client(i: int) -> None:
+        start.wait()
+        results[i] = fetch(server.url + "/predict", "POST", pngs[i], {"Content-Type": "image/png"})
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(r is not None and r[0] == 200 for r in results)
+    want = python_api.predict(images[:n])
+    # each client got the answer for its own image, not a neighbour's in the batch
+    for r, w in zip(results, want):
+        assert np.allclose(json.loads(r[1])["probabilities"], w["probabilities"], atol=1e-5)
+    requests, passes = stats.requests - before[0], stats.forward_passes - before[1]
+    assert requests == n
+    assert passes < n, f"{n} concurrent requests took {passes} forward passes"
+    status, body = fetch(server.url + "/health")
+    assert json.loads(body)["batching"]["largest_batch"] > 1
+
+
+def _run_batcher(coro_fn):
+    return asyncio.run(coro_fn())
+
+
+def test_micro_batcher_splits_results_caps_batches_and_survives_errors():
+    calls: list[int] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        if (x == 99).any():
+            raise ValueError("bad batch")
+        return x.float() * 2
+
+    async def scenario():
+        b = MicroBatcher(forward, max_batch=4, max_wait_ms=50)
+        await b.start()
+        # 10 single-image requests at once: batches of at most 4, every caller gets its own row back
+        outs = await asyncio.gather(*(b.submit(torch.full((1, 1), i)) for i in range(10)))
+        assert [o.item() for o in outs] == [2 * i for i in range(10)]
+        assert calls == [4, 4, 2]
+        # a request larger than max_batch runs alone
+        calls.clear()
+        big = await b.submit(torch.arange(6).view(6, 1))
+        assert big.view(-1).tolist() == [0, 2, 4, 6, 8, 10] and calls == [6]
+        # a failing forward pass fails its own callers only; the next batch works
+        with pytest.raises(ValueError, match="bad batch"):
+            await b.submit(torch.full((1, 1), 99))
+        assert (await b.submit(torch.ones(1, 1))).item() == 2
+        assert b.stats.forward_passes == 5 and b.stats.largest_batch == 6
+        await b.stop()
+        with pytest.raises(RuntimeError, match="not running"):
+            await b.submit(torch.ones(1, 1))
+
+    _run_batcher(scenario)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.robust
+def test_cli_serve_bad_run_dir_is_one_line(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnnlab: error: no such run directory") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.robust
+def test_cli_serve_missing_packages_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "python_multipart", None)
+    assert main(["serve", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("cnnlab: error: serving needs python-multipart: "
+                                               "pip install 'cnnlab[serve]'")
+
+
+@pytest.mark.robust
+def test_cli_serve_port_in_use_is_one_line(served, capsys):
+    server, _, run, _ = served
+    port = urlsplit(server.url).port
+    assert main(["serve", str(run), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cnnlab: error: cannot listen on 127.0.0.1:{port}") and len(err.strip().splitlines()) == 1
+
+
+def test_page_for_a_colour_model_hides_the_canvas_and_escapes_class_names(tmp_path):
+    from cnnlab import create_model
+    from cnnlab.serve.app import page_html
+    from cnnlab.train.restore import TrainedModel
+
+    classes = ["cat</script><script>alert(1)</script>"] + [f"c{i}" for i in range(9)]
+    trained = TrainedModel(model=create_model("cifar10-prettytensor"), classes=classes, data_shape=(3, 32, 32),
+                           dataset="cifar10", step=1, config={}, path=tmp_path / "ckpt")
+    page = page_html(trained)
+    facts = json.loads(page.split("const FACTS = ", 1)[1].split(";\n", 1)[0])
+    assert facts["draw"] is False and facts["classes"] == classes and facts["data_shape"] == [3, 32, 32]
+    assert "</script><script>alert" not in page  # a class name cannot end the script block
