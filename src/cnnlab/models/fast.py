@@ -32,18 +32,22 @@ class Scale(nn.Module):
         return f"factor={self.factor}"
 
 
-@register_model("mnist-fast", description="3 x (conv3x3-BN-GELU-maxpool) -> global max pool -> fc")
+@register_model("mnist-fast", description="3 x (conv3x3-maxpool-BN-GELU) -> global max pool -> fc")
 def mnist_fast(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, c1: int = 24, c2: int = 48,
                c3: int = 96) -> CnnModel:
     """A small BN/GELU net for MNIST-sized inputs: 28 -> 14 -> 7 -> 3 -> global max pool.
 
-    About 0.5 MFLOP-per-channel-width^2 scale: with the default widths ~2.6 M multiply-adds per image,
-    ~1/10 of the tf.estimator CNN, yet above 99% after one epoch.
+    With the default widths ~4.2 M multiply-adds per image, 1/3 of the tf.estimator CNN, and about 99% after
+    a single epoch.
     """
+    def block(i: int, o: int) -> list[nn.Module]:
+        # Pool straight after the convolution (as airbench does): BatchNorm and GELU then touch 4x fewer values.
+        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(o), nn.GELU()]
+
     features = nn.Sequential(
-        *conv_bn(in_chans, c1), nn.MaxPool2d(2),  # [N,c1,14,14]
-        *conv_bn(c1, c2), nn.MaxPool2d(2),  # [N,c2,7,7]
-        *conv_bn(c2, c3), nn.MaxPool2d(2),  # [N,c3,3,3]
+        *block(in_chans, c1),  # [N,c1,14,14]
+        *block(c1, c2),  # [N,c2,7,7]
+        *block(c2, c3),  # [N,c3,3,3]
     )
     head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c3, num_classes))
     meta = ModelMeta(name="mnist-fast", input_size=(in_chans, img_size, img_size), num_classes=num_classes,
