@@ -28,7 +28,8 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from test_serve import fetch, train_tiny_run  # noqa: E402
+from runs import train_tiny_run  # noqa: E402
+from test_serve import fetch  # noqa: E402
 
 from cnnlab import Classifier  # noqa: E402
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakedata import write_mnist
+from runs import train_tiny_run
 
 from cnnlab import Classifier, create_model, list_models, load_dataset
 from cnnlab import export as export_mod
@@ -26,12 +26,7 @@ ort = pytest.importorskip("onnxruntime", reason="the 'export' extra is not insta
 def run(tmp_path_factory) -> tuple[Path, Path]:
     """(run directory, data root): lenet5 trained for 4 steps on tiny MNIST."""
     root = tmp_path_factory.mktemp("export")
-    write_mnist(root / "data")
-    run = root / "run"
-    rc = main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--data-dir", str(root / "data"),
-               "--no-progress", "--steps=4", "--batch_size=16", "--log_every=2", "--ckpt_every=4",
-               "--eval_batch_size=16"])
-    assert rc == 0
+    run = train_tiny_run(root)
     return run, root / "data"
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from cnnlab.cli import main
 from cnnlab.train import checkpoint as ck
-from fakedata import write_mnist
+from runs import train_tiny_run
 
 pytestmark = pytest.mark.robust
 
@@ -51,12 +51,7 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
 @pytest.fixture(scope="module")
 def trained_template(tmp_path_factory):
     """A tiny lenet5 run with checkpoints at steps 2 and 4, trained once per module."""
-    root = tmp_path_factory.mktemp("template")
-    write_mnist(root / "data")  # the same files tiny_data writes
-    run = root / "lenet"
-    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--data-dir", str(root / "data"),
-                 "--steps=4", *TINY]) == 0
-    return run
+    return train_tiny_run(tmp_path_factory.mktemp("template"), ckpt_every=2)
 
 
 @pytest.fixture

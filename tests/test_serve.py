@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import torch
-from fakedata import write_mnist
+from runs import train_tiny_run
 from PIL import Image
 
 from cnnlab import Classifier, load_dataset
@@ -34,15 +34,6 @@ UPLOAD_LIMIT = 200_000  # bytes; small so the over-limit tests stay quick
 # ----------------------------------------------------------------------------- helpers (also used by test_browser)
 
 
-def train_tiny_run(root: Path) -> Path:
-    """lenet5 trained for 4 steps on tiny MNIST written under ``root/data``; returns the run directory."""
-    write_mnist(root / "data")
-    run = root / "run"
-    rc = main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--data-dir", str(root / "data"),
-               "--no-progress", "--steps=4", "--batch_size=16", "--log_every=2", "--ckpt_every=4",
-               "--eval_batch_size=16"])
-    assert rc == 0
-    return run
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -14,7 +14,6 @@ PyTorch's; a difference above the tolerance raises `CnnlabError` and nothing is 
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ import torch
 
 from . import __version__
 from .errors import CnnlabError, DataError
+from .extras import require_extra
 from .train.checkpoint import atomic_write_bytes
 from .train.restore import TrainedModel, load_trained
 from .train.steps import to_input
@@ -47,14 +47,7 @@ class ExportResult:
 
 def require_onnx() -> None:
     """Raise a one-line `CnnlabError` naming the missing packages when the 'export' extra is not installed."""
-    missing = []
-    for name in _NEEDED:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise CnnlabError(f"ONNX export needs {', '.join(missing)}: pip install 'cnnlab[export]'")
+    require_extra({name: name for name in _NEEDED}, "export", "ONNX export")
 
 
 def sample_images(trained: TrainedModel, n: int = 16, data_dir: str | None = None, seed: int = 0) -> torch.Tensor:

@@ -9,23 +9,14 @@ Needs the 'serve' extra (fastapi, uvicorn, python-multipart): ``pip install 'cnn
 
 from __future__ import annotations
 
-import importlib
-
-from ..errors import CnnlabError
+from ..extras import require_extra
 
 _NEEDED = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
 
 
 def require_serve() -> None:
     """Raise a one-line `CnnlabError` naming the missing packages when the 'serve' extra is not installed."""
-    missing = []
-    for module, package in _NEEDED.items():
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(package)
-    if missing:
-        raise CnnlabError(f"serving needs {', '.join(missing)}: pip install 'cnnlab[serve]'")
+    require_extra(_NEEDED, "serve", "serving")
 
 
 def __getattr__(name: str):
