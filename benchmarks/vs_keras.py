@@ -29,7 +29,9 @@ KERAS_WORKER = textwrap.dedent("""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np, tensorflow as tf, keras
     from keras import layers
-    steps, epochs = int(sys.argv[1]), int(sys.argv[2])
+    steps, epochs, precision = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    if precision == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     rng = np.random.default_rng(0)
     x = (rng.integers(0, 256, (steps * 100, 28, 28, 1), dtype=np.uint8) / 255.0).astype("float32")
     y = rng.integers(0, 10, steps * 100).astype("int32")
@@ -37,7 +39,8 @@ KERAS_WORKER = textwrap.dedent("""
         keras.Input((28, 28, 1)),
         layers.Conv2D(32, 5, padding="same", activation="relu"), layers.MaxPooling2D(2, 2),
         layers.Conv2D(64, 5, padding="same", activation="relu"), layers.MaxPooling2D(2, 2),
-        layers.Flatten(), layers.Dense(1024, activation="relu"), layers.Dropout(0.4), layers.Dense(10)])
+        layers.Flatten(), layers.Dense(1024, activation="relu"), layers.Dropout(0.4),
+        layers.Dense(10, dtype="float32")])
     model.compile(optimizer=keras.optimizers.SGD(0.001),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     times = []
@@ -84,6 +87,8 @@ def main() -> int:
     ap.add_argument("--keras-venv", default="bench-out/keras-venv")
     args = ap.parse_args()
     kpy = ensure_keras(Path(args.keras_venv))
+    import torch
+
     from cnnlab.bench import matmul_peak_flops
 
     print(hardware_line(), flush=True)
@@ -91,29 +96,38 @@ def main() -> int:
         kscript, cscript = Path(tmp) / "keras_worker.py", Path(tmp) / "cnnlab_worker.py"
         kscript.write_text(KERAS_WORKER)
         cscript.write_text(CNNLAB_WORKER)
-        keras_sps, fp32, bf16 = [], [], []
+        runs: dict[str, list[dict]] = {"keras fp32": [], "keras bf16": [], "cnnlab fp32": [], "cnnlab bf16": []}
         for r in range(args.rounds):
-            k = run_json([str(kpy), str(kscript), str(args.steps), "4"])
-            c = run_json([sys.executable, str(cscript), str(args.steps), "fp32"])
-            b = run_json([sys.executable, str(cscript), str(args.steps), "bf16"])
-            keras_sps.append(k["samples_per_s"])
-            fp32.append(c)
-            bf16.append(b)
-            print(f"round {r + 1}: keras {k['samples_per_s']:.0f}, cnnlab fp32 {c['samples_per_s']:.0f}, "
-                  f"cnnlab bf16 {b['samples_per_s']:.0f} samples/s", flush=True)
-    peak = matmul_peak_flops()
-    km = statistics.median(keras_sps)
-    rows = [[f"Keras {k['keras']} (TF {k['tf']}), fp32", f"{km:.0f}", "1.00x", "", f"intra/inter {k['threads']}"]]
-    for name, runs in (("cnnlab fp32, channels_last", fp32), ("cnnlab bf16 autocast, channels_last", bf16)):
-        sps = statistics.median(r["samples_per_s"] for r in runs)
-        fl = statistics.median(r["flops_per_s"] for r in runs)
-        rows.append([name, f"{sps:.0f}", f"{sps / km:.2f}x", f"{fl / 1e9:.0f} GFLOP/s = {fl / peak:.0%} of peak",
-                     f"torch threads {runs[0]['threads']}"])
+            for prec in ("fp32", "bf16"):
+                runs[f"keras {prec}"].append(run_json([str(kpy), str(kscript), str(args.steps), "4", prec]))
+                runs[f"cnnlab {prec}"].append(run_json([sys.executable, str(cscript), str(args.steps), prec]))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['samples_per_s']:.0f}" for k, v in runs.items())
+                  + " samples/s", flush=True)
+    # The CPU's peak for each precision: the best large matmul of that dtype. With AVX512-BF16 a bf16 dot product
+    # does twice the FLOPs of an fp32 FMA per instruction, so fp32's peak is at least half the bf16 rate (PyTorch's
+    # fp32 matmul itself falls short of it here).
+    bf16_peak = matmul_peak_flops(dtype=torch.bfloat16)
+    peaks = {"fp32": max(matmul_peak_flops(), bf16_peak / 2), "bf16": bf16_peak}
+    med = {k: statistics.median(r["samples_per_s"] for r in v) for k, v in runs.items()}
+    k0 = runs["keras fp32"][0]
+    rows = []
+    for name, v in runs.items():
+        prec = name.split()[1]
+        row = [f"Keras {k0['keras']} (TF {k0['tf']}), {'mixed_bfloat16' if prec == 'bf16' else 'fp32'}"
+               if name.startswith("keras") else
+               f"cnnlab, {'bf16 autocast' if prec == 'bf16' else 'fp32'}, channels_last",
+               f"{med[name]:.0f}", f"{med[name] / med['keras fp32']:.2f}x", f"{med[name] / med['keras ' + prec]:.2f}x"]
+        if name.startswith("cnnlab"):
+            fl = statistics.median(r["flops_per_s"] for r in v)
+            row += [f"{fl / 1e9:.0f} GFLOP/s = {fl / peaks[prec]:.0%} of {prec} peak", f"torch {v[0]['threads']}"]
+        else:
+            row += ["", f"TF intra/inter {k0['threads']} (0 = all cores)"]
+        rows.append(row)
     print()
     print(f"tf-estimator-cnn, batch 100, SGD; median of {args.rounds} rounds x {args.steps} steps; "
-          f"peak = best fp32 2048^3 matmul here, {peak / 1e9:.0f} GFLOP/s; "
-          f"{fp32[0]['flops_per_sample'] / 1e6:.1f} MFLOP per training sample")
-    print_table(["framework", "samples/s", "vs Keras", "FLOP/s", "threads"], rows)
+          f"{runs['cnnlab fp32'][0]['flops_per_sample'] / 1e6:.1f} MFLOP per training sample; CPU peak here: "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s (4096^3 matmul), fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
+    print_table(["framework", "samples/s", "vs Keras fp32", "vs Keras same precision", "FLOP/s", "threads"], rows)
     return 0
 
 

@@ -38,7 +38,7 @@ def forward_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     return total
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
+def matmul_peak_flops(n: int = 4096, repeats: int = 3, dtype=torch.float32) -> float:
     """Achievable FLOP/s of this machine: the best of a few large square matmuls (the practical peak)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b

@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     except CnnlabError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early: not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (silence the flush at exit)
+        return 0
     except KeyboardInterrupt:
         print("cnnlab: interrupted (rerun the same command to resume from the last checkpoint)", file=sys.stderr)
         return 130
