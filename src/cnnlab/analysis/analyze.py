@@ -129,9 +129,7 @@ def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = 
     batch = int(trained.config.get("eval_batch_size") or 1000)
     result.images, result.labels = images, labels
     tta = trained.config.get("tta") or "none"
-    tta = {True: "flip", False: "none"}.get(tta, tta) if isinstance(tta, bool) else tta  # older configs: a bool
-    with torch.no_grad():
-        result.logits = predict_logits(trained.model, images, batch_size=batch, tta=tta, device=torch.device(device))
+    result.logits = predict_logits(trained.model, images, batch_size=batch, tta=tta, device=torch.device(device))
     result.metrics = compute_metrics(result.logits, labels, trained.classes)
     return result
 
