@@ -27,6 +27,10 @@ class ProgressBar:
             self.last = rec["step"]
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['acc']:.3f}", refresh=False)
 
+    @property
+    def shown(self) -> bool:
+        return not self.bar.disable
+
     def write(self, line: str) -> None:
         """Print a line without breaking the bar."""
         tqdm.write(line, file=sys.stdout)

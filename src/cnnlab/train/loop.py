@@ -159,7 +159,8 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     sampler = EpochSampler(len(train_set), config.batch_size, config.seed)
     augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
     bar = ProgressBar(total, step, progress if dist.is_main else False)
-    hooks = [bar, ConsoleLog(bar.write, total), MetricsLog(model_dir / "metrics.jsonl"), *(hooks or [])] \
+    # Log lines go through the bar while it is shown (so they do not break it), else to `log`.
+    hooks = [bar, ConsoleLog(bar.write if bar.shown else log, total), MetricsLog(model_dir / "metrics.jsonl"), *(hooks or [])] \
         if dist.is_main else [bar]  # other ranks neither print nor write
     emit = lambda rec: [h.on_record(rec) for h in hooks]  # noqa: E731
     eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device,
