@@ -16,8 +16,6 @@ import http.client
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -32,15 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware_line, run_cli_train  # noqa: E402
 
 from cnnlab.errors import CnnlabError  # noqa: E402
+from cnnlab.serve.server import serve_subprocess  # noqa: E402
 from cnnlab.train.restore import find_checkpoint  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only: a load test never targets another machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def ensure_run(run_dir: str | None, out: Path) -> Path:
@@ -119,24 +112,6 @@ class Client:
         return time.perf_counter() - t0, status, cls
 
 
-def start_server(run: Path, port: int, args) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cnnlab", "serve", str(run), "--host", HOST, "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    probe = Client(port, 2.0)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()[-1000:]}")
-        try:
-            probe.get("/health")
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("server did not start within 120 s")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", help="trained run to serve (default: train a small lenet5 run first)")
@@ -156,10 +131,8 @@ def main() -> int:
 
     run = ensure_run(args.run_dir, Path(args.out))
     pngs, labels = payloads(run, 1000)
-    port = free_port()
-    server = start_server(run, port, args)
-    client = Client(port, args.timeout)
-    try:
+    with serve_subprocess(run, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)) as url:
+        client = Client(int(url.rsplit(":", 1)[1]), args.timeout)
         health = client.get("/health")
         with ThreadPoolExecutor(args.concurrency) as pool:
             list(pool.map(client.predict, (pngs[i % len(pngs)] for i in range(args.warmup))))
@@ -168,12 +141,6 @@ def main() -> int:
             results = list(pool.map(client.predict, (pngs[i % len(pngs)] for i in range(args.requests))))
             wall = time.perf_counter() - t0
         after = client.get("/health")["batching"]
-    finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
     lat = np.array([r[0] for r in results]) * 1000.0
     errors = sum(1 for r in results if r[1] != 200)

@@ -12,10 +12,6 @@ import io
 import math
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -29,9 +25,9 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from runs import train_tiny_run  # noqa: E402
-from test_serve import fetch  # noqa: E402
 
 from cnnlab import Classifier  # noqa: E402
+from cnnlab.serve.server import serve_subprocess  # noqa: E402
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -46,41 +42,12 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--window-size=1000,800"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base URL, run dir): `cnnlab serve` in a subprocess on a free loopback port."""
-    root = tmp_path_factory.mktemp("browser")
-    run = train_tiny_run(root)
-    port = free_port()
-    log = open(root / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run), "--port", str(port),
-                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if fetch(url + "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cnnlab serve did not start: {(root / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.1)
+    run = train_tiny_run(tmp_path_factory.mktemp("browser"))
+    with serve_subprocess(run) as url:
         yield url, run
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from ..errors import ConfigError
@@ -82,3 +87,48 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[B
         yield server
     finally:
         server.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_subprocess(run_dir: str | Path, *args: str, startup_s: float = 120.0) -> Iterator[str]:
+    """``cnnlab serve RUN_DIR`` in a child process on a free loopback port; yields its base URL once
+    ``/health`` answers, and stops the process (terminate, then kill) on exit.
+
+    Args:
+        run_dir: The trained run to serve.
+        *args: More ``cnnlab serve`` options (e.g. ``"--max-batch", "64"``).
+        startup_s: How long to wait for ``/health``; the server's output tail is in the error otherwise.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--host", "127.0.0.1",
+                                 "--port", str(port), "--log-level", "warning", *args],
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + startup_s
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"cnnlab serve did not start: {log.read()[-2000:]}")
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
