@@ -57,6 +57,8 @@ KERAS_WORKER = textwrap.dedent("""
 CNNLAB_WORKER = textwrap.dedent("""
     import json, sys, torch
     from cnnlab.bench import train_throughput
+    from cnnlab.runtime import tune_allocator
+    tune_allocator()  # as the cnnlab command does
     r = train_throughput("tf-estimator-cnn", batch_size=100, steps=int(sys.argv[1]), warmup=20,
                          precision=sys.argv[2], channels_last=True)
     r["threads"] = torch.get_num_threads()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from cnnlab.errors import ModelError
 from cnnlab.models import count_params, create_model, list_models
+from cnnlab.models.layers import Dropout, pool_before_relu
 
 # Parameter counts implied by the tutorials' layer definitions (e.g. the TF estimator guide's
 # 3,274,634 for conv32-conv64-dense1024), so a wrong kernel size, padding or width fails here.
@@ -114,3 +118,47 @@ def test_registry_errors_and_patterns():
         create_model("nope")
     with pytest.raises(ModelError, match="takes no argument"):
         create_model("lenet5", dropout=0.5)
+
+
+@pytest.mark.parametrize("name", ["tf-estimator-cnn", "tf-core-convnet", "tf2-convnet", "cifar10-prettytensor"])
+def test_pool_before_relu_is_exact(name):
+    """The training loop's reorder gives bit-identical outputs and gradients and keeps the state-dict keys."""
+    torch.manual_seed(0)
+    a = create_model(name).eval()  # eval: no dropout draws, BN uses running stats
+    b = copy.deepcopy(a)
+    assert pool_before_relu(b) >= 1
+    assert list(a.state_dict()) == list(b.state_dict())
+    kinds = [type(m).__name__ for m in b.features]
+    assert kinds[kinds.index("MaxPool2d") + 1] == "ReLU"
+    x = torch.randn(8, *a.meta.input_size)
+    ya, yb = a(x), b(x)
+    assert torch.equal(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa.grad, pb.grad), n
+
+
+def test_pool_before_relu_leaves_other_orders_alone():
+    seq = nn.Sequential(nn.Tanh(), nn.MaxPool2d(2), nn.ReLU(), nn.MaxPool2d(2, padding=1), nn.ReLU(inplace=True),
+                        nn.MaxPool2d(2), nn.ReLU(), nn.AvgPool2d(2))
+    before = [type(m) for m in seq]
+    assert pool_before_relu(seq) == 0
+    assert [type(m) for m in seq] == before
+
+
+def test_fast_dropout_statistics():
+    torch.manual_seed(0)
+    d = Dropout(0.4)
+    x = torch.ones(200, 1000)
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.6) < 0.01  # P(keep) = 1 - p
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.6))  # survivors scaled by 1 / (1 - p)
+    assert abs(y.mean().item() - 1.0) < 0.02  # expectation preserved
+    yb = d(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    d.eval()
+    assert d(x) is x
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x)) and torch.equal(Dropout(0.0)(x), x)
+    assert isinstance(d, nn.Dropout)

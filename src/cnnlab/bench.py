@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import create_model
+from .models.layers import pool_before_relu
 from .train.steps import autocast
 
 
@@ -61,6 +62,7 @@ def train_throughput(model_name: str, batch_size: int = 100, steps: int = 100, w
     model = create_model(model_name, **model_kw)
     size = model.meta.input_size
     flops = 3 * forward_flops(model, size)  # backward ~ 2x forward
+    pool_before_relu(model)  # as the training loop does
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd"

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import CnnlabError
+from .runtime import tune_allocator
 
 
 def _add_common_data(p: argparse.ArgumentParser) -> None:
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    tune_allocator()  # reuse freed memory instead of page-faulting it back in each step (see runtime.py)
     try:
         return args.func(args, extra)
     except CnnlabError as e:

@@ -38,3 +38,42 @@ def same_conv(in_ch: int, out_ch: int, k: int, bias: bool = True) -> nn.Conv2d:
 def same_pool(k: int = 2) -> nn.MaxPool2d:
     """Max pooling k x k, stride k, TensorFlow 'SAME' rounding: output size ceil(H / k)."""
     return nn.MaxPool2d(k, k, ceil_mode=True)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the mask drawn as ``uniform >= p``: the same distribution, several times faster on CPU.
+
+    PyTorch's CPU dropout draws its mask with ``bernoulli_``, which is not vectorised: 1 ms for a [100, 1024]
+    bf16 activation here, 5% of a whole tf-estimator-cnn training step; ``torch.rand`` and a compare take 0.2 ms.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return x * 0
+        keep = torch.rand(x.shape, device=x.device) >= self.p  # [same as x], P(keep) = 1 - p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+def pool_before_relu(module: nn.Module) -> int:
+    """Swap every ``ReLU -> MaxPool2d`` pair inside ``nn.Sequential`` containers to ``MaxPool2d -> ReLU``, in place.
+
+    ReLU is monotone, so max-pool and ReLU commute: the outputs are bit-identical and so are the gradients
+    (both orders send a window's gradient to its largest input, and zero it when that input is <= 0). Pooling
+    first runs the ReLU and its backward on a quarter of the values: 5% of a tf-estimator-cnn training step on
+    CPU. Only parameter-free modules move, so state-dict keys do not change. Pools with padding are left alone
+    (their -inf padding does not commute with ReLU). Returns the number of pairs swapped.
+    """
+    swapped = 0
+    for seq in module.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        for a, b in zip(keys, keys[1:]):
+            act, pool = seq._modules[a], seq._modules[b]
+            if (type(act) is nn.ReLU and type(pool) is nn.MaxPool2d and pool.padding in (0, (0, 0))
+                    and not act.inplace):
+                seq._modules[a], seq._modules[b] = pool, act
+                swapped += 1
+    return swapped

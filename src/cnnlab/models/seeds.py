@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers import flat_features, same_conv, same_pool, tf_init_
+from .layers import Dropout, flat_features, same_conv, same_pool, tf_init_
 from .registry import CnnModel, ModelMeta, register_model
 
 _TF_GUIDE = "TensorFlow guide 'Build a Convolutional Neural Network using Estimators' (tf.layers, MNIST)"
@@ -32,7 +32,7 @@ def tf_estimator_cnn(num_classes: int = 10, in_chans: int = 1, img_size: int = 2
         same_conv(32, 64, 5), nn.ReLU(), same_pool(2),  # [N,64,7,7]
     )
     n = flat_features(features, size)  # 3136 for 28x28
-    head = [nn.Linear(n, 1024), nn.ReLU(), nn.Dropout(dropout), nn.Linear(1024, num_classes)]
+    head = [nn.Linear(n, 1024), nn.ReLU(), Dropout(dropout), nn.Linear(1024, num_classes)]
     return _build("tf-estimator-cnn", features, head, size, num_classes,
                   "tf.estimator MNIST CNN (97.3%)", _TF_GUIDE)
 
@@ -54,7 +54,7 @@ def tf_core_convnet(num_classes: int = 10, in_chans: int = 1, img_size: int = 28
         same_conv(32, 32, 3), nn.ReLU(), same_pool(2),  # [N,32,7,7]
     )
     n = flat_features(features, size)  # 7*7*32 = 1568
-    head = [nn.Linear(n, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)]
+    head = [nn.Linear(n, hidden), nn.ReLU(), Dropout(dropout), nn.Linear(hidden, num_classes)]
     return _build("tf-core-convnet", features, head, size, num_classes,
                   "TF-Core low-level 4-conv ConvNet (~97% after 5 epochs)",
                   "towardsdatascience 'Guide to coding a custom CNN in TensorFlow Core'")
@@ -72,7 +72,7 @@ def tf2_convnet(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, dr
         nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2, 2),  # [N,64,5,5]
     )
     n = flat_features(features, size)  # 1600
-    head = [nn.Linear(n, 1024), nn.Dropout(dropout), nn.Linear(1024, num_classes)]
+    head = [nn.Linear(n, 1024), Dropout(dropout), nn.Linear(1024, num_classes)]
     return _build("tf2-convnet", features, head, size, num_classes,
                   "TF2 low-level ConvNet (97.77% after 200 steps)",
                   "aymericdamien/TensorFlow-Examples convolutional_network_raw (TF2)")

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .layers import tf_init_
+from .layers import Dropout, tf_init_
 from .registry import CnnModel, ModelMeta, register_model_prefix
 
 PREFIX = "spec"
@@ -205,7 +205,7 @@ def _drop(b: _Builder, token: str, m: re.Match) -> None:
     if not 0 <= p < 1:
         raise b.fail(token, "dropout probability must be in [0, 1)")
     b.flush()
-    b.add(token, nn.Dropout(p))
+    b.add(token, Dropout(p))
 
 
 def _flatten(b: _Builder, token: str, m: re.Match) -> None:
@@ -377,7 +377,7 @@ def _layer_detail(m: nn.Module) -> str:
         nn.AvgPool2d: lambda: f"{m.kernel_size}/{m.stride}" + (" ceil" if m.ceil_mode else ""),
         nn.Dropout: lambda: f"p={m.p}",
     }
-    fn = details.get(type(m))
+    fn = next((f for cls, f in details.items() if isinstance(m, cls)), None)
     return fn() if fn else ""
 
 

@@ -20,6 +20,7 @@ from ..data import ArrayDataset, load_dataset
 from ..data.augment import Augment
 from ..errors import CheckpointError, CnnlabError
 from ..models import create_model
+from ..models.layers import pool_before_relu
 from ..runinfo import run_info
 from . import checkpoint as ck
 from . import distributed
@@ -119,6 +120,7 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
 
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
     model = build_model(config, info).to(device)
+    pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
     init_from_data(model, train_set.images[:5000].to(device))
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
