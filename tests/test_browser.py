@@ -117,7 +117,7 @@ def test_draw_a_digit_and_read_the_prediction(server, browser, tmp_path):
         drawing = canvas_png(browser)
         ink = (np.asarray(drawing.convert("L")) > 128).mean()
         assert 0.02 < ink < 0.5, f"the drawing did not land on the canvas (ink {ink:.3f})"
-        want = api.predict(drawing, top_k=3)[0]
+        want = api.predict(drawing, top_k=3, centre=True)[0]  # the page frames drawings as MNIST does
         got = shown(browser)
         assert got["label"] == want["label"]
         assert got["probability"] == pytest.approx(want["probability"], abs=1e-5)
@@ -143,7 +143,7 @@ def test_upload_an_image_and_see_errors(server, browser, tmp_path):
     digit.save(path)
     browser.find_element(By.ID, "file").send_keys(str(path))
     wait_for_answer(browser, 1)
-    want = Classifier(model_dir=run).predict([path])[0]  # the same 'auto' inversion as the server
+    want = Classifier(model_dir=run).predict([path], centre=True)[0]  # inverted and framed as the page asks
     assert shown(browser)["label"] == want["label"]
     assert browser.find_element(By.ID, "preview").is_displayed()
 

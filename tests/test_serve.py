@@ -129,6 +129,23 @@ def test_multipart_and_raw_uploads_predict_like_the_python_api(served, python_ap
         assert r1["top_k"][0]["class"] == r1["class"]
 
 
+def test_centre_query_frames_a_small_digit_like_the_python_api(served, python_api):
+    server, _, _, images = served
+    page = np.zeros((280, 280), np.uint8)  # a digit drawn small in a corner of the page's 280x280 canvas
+    page[20:76, 200:256] = np.asarray(Image.fromarray(images[3, 0].numpy()).resize((56, 56)))
+    buf = io.BytesIO()
+    Image.fromarray(page).save(buf, format="PNG")
+    answers = {}
+    for centre in ("true", "false"):
+        status, body = fetch(server.url + f"/predict?centre={centre}", "POST", buf.getvalue(),
+                             {"Content-Type": "image/png"})
+        assert status == 200
+        answers[centre] = json.loads(body)
+    want = python_api.predict(Image.fromarray(page), centre=True)[0]
+    assert np.allclose(answers["true"]["probabilities"], want["probabilities"], atol=1e-6)
+    assert not np.allclose(answers["true"]["probabilities"], answers["false"]["probabilities"], atol=1e-4)
+
+
 def test_jpeg_upload(served, python_api):
     server, _, _, images = served
     buf = io.BytesIO()

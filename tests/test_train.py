@@ -65,6 +65,16 @@ def test_cli_train_resume_evaluate_predict(tiny_data, tmp_path, capsys):
     assert pred["file"] == str(img) and len(pred["top_k"]) == 2 and pred["label"] in [str(i) for i in range(10)]
     assert pred["top_k"][0]["probability"] >= pred["top_k"][1]["probability"]
 
+    paper = np.full((90, 90), 255, np.uint8)
+    paper[5:30, 70:76] = 0  # a small dark '1' in the corner of a white page
+    Image.fromarray(paper).save(img)
+    got = {}
+    for flag in ([], ["--centre"]):
+        assert main(["predict", str(run), str(img), "--json", "--all-probs", *flag]) == 0
+        got[bool(flag)] = json.loads(capsys.readouterr().out)[0]["probabilities"]
+    want = Classifier(model_dir=run).predict(Image.fromarray(paper), centre=True)[0]["probabilities"]
+    assert np.allclose(got[True], want, atol=1e-6) and not np.allclose(got[True], got[False], atol=1e-4)
+
 
 def test_interrupted_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch):
     config = make_config({"model": "tf-estimator-cnn", "dataset": "mnist", "optimizer": "adam", "lr": 1e-3,

@@ -69,7 +69,7 @@ def cmd_predict(args, extra: list[str]) -> int:
     from .train.classifier import Classifier
 
     clf = Classifier(model_dir=args.run_dir)
-    preds = clf.predict(args.images, top_k=args.top_k, invert=args.invert)
+    preds = clf.predict(args.images, top_k=args.top_k, invert=args.invert, centre=args.centre)
     for path, p in zip(args.images, preds):
         p["file"] = str(path)
     if args.json:
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert grayscale images (auto: when the border is light, e.g. a dark digit on paper)")
+    p.add_argument("--centre", "--center", action="store_true",
+                   help="grayscale: frame the digit as MNIST does (ink box scaled to 20x20, centre of mass "
+                        "mid-image), for digits photographed or drawn small or off-centre")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--all-probs", action="store_true", help="with --json: include every class probability")
     p.set_defaults(func=cmd_predict)

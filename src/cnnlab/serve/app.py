@@ -6,7 +6,8 @@ Routes:
     GET  /health   {status, model, step, classes, dataset, data_shape, input_size, batching counters}
     POST /predict  body: an image file (multipart form field, or the raw bytes with an image/* type), or JSON
                    {"images": [base64 image files or pixel arrays]}. Query: top_k (default 3), invert
-                   (auto|yes|no, as `cnnlab predict`). Answers {class, label, probability, probabilities, top_k}
+                   (auto|yes|no, as `cnnlab predict`), centre (true|false: frame a grayscale digit as MNIST
+                   does, as `cnnlab predict --centre`). Answers {class, label, probability, probabilities, top_k}
                    for a file, {"predictions": [...]} for a JSON batch; errors {"error": message} with a 4xx.
 
 The model is loaded once, when the app is created; requests are batched by a `MicroBatcher`.
@@ -148,19 +149,19 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int = Query(3, ge=1, le=1000),
-                      invert: Literal["auto", "yes", "no"] = "auto") -> JSONResponse:
+                      invert: Literal["auto", "yes", "no"] = "auto", centre: bool = False) -> JSONResponse:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
             images = await run_in_threadpool(image_file_batch, await _form_file(request, max_upload_bytes),
-                                             shape, invert)
+                                             shape, invert, centre)
         elif kind == "application/json":
             try:
                 payload = json.loads(await request.body())
             except (ValueError, UnicodeDecodeError) as e:
                 raise BadRequest(f"body is not valid JSON ({str(e)[:80]})") from None
-            images = await run_in_threadpool(json_batch, payload, shape, invert, max_images)
+            images = await run_in_threadpool(json_batch, payload, shape, invert, max_images, centre)
         elif kind.startswith("image/") or kind == "application/octet-stream":
-            images = await run_in_threadpool(image_file_batch, await request.body(), shape, invert)
+            images = await run_in_threadpool(image_file_batch, await request.body(), shape, invert, centre)
         else:
             raise BadRequest(f"unsupported content type {kind or '(none)'!r}: send an image file (multipart form "
                              "or image/png, image/jpeg body) or JSON {\"images\": [...]}", 415)

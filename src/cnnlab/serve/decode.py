@@ -47,10 +47,10 @@ def open_upload(data: bytes, what: str = "upload") -> Image.Image:
         raise BadRequest(f"{what} is not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def image_file_batch(data: bytes, shape: tuple[int, int, int], invert: str) -> torch.Tensor:
+def image_file_batch(data: bytes, shape: tuple[int, int, int], invert: str, centre: bool = False) -> torch.Tensor:
     """One image file -> uint8 [1, C, H, W] with ``shape`` = (C, H, W)."""
     im = open_upload(data)
-    return image_to_tensor(im, shape[0], tuple(shape[1:]), invert)[None]
+    return image_to_tensor(im, shape[0], tuple(shape[1:]), invert, centre)[None]
 
 
 def _array_image(item, index: int) -> np.ndarray:
@@ -84,7 +84,8 @@ def _b64_image(item: str, index: int) -> Image.Image:
     return open_upload(data, f"images[{index}]")
 
 
-def json_batch(payload, shape: tuple[int, int, int], invert: str, max_images: int) -> torch.Tensor:
+def json_batch(payload, shape: tuple[int, int, int], invert: str, max_images: int,
+               centre: bool = False) -> torch.Tensor:
     """A parsed JSON body ``{"images": [...]}`` -> uint8 [N, C, H, W]."""
     if not isinstance(payload, dict) or "images" not in payload:
         raise BadRequest('JSON body must be an object {"images": [...]} (base64 image files or pixel arrays)')
@@ -102,6 +103,6 @@ def json_batch(payload, shape: tuple[int, int, int], invert: str, max_images: in
         else:
             raise BadRequest(f"images[{i}] must be a base64 string or a nested list of pixels")
     try:
-        return as_batch(decoded, shape[0], tuple(shape[1:]), invert)
+        return as_batch(decoded, shape[0], tuple(shape[1:]), invert, centre)
     except CnnlabError as e:
         raise BadRequest(str(e)) from None

@@ -69,15 +69,18 @@ class Classifier:
         res = evaluate(t.model, ds.images, ds.labels, batch_size=self.config.eval_batch_size, tta=self.config.tta)
         return {**res.as_dict(), "split": split, "step": t.step}
 
-    def predict_proba(self, images, invert: str = "auto") -> torch.Tensor:
-        """Class probabilities [N, num_classes] for paths, PIL images, arrays or a tensor of images."""
+    def predict_proba(self, images, invert: str = "auto", centre: bool = False) -> torch.Tensor:
+        """Class probabilities [N, num_classes] for paths, PIL images, arrays or a tensor of images.
+
+        ``invert`` and ``centre`` (frame a grayscale digit as MNIST does) are those of ``image_to_tensor``.
+        """
         t = self.trained
-        batch = as_batch(images, t.data_shape[0], tuple(t.data_shape[1:]), invert)
+        batch = as_batch(images, t.data_shape[0], tuple(t.data_shape[1:]), invert, centre)
         return torch.softmax(predict_logits(t.model, batch, tta=self.config.tta), 1)
 
-    def predict(self, images, top_k: int = 3, invert: str = "auto") -> list[dict]:
+    def predict(self, images, top_k: int = 3, invert: str = "auto", centre: bool = False) -> list[dict]:
         """One dict per image: predicted class index and label, its probability, the top-k, all probabilities."""
-        probs = self.predict_proba(images, invert)
+        probs = self.predict_proba(images, invert, centre)
         return describe_predictions(probs, self.trained.classes, top_k)
 
 
