@@ -44,3 +44,15 @@ def run_cli_train(recipe: str, model_dir: Path, overrides: list[str], log_file: 
     result = json.loads((model_dir / "results.json").read_text())
     result["wall"] = wall
     return result
+
+
+def run_worker_json(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a benchmark worker in a fresh process (``env`` added to ours); return the JSON of its last line.
+
+    A failing worker ends the benchmark with its last stderr line.
+    """
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if out.returncode != 0:
+        last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit code {out.returncode}"
+        raise SystemExit(f"{Path(cmd[0]).name} worker failed: {last}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

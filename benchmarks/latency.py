@@ -10,16 +10,14 @@ default thread count. Prints p50 / p99 per run and the median over runs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table  # noqa: E402
+from common import hardware_line, print_table, run_worker_json  # noqa: E402
 
 WORKER = textwrap.dedent("""
     import json, sys, time, torch
@@ -56,9 +54,8 @@ def main() -> int:
     for threads in (1, 0):
         runs = []
         for seed in range(args.runs):
-            out = subprocess.run([sys.executable, "-c", WORKER, args.model, str(args.n), str(seed), str(threads)],
-                                 capture_output=True, text=True, check=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs.append(run_worker_json([sys.executable, "-c", WORKER, args.model, str(args.n), str(seed),
+                                         str(threads)]))
         rows.append([args.model, runs[0]["threads"], args.runs, f"{statistics.median(r['p50'] for r in runs):.3f} ms",
                      f"{statistics.median(r['p99'] for r in runs):.3f} ms",
                      f"{min(r['p50'] for r in runs):.3f}-{max(r['p50'] for r in runs):.3f} ms"])

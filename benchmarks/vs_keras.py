@@ -1,18 +1,20 @@
 """cnnlab vs Keras (tensorflow-cpu): training throughput of the tutorial MNIST CNN at batch 100, side by side.
 
-    python benchmarks/vs_keras.py [--rounds 3] [--keras-venv bench-out/keras-venv]
+    python benchmarks/vs_keras.py [--rounds 3] [--keras-venv bench-out/keras-venv] [--no-keras-malloc]
 
 Keras runs in its own virtual environment, created by this script on first use (`pip install tensorflow-cpu`).
 Both sides run in fresh processes, alternately, with their default thread settings on the same machine; each
 measures steady-state samples/s of the same model (tf.estimator guide: conv32 5x5 - pool - conv64 5x5 - pool -
 dense 1024 - dropout 0.4 - dense 10; SGD lr 0.001; batch 100) on in-memory data after a warm-up. The ratio is of
 the medians. Also reports the fraction of the CPU's fp32 matmul peak that cnnlab reaches.
+
+The `cnnlab` command tunes glibc malloc (cnnlab.runtime); for a like-for-like view Keras also runs a second time
+with the same tuning through glibc's environment variables (rows "malloc tuned"; off with --no-keras-malloc).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table  # noqa: E402
+from common import hardware_line, print_table, run_worker_json  # noqa: E402
 
 KERAS_WORKER = textwrap.dedent("""
     import json, os, sys, time
@@ -75,11 +77,8 @@ def ensure_keras(venv: Path) -> Path:
     return py
 
 
-def run_json(cmd: list[str]) -> dict:
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{cmd[0]} worker failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+# glibc's environment equivalent of cnnlab.runtime.tune_allocator's mallopt calls
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def main() -> int:
@@ -87,6 +86,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (fresh processes each)")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     ap.add_argument("--keras-venv", default="bench-out/keras-venv")
+    ap.add_argument("--no-keras-malloc", action="store_true", help="skip Keras with cnnlab's malloc tuning")
     args = ap.parse_args()
     kpy = ensure_keras(Path(args.keras_venv))
     import torch
@@ -98,11 +98,15 @@ def main() -> int:
         kscript, cscript = Path(tmp) / "keras_worker.py", Path(tmp) / "cnnlab_worker.py"
         kscript.write_text(KERAS_WORKER)
         cscript.write_text(CNNLAB_WORKER)
-        runs: dict[str, list[dict]] = {"keras fp32": [], "keras bf16": [], "cnnlab fp32": [], "cnnlab bf16": []}
+        names = ["keras fp32", "keras bf16"] + ([] if args.no_keras_malloc else ["keras-malloc fp32", "keras-malloc bf16"])
+        runs: dict[str, list[dict]] = {k: [] for k in names + ["cnnlab fp32", "cnnlab bf16"]}
         for r in range(args.rounds):
             for prec in ("fp32", "bf16"):
-                runs[f"keras {prec}"].append(run_json([str(kpy), str(kscript), str(args.steps), "4", prec]))
-                runs[f"cnnlab {prec}"].append(run_json([sys.executable, str(cscript), str(args.steps), prec]))
+                kcmd = [str(kpy), str(kscript), str(args.steps), "4", prec]
+                runs[f"keras {prec}"].append(run_worker_json(kcmd))
+                if not args.no_keras_malloc:
+                    runs[f"keras-malloc {prec}"].append(run_worker_json(kcmd, TUNED_MALLOC))
+                runs[f"cnnlab {prec}"].append(run_worker_json([sys.executable, str(cscript), str(args.steps), prec]))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['samples_per_s']:.0f}" for k, v in runs.items())
                   + " samples/s", flush=True)
     # The CPU's peak for each precision: the best large matmul of that dtype. With AVX512-BF16 a bf16 dot product
@@ -116,6 +120,7 @@ def main() -> int:
     for name, v in runs.items():
         prec = name.split()[1]
         row = [f"Keras {k0['keras']} (TF {k0['tf']}), {'mixed_bfloat16' if prec == 'bf16' else 'fp32'}"
+               + (", malloc tuned" if name.startswith("keras-malloc") else "")
                if name.startswith("keras") else
                f"cnnlab, {'bf16 autocast' if prec == 'bf16' else 'fp32'}, channels_last",
                f"{med[name]:.0f}", f"{med[name] / med['keras fp32']:.2f}x", f"{med[name] / med['keras ' + prec]:.2f}x"]

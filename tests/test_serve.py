@@ -10,7 +10,6 @@ import json
 import sys
 import threading
 import uuid
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np

@@ -53,8 +53,11 @@ def matmul_peak_flops(n: int = 4096, repeats: int = 3, dtype=torch.float32) -> f
 
 def train_throughput(model_name: str, batch_size: int = 100, steps: int = 100, warmup: int = 10,
                      precision: str = "fp32", channels_last: bool = True, compile: bool = False,
-                     optimizer: str = "sgd", lr: float = 1e-3, **model_kw) -> dict:
+                     optimizer: str = "sgd", lr: float = 1e-3, reorder: bool = True, **model_kw) -> dict:
     """Samples/s of training steps (forward, backward, optimiser) on random data resident in memory.
+
+    ``reorder``: pool before ReLU as the training loop does (``pool_before_relu``); False keeps the
+    model's own order (for ablations).
 
     Returns {'samples_per_s', 'step_ms', 'flops_per_sample' (training, ~3x forward), 'flops_per_s'}.
     """
@@ -62,7 +65,8 @@ def train_throughput(model_name: str, batch_size: int = 100, steps: int = 100, w
     model = create_model(model_name, **model_kw)
     size = model.meta.input_size
     flops = 3 * forward_flops(model, size)  # backward ~ 2x forward
-    pool_before_relu(model)  # as the training loop does
+    if reorder:
+        pool_before_relu(model)  # as the training loop does
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd"

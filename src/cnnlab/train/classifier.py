@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig, resolve_config
+from ..config import resolve_config
 from ..data import load_dataset
 from ..data.images import as_batch
 from .loop import fit

@@ -1,0 +1,76 @@
+"""What each CPU-side trick buys: tf-estimator-cnn training throughput (batch 100, SGD) with the tricks added one
+by one, each measurement in a fresh process, rounds alternating, median.
+
+    python benchmarks/cpu_tricks.py [--rounds 3] [--steps 200] [--model tf-estimator-cnn]
+
+Rows (cumulative):
+  plain           glibc malloc defaults (CNNLAB_MALLOC=system), the model's own layer order, torch's dropout
+  + malloc        glibc keeps freed memory (cnnlab.runtime.tune_allocator, what the `cnnlab` command does)
+  + pool first    max-pool before ReLU (exact; cnnlab.models.layers.pool_before_relu, what training does)
+  + fast dropout  cnnlab's Dropout (mask from uniform >= p) in place of torch's bernoulli_ mask
+Each row at fp32 and at bf16 autocast, channels_last. Also prints page faults per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import textwrap
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import hardware_line, print_table, run_worker_json  # noqa: E402
+
+WORKER = textwrap.dedent("""
+    import json, resource, sys
+    model, steps, precision, malloc, reorder, fast_dropout = sys.argv[1], int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:7])
+    from cnnlab.runtime import tune_allocator
+    if malloc:
+        assert tune_allocator()
+    from torch import nn
+    from cnnlab.models import layers
+    if not fast_dropout:
+        layers.Dropout.forward = nn.Dropout.forward  # torch's own mask (bernoulli_)
+    from cnnlab.bench import train_throughput
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    r = train_throughput(model, batch_size=100, steps=steps, warmup=20, precision=precision, reorder=bool(reorder))
+    r["faults_per_step"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / (steps + 20)
+    print(json.dumps(r))
+""")
+
+ROWS = [("plain", 0, 0, 0), ("+ malloc", 1, 0, 0), ("+ pool first", 1, 1, 0), ("+ fast dropout", 1, 1, 1)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--model", default="tf-estimator-cnn")
+    args = ap.parse_args()
+    print(hardware_line(), flush=True)
+    res: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        for prec in ("fp32", "bf16"):
+            for name, *flags in ROWS:
+                cmd = [sys.executable, "-c", WORKER, args.model, str(args.steps), prec, *map(str, flags)]
+                res.setdefault((name, prec), []).append(run_worker_json(cmd, {"CNNLAB_MALLOC": ""}))
+        print(f"round {r + 1} done", flush=True)
+    rows = []
+    for prec in ("fp32", "bf16"):
+        base = statistics.median(x["samples_per_s"] for x in res[("plain", prec)])
+        for name, *_ in ROWS:
+            v = res[(name, prec)]
+            sps = statistics.median(x["samples_per_s"] for x in v)
+            rows.append([prec, name, f"{sps:.0f}", f"{min(x['samples_per_s'] for x in v):.0f}-"
+                         f"{max(x['samples_per_s'] for x in v):.0f}", f"{sps / base:.2f}x",
+                         f"{statistics.median(x['faults_per_step'] for x in v):.0f}"])
+    print()
+    print(f"{args.model}, batch 100, SGD, channels_last; median of {args.rounds} rounds x {args.steps} steps")
+    print_table(["precision", "tricks", "samples/s", "range", "vs plain", "page faults/step"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
