@@ -56,3 +56,9 @@ def run_worker_json(cmd: list[str], env: dict | None = None) -> dict:
         last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit code {out.returncode}"
         raise SystemExit(f"{Path(cmd[0]).name} worker failed: {last}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def value_range(values, fmt: str = "{:.0f}", unit: str = "") -> str:
+    """'lo-hi' of some measurements, each formatted with ``fmt``, then ``unit``."""
+    values = list(values)
+    return f"{fmt.format(min(values))}-{fmt.format(max(values))}{unit}"

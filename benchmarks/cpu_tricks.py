@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_worker_json  # noqa: E402
+from common import hardware_line, print_table, run_worker_json, value_range  # noqa: E402
 
 WORKER = textwrap.dedent("""
     import json, resource, sys
@@ -63,8 +63,7 @@ def main() -> int:
         for name, *_ in ROWS:
             v = res[(name, prec)]
             sps = statistics.median(x["samples_per_s"] for x in v)
-            rows.append([prec, name, f"{sps:.0f}", f"{min(x['samples_per_s'] for x in v):.0f}-"
-                         f"{max(x['samples_per_s'] for x in v):.0f}", f"{sps / base:.2f}x",
+            rows.append([prec, name, f"{sps:.0f}", value_range(x["samples_per_s"] for x in v), f"{sps / base:.2f}x",
                          f"{statistics.median(x['faults_per_step'] for x in v):.0f}"])
     print()
     print(f"{args.model}, batch 100, SGD, channels_last; median of {args.rounds} rounds x {args.steps} steps")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_worker_json  # noqa: E402
+from common import hardware_line, print_table, run_worker_json, value_range  # noqa: E402
 
 WORKER = textwrap.dedent("""
     import json, sys, time, torch
@@ -56,9 +56,9 @@ def main() -> int:
         for seed in range(args.runs):
             runs.append(run_worker_json([sys.executable, "-c", WORKER, args.model, str(args.n), str(seed),
                                          str(threads)]))
-        rows.append([args.model, runs[0]["threads"], args.runs, f"{statistics.median(r['p50'] for r in runs):.3f} ms",
-                     f"{statistics.median(r['p99'] for r in runs):.3f} ms",
-                     f"{min(r['p50'] for r in runs):.3f}-{max(r['p50'] for r in runs):.3f} ms"])
+        p50s = [r["p50"] for r in runs]
+        rows.append([args.model, runs[0]["threads"], args.runs, f"{statistics.median(p50s):.3f} ms",
+                     f"{statistics.median(r['p99'] for r in runs):.3f} ms", value_range(p50s, "{:.3f}", " ms")])
     print()
     print(f"single-image predict (uint8 image -> probabilities), {args.n} calls per run after 100 warm-up calls")
     print_table(["model", "threads", "runs", "p50 (median of runs)", "p99 (median of runs)", "p50 range"], rows)
