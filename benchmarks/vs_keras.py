@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import hardware_line, print_table, run_worker_json  # noqa: E402
 
+from cnnlab.runtime import GLIBC_ENV  # noqa: E402  (the malloc tuning the cnnlab command applies)
+
 KERAS_WORKER = textwrap.dedent("""
     import json, os, sys, time
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -77,10 +79,6 @@ def ensure_keras(venv: Path) -> Path:
     return py
 
 
-# glibc's environment equivalent of cnnlab.runtime.tune_allocator's mallopt calls
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (fresh processes each)")
@@ -105,7 +103,7 @@ def main() -> int:
                 kcmd = [str(kpy), str(kscript), str(args.steps), "4", prec]
                 runs[f"keras {prec}"].append(run_worker_json(kcmd))
                 if not args.no_keras_malloc:
-                    runs[f"keras-malloc {prec}"].append(run_worker_json(kcmd, TUNED_MALLOC))
+                    runs[f"keras-malloc {prec}"].append(run_worker_json(kcmd, GLIBC_ENV))
                 runs[f"cnnlab {prec}"].append(run_worker_json([sys.executable, str(cscript), str(args.steps), prec]))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['samples_per_s']:.0f}" for k, v in runs.items())
                   + " samples/s", flush=True)

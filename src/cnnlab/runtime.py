@@ -11,16 +11,15 @@ throughput there (benchmarks/cpu_tricks.py). Library users opt in with ``tune_al
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
 _M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
-_MMAP_MAX = 32 << 20  # glibc's ceiling for the mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
-_TRIM = 1 << 30  # keep up to 1 GiB of freed memory at the top of the heap before returning it
-
-_done: bool | None = None
+MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for the mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed memory at the top of the heap before returning it
+# The same settings as glibc environment variables, for processes cnnlab does not run (e.g. a peer framework)
+GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 def tune_allocator() -> bool:
@@ -28,19 +27,14 @@ def tune_allocator() -> bool:
 
     Both must be set together: setting either one switches off glibc's adaptive mmap threshold, and a trim
     threshold alone leaves every block over 128 KiB to mmap (2x slower). Costs at most 1 GiB of retained heap.
-    No-op (returns False) off Linux/glibc, when ``CNNLAB_MALLOC=system`` is set, or if mallopt refuses. Idempotent.
+    No-op (returns False) off Linux/glibc, when ``CNNLAB_MALLOC=system`` is set, or if mallopt refuses.
+    Calling it again sets the same values again.
     """
-    global _done
-    if _done is not None:
-        return _done
-    _done = False
     if os.environ.get("CNNLAB_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM))
-    return _done
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))

@@ -50,15 +50,13 @@ def image_to_tensor(im: Image.Image, channels: int, size: tuple[int, int], inver
     im = _to_mode(im, channels)
     if centre and channels == 1:
         arr = np.asarray(im, dtype=np.uint8)
-        if invert == "yes" or (invert == "auto" and _border_mean(arr) > 127):
-            arr = 255 - arr
-        return torch.from_numpy(centre_digit(arr, size))[None]
+        return torch.from_numpy(centre_digit(255 - arr if _inverts(arr, invert) else arr, size))[None]
     if im.size != (size[1], size[0]):
         im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS if min(im.size) > max(size) else Image.Resampling.BILINEAR)
     arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if invert == "yes" or (invert == "auto" and channels == 1 and _border_mean(arr) > 127):
+    if invert == "yes" or (channels == 1 and _inverts(arr, invert)):
         arr = 255 - arr
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
@@ -72,9 +70,9 @@ def centre_digit(arr: np.ndarray, size: tuple[int, int] = (28, 28), box: float =
     """
     h, w = size
     peak = int(arr.max()) if arr.size else 0
-    ys, xs = np.nonzero(arr > max(peak // 10, 0)) if peak > 0 else (np.array([]), np.array([]))
-    if len(ys) == 0:
+    if peak == 0:
         return np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+    ys, xs = np.nonzero(arr > peak // 10)  # holds the peak pixel at least
     crop = arr[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
     scale = box * min(h, w) / max(crop.shape)
     ch, cw = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
@@ -93,6 +91,11 @@ def centre_digit(arr: np.ndarray, size: tuple[int, int] = (28, 28), box: float =
     y1, x1 = min(top + ch, h), min(left + cw, w)
     out[y0:y1, x0:x1] = small[y0 - top:y1 - top, x0 - left:x1 - left]
     return out
+
+
+def _inverts(arr: np.ndarray, invert: str) -> bool:
+    """Whether ``invert`` ('auto' | 'yes' | 'no') inverts this grayscale image: 'auto' when its border is light."""
+    return invert == "yes" or (invert == "auto" and _border_mean(arr) > 127)
 
 
 def _border_mean(arr: np.ndarray) -> float:
