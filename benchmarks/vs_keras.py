@@ -1,6 +1,6 @@
 """cnnlab vs Keras (tensorflow-cpu): training throughput of the tutorial MNIST CNN at batch 100, side by side.
 
-    python benchmarks/vs_keras.py [--rounds 3] [--keras-venv bench-out/keras-venv] [--no-keras-malloc]
+    python benchmarks/vs_keras.py [--rounds 5] [--keras-venv bench-out/keras-venv] [--no-keras-malloc]
 
 Keras runs in its own virtual environment, created by this script on first use (`pip install tensorflow-cpu`).
 Both sides run in fresh processes, alternately, with their default thread settings on the same machine; each
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_worker_json  # noqa: E402
+from common import hardware_line, print_table, run_worker_json, value_range  # noqa: E402
 
 from cnnlab.runtime import GLIBC_ENV  # noqa: E402  (the malloc tuning the cnnlab command applies)
 
@@ -81,7 +81,7 @@ def ensure_keras(venv: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (fresh processes each)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (fresh processes each)")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     ap.add_argument("--keras-venv", default="bench-out/keras-venv")
     ap.add_argument("--no-keras-malloc", action="store_true", help="skip Keras with cnnlab's malloc tuning")
@@ -121,7 +121,8 @@ def main() -> int:
                + (", malloc tuned" if name.startswith("keras-malloc") else "")
                if name.startswith("keras") else
                f"cnnlab, {'bf16 autocast' if prec == 'bf16' else 'fp32'}, channels_last",
-               f"{med[name]:.0f}", f"{med[name] / med['keras fp32']:.2f}x", f"{med[name] / med['keras ' + prec]:.2f}x"]
+               f"{med[name]:.0f}", value_range(r["samples_per_s"] for r in v),
+               f"{med[name] / med['keras fp32']:.2f}x", f"{med[name] / med['keras ' + prec]:.2f}x"]
         if name.startswith("cnnlab"):
             fl = statistics.median(r["flops_per_s"] for r in v)
             row += [f"{fl / 1e9:.0f} GFLOP/s = {fl / peaks[prec]:.0%} of {prec} peak", f"torch {v[0]['threads']}"]
@@ -132,7 +133,7 @@ def main() -> int:
     print(f"tf-estimator-cnn, batch 100, SGD; median of {args.rounds} rounds x {args.steps} steps; "
           f"{runs['cnnlab fp32'][0]['flops_per_sample'] / 1e6:.1f} MFLOP per training sample; CPU peak here: "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s (4096^3 matmul), fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
-    print_table(["framework", "samples/s", "vs Keras fp32", "vs Keras same precision", "FLOP/s", "threads"], rows)
+    print_table(["framework", "samples/s", "range", "vs Keras fp32", "vs Keras same precision", "FLOP/s", "threads"], rows)
     return 0
 
 
