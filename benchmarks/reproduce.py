@@ -2,7 +2,7 @@
 
     python benchmarks/reproduce.py                      # all five, CIFAR-10 shortened to 30,000 steps
     python benchmarks/reproduce.py --only lenet5-mnist  # one recipe
-    python benchmarks/reproduce.py --cifar-steps 150000 # the CIFAR-10 tutorial at full length (~80 min here)
+    python benchmarks/reproduce.py --cifar-steps 150000 # the CIFAR-10 tutorial at full length (~1 h here)
 
 Data: set CNNLAB_DATA (e.g. ../shared/data) or pass --data-dir. Each recipe runs in a fresh process
 (``python -m cnnlab train``); wall time includes start-up and data loading. Prints a markdown table.
