@@ -6,7 +6,8 @@ Keras runs in its own virtual environment, created by this script on first use (
 Both sides run in fresh processes, alternately, with their default thread settings on the same machine; each
 measures steady-state samples/s of the same model (tf.estimator guide: conv32 5x5 - pool - conv64 5x5 - pool -
 dense 1024 - dropout 0.4 - dense 10; SGD lr 0.001; batch 100) on in-memory data after a warm-up. The ratio is of
-the medians. Also reports the fraction of the CPU's fp32 matmul peak that cnnlab reaches.
+the medians; each row also shows its min-max over the rounds (Keras's rounds are bimodal on some hosts). Also
+reports the fraction of the CPU's peak (fp32 and bf16 matmul) that cnnlab reaches.
 
 The `cnnlab` command tunes glibc malloc (cnnlab.runtime); for a like-for-like view Keras also runs a second time
 with the same tuning through glibc's environment variables (rows "malloc tuned"; off with --no-keras-malloc).
