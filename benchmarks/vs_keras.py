@@ -7,7 +7,8 @@ Both sides run in fresh processes, alternately, with their default thread settin
 measures steady-state samples/s of the same model (tf.estimator guide: conv32 5x5 - pool - conv64 5x5 - pool -
 dense 1024 - dropout 0.4 - dense 10; SGD lr 0.001; batch 100) on in-memory data after a warm-up. The ratio is of
 the medians; each row also shows its min-max over the rounds (Keras's rounds are bimodal on some hosts). Also
-reports the fraction of the CPU's peak (fp32 and bf16 matmul) that cnnlab reaches.
+reports the fraction of the CPU's peak that cnnlab reaches: for each precision the best of several matmul and
+convolution probes (cnnlab.bench.peak_flops), since no single shape reaches the peak.
 
 The `cnnlab` command tunes glibc malloc (cnnlab.runtime); for a like-for-like view Keras also runs a second time
 with the same tuning through glibc's environment variables (rows "malloc tuned"; off with --no-keras-malloc).
@@ -90,7 +91,7 @@ def main() -> int:
     kpy = ensure_keras(Path(args.keras_venv))
     import torch
 
-    from cnnlab.bench import matmul_peak_flops
+    from cnnlab.bench import peak_flops
 
     print(hardware_line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,11 +109,11 @@ def main() -> int:
                 runs[f"cnnlab {prec}"].append(run_worker_json([sys.executable, str(cscript), str(args.steps), prec]))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['samples_per_s']:.0f}" for k, v in runs.items())
                   + " samples/s", flush=True)
-    # The CPU's peak for each precision: the best large matmul of that dtype. With AVX512-BF16 a bf16 dot product
+    # The CPU's peak for each precision: the best of the probes for that dtype. With AVX512-BF16 a bf16 dot product
     # does twice the FLOPs of an fp32 FMA per instruction, so fp32's peak is at least half the bf16 rate (PyTorch's
-    # fp32 matmul itself falls short of it here).
-    bf16_peak = matmul_peak_flops(dtype=torch.bfloat16)
-    peaks = {"fp32": max(matmul_peak_flops(), bf16_peak / 2), "bf16": bf16_peak}
+    # fp32 kernels themselves fall short of it here).
+    probes = {"bf16": peak_flops(torch.bfloat16), "fp32": peak_flops(torch.float32)}
+    peaks = {"fp32": max(probes["fp32"]["flops"], probes["bf16"]["flops"] / 2), "bf16": probes["bf16"]["flops"]}
     med = {k: statistics.median(r["samples_per_s"] for r in v) for k, v in runs.items()}
     k0 = runs["keras fp32"][0]
     rows = []
@@ -133,7 +134,9 @@ def main() -> int:
     print()
     print(f"tf-estimator-cnn, batch 100, SGD; median of {args.rounds} rounds x {args.steps} steps; "
           f"{runs['cnnlab fp32'][0]['flops_per_sample'] / 1e6:.1f} MFLOP per training sample; CPU peak here: "
-          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s (4096^3 matmul), fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s ({probes['bf16']['probe']}), fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
+    print("peak probes, GFLOP/s: " + "; ".join(f"{prec} " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p["probes"].items())
+                                             for prec, p in probes.items()))
     print_table(["framework", "samples/s", "range", "vs Keras fp32", "vs Keras same precision", "FLOP/s", "threads"], rows)
     return 0
 

@@ -15,6 +15,31 @@ from .errors import CnnlabError
 from .runtime import tune_allocator
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the fault catalogue's rule), pointing at --help for the rest."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind: type, low: float, high: float | None = None, *, above: bool = False):
+    """An argparse type: ``kind`` (int or float) in [low, high] (or above ``low`` when ``above``), else a usage error."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if v != v or (v <= low if above else v < low) or (high is not None and v > high):
+            rng = f"above {low:g}" if above else (f"{low:g} to {high:g}" if high is not None else f"at least {low:g}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {rng})")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _number(int, 1), _number(int, 0)
+
+
 def _add_common_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="first place to look for dataset files (then $CNNLAB_DATA, ~/.cache/cnnlab)")
 
@@ -171,17 +196,18 @@ def cmd_recipes(args, extra: list[str]) -> int:
 def cmd_bench(args, extra: list[str]) -> int:
     import torch
 
-    from .bench import latency, matmul_peak_flops, train_throughput
+    from .bench import latency, peak_flops, train_throughput
     from .models import create_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     r = train_throughput(args.model, batch_size=args.batch_size, steps=args.steps, precision=args.precision,
                          channels_last=args.channels_last, compile=args.compile)
-    peak = matmul_peak_flops()
+    peak = peak_flops(torch.bfloat16 if args.precision == "bf16" else torch.float32)
     print(f"{args.model}: train batch {args.batch_size} ({args.precision}, threads {torch.get_num_threads()}): "
           f"{r['samples_per_s']:.0f} samples/s, {r['step_ms']:.1f} ms/step, {r['flops_per_s'] / 1e9:.1f} GFLOP/s "
-          f"= {r['flops_per_s'] / peak:.0%} of this CPU's fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
+          f"= {r['flops_per_s'] / peak['flops']:.0%} of this CPU's {args.precision} peak "
+          f"({peak['flops'] / 1e9:.0f} GFLOP/s, best probe: {peak['probe']})")
     m = create_model(args.model)
     lat = latency(m, m.meta.input_size, n=args.latency_n)
     print(f"{args.model}: single-image latency p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms ({lat['n']} calls)")
@@ -216,7 +242,7 @@ def cmd_serve(args, extra: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnlab", allow_abbrev=False,
+    parser = _Parser(prog="cnnlab", allow_abbrev=False,
                                      description="Train, evaluate, inspect, export and serve CNN image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -243,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", allow_abbrev=False, help="classify image files (PNG/JPG)")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=POSITIVE, default=3)
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert grayscale images (auto: when the border is light, e.g. a dark digit on paper)")
     p.add_argument("--centre", "--center", action="store_true",
@@ -255,13 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", allow_abbrev=False, help="training throughput and prediction latency of a model")
     p.add_argument("model")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=POSITIVE, default=100)
+    p.add_argument("--steps", type=POSITIVE, default=50)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    p.add_argument("--latency-n", type=int, default=300, help="single-image calls to time")
+    p.add_argument("--threads", type=NON_NEGATIVE, default=0, help="torch threads (0: default)")
+    p.add_argument("--latency-n", type=POSITIVE, default=300, help="single-image calls to time")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", allow_abbrev=False, help="list models with parameter counts and input shapes")
@@ -292,12 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", help="samples, predictions, misclassified, confusion, curves, filters, activations, "
                                 "augment, probs, or layers")
     p.add_argument("--out", help="output PNG file")
-    p.add_argument("--layer", type=int, default=0,
+    p.add_argument("--layer", type=NON_NEGATIVE, default=0,
                    help="filters: conv layer index; activations: feature module index (see `layers`)")
-    p.add_argument("--channel", type=int, default=0, help="filters: input channel")
-    p.add_argument("--index", type=int, default=0, help="activations/augment/probs: example of the split")
+    p.add_argument("--channel", type=NON_NEGATIVE, default=0, help="filters: input channel")
+    p.add_argument("--index", type=NON_NEGATIVE, default=0, help="activations/augment/probs: example of the split")
     p.add_argument("--image", help="activations/augment/probs: an image file instead of --index")
-    p.add_argument("-n", type=int, default=16, help="images in a grid (at most 25)")
+    p.add_argument("-n", type=_number(int, 1, 25), default=16, help="images in a grid (at most 25)")
     p.add_argument("--split", default="test", choices=["train", "test"])
     _add_common_data(p)
     p.set_defaults(func=cmd_plot)
@@ -305,19 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", help="output file (default RUN_DIR/model.onnx)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed max abs difference of logits")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--tolerance", type=_number(float, 0), default=1e-4, help="largest allowed max abs difference of logits")
+    p.add_argument("--opset", type=_number(int, 7), default=18)
     _add_common_data(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", allow_abbrev=False, help="serve a trained run: HTTP API and a web page to draw on")
     p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_number(int, 0, 65535), default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--max-batch", type=int, default=64, help="most images per forward pass")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits to share a batch")
-    p.add_argument("--max-upload-mb", type=float, default=5.0, help="largest request body (413 above)")
+    p.add_argument("--max-batch", type=POSITIVE, default=64, help="most images per forward pass")
+    p.add_argument("--max-wait-ms", type=_number(float, 0), default=5.0, help="how long a request waits to share a batch")
+    p.add_argument("--max-upload-mb", type=_number(float, 0, above=True), default=5.0, help="largest request body (413 above)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
     return parser
@@ -327,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     tune_allocator()  # reuse freed memory instead of page-faulting it back in each step (see runtime.py)
     try:
         return args.func(args, extra)
