@@ -8,6 +8,8 @@ Rows (cumulative):
   + malloc        glibc keeps freed memory (cnnlab.runtime.tune_allocator, what the `cnnlab` command does)
   + pool first    max-pool before ReLU (exact; cnnlab.models.layers.pool_before_relu, what training does)
   + fast dropout  cnnlab's Dropout (mask from uniform >= p) in place of torch's bernoulli_ mask
+  + oneDNN dense  fp32 dense layers through oneDNN rather than MKL (cnnlab.models.layers.OneDnnLinear; what training
+                  does on non-Intel x86 CPUs, see cnnlab.runtime.linear_backend); bf16 already runs there
 Each row at fp32 and at bf16 autocast, channels_last. Also prints page faults per step.
 """
 
@@ -25,7 +27,7 @@ from common import hardware_line, print_table, run_worker_json, value_range  # n
 
 WORKER = textwrap.dedent("""
     import json, resource, sys
-    model, steps, precision, malloc, reorder, fast_dropout = sys.argv[1], int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:7])
+    model, steps, precision, malloc, reorder, fast_dropout, onednn = sys.argv[1], int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:8])
     from cnnlab.runtime import tune_allocator
     if malloc:
         assert tune_allocator()
@@ -35,12 +37,14 @@ WORKER = textwrap.dedent("""
         layers.Dropout.forward = nn.Dropout.forward  # torch's own mask (bernoulli_)
     from cnnlab.bench import train_throughput
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    r = train_throughput(model, batch_size=100, steps=steps, warmup=20, precision=precision, reorder=bool(reorder))
+    r = train_throughput(model, batch_size=100, steps=steps, warmup=20, precision=precision, reorder=bool(reorder),
+                         linear="onednn" if onednn else "torch")
     r["faults_per_step"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / (steps + 20)
     print(json.dumps(r))
 """)
 
-ROWS = [("plain", 0, 0, 0), ("+ malloc", 1, 0, 0), ("+ pool first", 1, 1, 0), ("+ fast dropout", 1, 1, 1)]
+ROWS = [("plain", 0, 0, 0, 0), ("+ malloc", 1, 0, 0, 0), ("+ pool first", 1, 1, 0, 0), ("+ fast dropout", 1, 1, 1, 0),
+        ("+ oneDNN dense", 1, 1, 1, 1)]
 
 
 def main() -> int:

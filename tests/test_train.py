@@ -197,3 +197,35 @@ def test_pickle_checkpoint_is_refused(tmp_path):
     torch.save({"model": 1}, evil)
     with pytest.raises(CheckpointError, match="not a valid cnnlab checkpoint"):
         ck.load_checkpoint(evil)
+
+
+@pytest.mark.parametrize("backend", ["onednn", "torch"])
+def test_training_runs_dense_layers_on_the_chosen_backend_and_records_it(tiny_data, tmp_path, monkeypatch, backend):
+    from cnnlab.models.layers import OneDnnLinear
+
+    if backend == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN")
+    monkeypatch.setenv("CNNLAB_LINEAR", backend)
+    cfg = {"model": "tf-estimator-cnn", "dataset": "mnist", "batch_size": 16, "steps": 2, "ckpt_every": 2,
+           "log_every": 2, "eval_batch_size": 16}
+    res = fit(make_config(cfg), tmp_path / "run", progress=False, log=lambda *_: None)
+    kinds = {type(m) for m in res.model.modules()}
+    assert (OneDnnLinear in kinds) == (backend == "onednn")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["fp32_linear"] == backend
+    # The checkpoint is a plain state dict: it loads into a model built the ordinary way.
+    create_model("tf-estimator-cnn").load_state_dict(ck.section(ck.load_checkpoint(ck.latest_checkpoint(tmp_path / "run"))[0], "model"))
+
+
+def test_compile_option_compiles_the_training_model(tiny_data, tmp_path, monkeypatch):
+    compiled = []
+
+    def fake_compile(model, *a, **kw):  # records the call; torch.compile itself takes too long for a unit test
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = {"model": "lenet5", "dataset": "mnist", "batch_size": 16, "steps": 2, "ckpt_every": 2, "log_every": 2,
+           "eval_batch_size": 16, "compile": True}
+    res = fit(make_config(cfg), tmp_path / "run", progress=False, log=lambda *_: None)
+    assert len(compiled) == 1 and compiled[0] is res.model
+    assert res.step == 2

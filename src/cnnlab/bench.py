@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import create_model
-from .models.layers import pool_before_relu
+from .models.layers import pool_before_relu, use_onednn_linear
 from .train.steps import autocast
 
 
@@ -78,11 +78,13 @@ def peak_flops(dtype: torch.dtype = torch.float32, repeats: int = 3,
 
 def train_throughput(model_name: str, batch_size: int = 100, steps: int = 100, warmup: int = 10,
                      precision: str = "fp32", channels_last: bool = True, compile: bool = False,
-                     optimizer: str = "sgd", lr: float = 1e-3, reorder: bool = True, **model_kw) -> dict:
+                     optimizer: str = "sgd", lr: float = 1e-3, reorder: bool = True, linear: str | None = None,
+                     **model_kw) -> dict:
     """Samples/s of training steps (forward, backward, optimiser) on random data resident in memory.
 
     ``reorder``: pool before ReLU as the training loop does (``pool_before_relu``); False keeps the
-    model's own order (for ablations).
+    model's own order (for ablations). ``linear``: 'onednn' or 'torch' for the fp32 dense layers; None picks as
+    the training loop does (``cnnlab.runtime.linear_backend``).
 
     Returns {'samples_per_s', 'step_ms', 'flops_per_sample' (training, ~3x forward), 'flops_per_s'}.
     """
@@ -92,6 +94,8 @@ def train_throughput(model_name: str, batch_size: int = 100, steps: int = 100, w
     flops = 3 * forward_flops(model, size)  # backward ~ 2x forward
     if reorder:
         pool_before_relu(model)  # as the training loop does
+    if not compile:
+        use_onednn_linear(model, linear)  # as the training loop does
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd"

@@ -42,6 +42,9 @@ def run_info(device: torch.device, config=None) -> dict:
             "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        from .runtime import linear_backend
+        info["fp32_linear"] = linear_backend()  # which library ran the dense layers (see runtime.linear_backend)
     if config is not None:
         info["seed"] = config.seed
     return info

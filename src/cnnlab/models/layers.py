@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def tf_init_(module: nn.Module) -> nn.Module:
@@ -77,3 +79,69 @@ def pool_before_relu(module: nn.Module) -> int:
                 seq._modules[a], seq._modules[b] = pool, act
                 swapped += 1
     return swapped
+
+
+# Products smaller than this many multiply-adds stay with torch: oneDNN's fixed cost (~10 us) outweighs its speed.
+ONEDNN_MIN_MACS = 1 << 21
+
+
+def _onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for fp32 [M, K] and [N, K] (either may be a transposed view), through oneDNN when it is large."""
+    if a.shape[0] * a.shape[1] * b.shape[0] >= ONEDNN_MIN_MACS:
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return a @ b.t()
+
+
+class _OneDnnLinearFn(torch.autograd.Function):
+    """y = x W^T + b with all three products (forward, input and weight gradients) through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if x.shape[0] * x.shape[1] * weight.shape[0] >= ONEDNN_MIN_MACS:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        gx = _onednn_mm(grad, weight.t()) if ctx.needs_input_grad[0] else None  # [M,N] @ [N,K]
+        gw = _onednn_mm(grad.t(), x.t()) if ctx.needs_input_grad[1] else None  # [N,M] @ [M,K]
+        gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+class OneDnnLinear(nn.Linear):
+    """``nn.Linear`` whose fp32 CPU products run through oneDNN rather than torch's BLAS (see
+    ``cnnlab.runtime.linear_backend`` for when that pays: 2.3x per product on AMD CPUs). Same parameters and
+    state dict; other dtypes, devices and autocast regions take ``nn.Linear``'s own path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype is torch.float32 and self.weight.dtype is torch.float32 and x.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu")):
+            y = _OneDnnLinearFn.apply(x.reshape(-1, self.in_features), self.weight, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+
+def use_onednn_linear(module: nn.Module, backend: str | None = None) -> int:
+    """Turn every plain ``nn.Linear`` in ``module`` into an ``OneDnnLinear``, in place, when the backend is 'onednn'.
+
+    ``backend`` defaults to ``cnnlab.runtime.linear_backend()`` (the machine's choice, or ``CNNLAB_LINEAR``).
+    Parameters, state-dict keys and outputs stay the same (up to fp32 rounding). Returns the number of layers
+    changed.
+    """
+    from ..runtime import linear_backend
+
+    if (backend or linear_backend()) != "onednn":
+        return 0
+    changed = 0
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = OneDnnLinear
+            changed += 1
+    return changed

@@ -20,7 +20,7 @@ from ..data import ArrayDataset, load_dataset
 from ..data.augment import Augment
 from ..errors import CheckpointError, CnnlabError
 from ..models import create_model
-from ..models.layers import pool_before_relu
+from ..models.layers import pool_before_relu, use_onednn_linear
 from ..runinfo import run_info
 from . import checkpoint as ck
 from . import distributed
@@ -121,6 +121,8 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
     model = build_model(config, info).to(device)
     pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
+    if device.type == "cpu" and not config.compile:
+        use_onednn_linear(model)  # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py)
     init_from_data(model, train_set.images[:5000].to(device))
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -169,6 +171,8 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
                    precision=config.precision, channels_last=config.channels_last)
     model.train()
     train_model = dist.wrap(model)  # DDP under torchrun (same parameters as `model`, which is what is saved)
+    if config.compile:
+        train_model = torch.compile(train_model)  # the first steps pay for the compilation
     seen, t_log = 0, time.perf_counter()
     try:
         while step < total:
