@@ -133,3 +133,15 @@ def test_cpu_vendor_reads_proc_cpuinfo():
         assert v == ""
     else:
         assert (v in text) if "vendor_id" in text else v == ""
+
+
+@needs_onednn
+def test_onednn_linear_runs_under_inference_mode_and_exports_as_plain_linear():
+    ref, fast = _pair(512, 256)
+    x = torch.randn(8, 512)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-4)
+    exported = torch.export.export(fast, (x,))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert ops == {"aten.linear.default"}, ops
+    torch.testing.assert_close(exported.module()(x), ref(x), rtol=1e-5, atol=1e-4)

@@ -243,7 +243,7 @@ def cmd_serve(args, extra: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnlab", allow_abbrev=False,
-                                     description="Train, evaluate, inspect, export and serve CNN image classifiers.")
+                     description="Train, evaluate, inspect, export and serve CNN image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", allow_abbrev=False, help="train (resumes from the newest checkpoint in --model-dir)",

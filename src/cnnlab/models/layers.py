@@ -114,15 +114,20 @@ class _OneDnnLinearFn(torch.autograd.Function):
         return gx, gw, gb
 
 
+def _exporting() -> bool:
+    """Traced, compiled or exported (ONNX, torch.export): those want the plain aten graph of ``nn.Linear``."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
 class OneDnnLinear(nn.Linear):
     """``nn.Linear`` whose fp32 CPU products run through oneDNN rather than torch's BLAS (see
     ``cnnlab.runtime.linear_backend`` for when that pays: 2.3x per product on AMD CPUs). Same parameters and
-    state dict; other dtypes, devices and autocast regions take ``nn.Linear``'s own path.
+    state dict; other dtypes, devices, autocast regions and tracing / export take ``nn.Linear``'s own path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype is torch.float32 and self.weight.dtype is torch.float32 and x.device.type == "cpu"
-                and not torch.is_autocast_enabled("cpu")):
+                and not torch.is_autocast_enabled("cpu") and not _exporting()):
             y = _OneDnnLinearFn.apply(x.reshape(-1, self.in_features), self.weight, self.bias)
             return y.reshape(*x.shape[:-1], self.out_features)
         return super().forward(x)
