@@ -229,3 +229,5 @@ def test_compile_option_compiles_the_training_model(tiny_data, tmp_path, monkeyp
     res = fit(make_config(cfg), tmp_path / "run", progress=False, log=lambda *_: None)
     assert len(compiled) == 1 and compiled[0] is res.model
     assert res.step == 2
+    # compiled models keep nn.Linear (inductor wants plain aten ops), and config.json says so
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["fp32_linear"] == "torch"

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .runtime import cpuinfo
 
 
 def code_version() -> str:
@@ -26,13 +27,7 @@ def code_version() -> str:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def run_info(device: torch.device, config=None) -> dict:
@@ -42,9 +37,6 @@ def run_info(device: torch.device, config=None) -> dict:
             "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        from .runtime import linear_backend
-        info["fp32_linear"] = linear_backend()  # which library ran the dense layers (see runtime.linear_backend)
     if config is not None:
         info["seed"] = config.seed
     return info

@@ -43,16 +43,21 @@ def tune_allocator() -> bool:
 LINEAR_BACKENDS = ("auto", "onednn", "torch")
 
 
-def cpu_vendor() -> str:
-    """The CPU vendor string from /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``, ...); '' when unknown."""
+def cpuinfo(key: str) -> str:
+    """The first ``key`` field of /proc/cpuinfo (e.g. 'model name', 'vendor_id'); '' when there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU vendor string from /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``, ...); '' when unknown."""
+    return cpuinfo("vendor_id")
 
 
 def linear_backend() -> str:

@@ -85,11 +85,11 @@ def pool_before_relu(module: nn.Module) -> int:
 ONEDNN_MIN_MACS = 1 << 21
 
 
-def _onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` for fp32 [M, K] and [N, K] (either may be a transposed view), through oneDNN when it is large."""
+def _onednn_linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b.T + bias`` for fp32 [M, K] and [N, K] (either may be a transposed view), through oneDNN when large."""
     if a.shape[0] * a.shape[1] * b.shape[0] >= ONEDNN_MIN_MACS:
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    return a @ b.t()
+        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return F.linear(a, b, bias)
 
 
 class _OneDnnLinearFn(torch.autograd.Function):
@@ -99,17 +99,15 @@ class _OneDnnLinearFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        if x.shape[0] * x.shape[1] * weight.shape[0] >= ONEDNN_MIN_MACS:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return F.linear(x, weight, bias)
+        return _onednn_linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        gx = _onednn_mm(grad, weight.t()) if ctx.needs_input_grad[0] else None  # [M,N] @ [N,K]
-        gw = _onednn_mm(grad.t(), x.t()) if ctx.needs_input_grad[1] else None  # [N,M] @ [M,K]
+        gx = _onednn_linear(grad, weight.t()) if ctx.needs_input_grad[0] else None  # [M,N] @ [N,K]
+        gw = _onednn_linear(grad.t(), x.t()) if ctx.needs_input_grad[1] else None  # [N,M] @ [M,K]
         gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 

@@ -22,6 +22,7 @@ from ..errors import CheckpointError, CnnlabError
 from ..models import create_model
 from ..models.layers import pool_before_relu, use_onednn_linear
 from ..runinfo import run_info
+from ..runtime import linear_backend
 from . import checkpoint as ck
 from . import distributed
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
@@ -121,8 +122,9 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
     model = build_model(config, info).to(device)
     pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
-    if device.type == "cpu" and not config.compile:
-        use_onednn_linear(model)  # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py)
+    # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py); compile and CUDA keep nn.Linear
+    fp32_linear = linear_backend() if device.type == "cpu" and not config.compile else "torch"
+    use_onednn_linear(model, fp32_linear)
     init_from_data(model, train_set.images[:5000].to(device))
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -147,7 +149,7 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     total = config.total_steps(len(train_set))
     data_meta = {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape)}
     record = {"config": config.to_dict(), "model": {"name": model.meta.name, "args": model.meta.args},
-              "data": data_meta, "total_steps": total, "processes": dist.world_size, **run_info(device, config)}
+              "data": data_meta, "total_steps": total, "processes": dist.world_size, "fp32_linear": fp32_linear, **run_info(device, config)}
     dist.on_main(ck.atomic_write_bytes, model_dir / "config.json", json.dumps(record, indent=2).encode())
     dist.on_main(truncate_metrics, model_dir / "metrics.jsonl", step)
 
