@@ -6,6 +6,7 @@ its ``exec``). The resolved config is printed at the start of a run and saved be
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -20,7 +21,17 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine", "linear", "triangle")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SELECT_METRICS = ("val_accuracy", "val_loss")
+CLASS_WEIGHTS = ("none", "balanced")
+SAMPLERS = ("shuffle", "balanced")
+
+
+def opt(default, help: str):
+    """A config field with its default and the one-line description ``cnnlab train --help`` shows."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 TTA_MODES = ("none", "flip", "translate", "flip-translate")
 
 
@@ -69,6 +80,16 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = True
     compile: bool = False
+    # Training controls (train/controls.py).
+    select_metric: str = opt("val_accuracy", "evaluation metric that picks best.safetensors: val_accuracy or val_loss")
+    patience: int = opt(0, "stop after this many evaluations without improving select_metric (0: off)")
+    min_delta: float = opt(0.0, "smallest change of select_metric that counts as an improvement")
+    class_weights: str = opt("none", "none | balanced: weight the loss by n / (classes * count of the class)")
+    sampler: str = opt("shuffle", "shuffle (epochs) | balanced: every class drawn equally often, with replacement")
+    clip_grad_norm: float = opt(0.0, "clip the global gradient norm to this value (0: off)")
+    accumulate: int = opt(1, "split each batch_size batch into this many micro-batches (same step, less memory)")
+    mixup: float = opt(0.0, "MixUp Beta(alpha, alpha) parameter (0: off)")
+    cutmix: float = opt(0.0, "CutMix Beta(alpha, alpha) parameter (0: off; with mixup, half the samples each)")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -111,6 +132,19 @@ def _validate(c: TrainConfig) -> None:
         (c.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {c.keep_checkpoints}"),
         (c.eval_every >= 0 and c.eval_batch_size > 0, "eval_every must be >= 0 and eval_batch_size > 0"),
         (c.log_probs >= 0 and c.threads >= 0 and c.seed >= 0, "log_probs, threads and seed must be >= 0"),
+        (c.select_metric in SELECT_METRICS,
+         f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {c.select_metric!r}"),
+        (c.patience >= 0 and c.min_delta >= 0, "patience and min_delta must be >= 0"),
+        (c.patience == 0 or c.eval_every > 0, "patience needs eval_every > 0 (early stopping counts evaluations)"),
+        (c.class_weights in CLASS_WEIGHTS,
+         f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {c.class_weights!r}"),
+        (c.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {c.sampler!r}"),
+        (c.class_weights == "none" or c.sampler == "shuffle",
+         "use class_weights=balanced or sampler=balanced, not both (each alone corrects the imbalance)"),
+        (c.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0, got {c.clip_grad_norm}"),
+        (c.accumulate >= 1 and c.batch_size % c.accumulate == 0,
+         f"accumulate must be >= 1 and divide batch_size ({c.batch_size}), got {c.accumulate}"),
+        (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix must be >= 0"),
         (c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
          f"device must be auto, cpu or cuda[:N], got {c.device!r}"),
     ]

@@ -21,6 +21,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..data.augment import fit_to_size
 from ..errors import ConfigError
+from .controls import loss_denominator, loss_terms
 
 
 def select_device(spec: str = "auto") -> torch.device:
@@ -102,22 +103,60 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast context when asked for, else a no-op."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 or fp16 autocast context when asked for, else a no-op."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-               label_smoothing: float = 0.0, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a batch. Returns (mean loss, logits), both detached."""
-    with autocast(x.device, precision):
-        logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+               label_smoothing: float = 0.0, precision: str = "fp32", class_weight: torch.Tensor | None = None,
+               clip_grad_norm: float = 0.0, accumulate: int = 1,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch. Returns (mean loss, logits), both detached.
+
+    Args:
+        model, optimizer: What to train.
+        x: Images [N, C, H, W].
+        y: Class indices [N], or soft targets [N, K] (MixUp/CutMix).
+        label_smoothing: As ``F.cross_entropy``'s.
+        precision: fp32, bf16 or fp16 (autocast; fp16 wants ``scaler``).
+        class_weight: Per-class loss weights [K], or None.
+        clip_grad_norm: Clip the global gradient norm to this (0: off).
+        accumulate: Split the batch into this many micro-batches and sum their gradients: the step is the
+            one of the whole batch (exactly, for models without batch statistics or dropout), with the
+            activation memory of a micro-batch.
+        scaler: A `torch.amp.GradScaler` (fp16); gradients are unscaled before clipping.
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), logits.detach()
+    kw = dict(weight=class_weight, label_smoothing=label_smoothing)
+    xs, ys = x.chunk(accumulate), y.chunk(accumulate)
+    denom = loss_denominator(y, class_weight)  # the whole batch's, shared by its micro-batches
+    losses, outs = [], []
+    for i, (xc, yc) in enumerate(zip(xs, ys)):
+        last = i == len(xs) - 1
+        # DDP: reduce gradients once, after the last micro-batch
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(x.device, precision):
+                logits = model(xc)
+                if accumulate == 1 and yc.ndim == 1:  # the plain mean, as before accumulation existed
+                    loss = F.cross_entropy(logits.float(), yc, **kw)
+                else:
+                    loss = loss_terms(logits.float(), yc, **kw)[0] / denom
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        losses.append(loss.detach())
+        outs.append(logits.detach())
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if clip_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    return torch.stack(losses).sum(), torch.cat(outs)
 
 
 def to_input(images_u8: torch.Tensor, input_size: tuple[int, int, int], channels_last: bool = False) -> torch.Tensor:
