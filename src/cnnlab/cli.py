@@ -40,6 +40,11 @@ def _number(kind: type, low: float, high: float | None = None, *, above: bool = 
 POSITIVE, NON_NEGATIVE = _number(int, 1), _number(int, 0)
 
 
+def _add_checkpoint_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="auto", metavar="latest|best|PATH",
+                   help="which checkpoint of the run: best, latest or a file (default: best when kept, else latest)")
+
+
 def _add_common_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="first place to look for dataset files (then $CNNLAB_DATA, ~/.cache/cnnlab)")
 
@@ -80,7 +85,7 @@ def cmd_train(args, extra: list[str]) -> int:
 def cmd_evaluate(args, extra: list[str]) -> int:
     from .train.classifier import Classifier
 
-    clf = Classifier(model_dir=args.run_dir, data_dir=args.data_dir)
+    clf = Classifier(model_dir=args.run_dir, data_dir=args.data_dir, checkpoint=args.checkpoint)
     res = clf.evaluate(args.split)
     if args.json:
         print(json.dumps(res))
@@ -217,7 +222,13 @@ def cmd_bench(args, extra: list[str]) -> int:
 def cmd_export(args, extra: list[str]) -> int:
     from .export import export_onnx
 
-    res = export_onnx(args.run_dir, args.out, tolerance=args.tolerance, opset=args.opset, data_dir=args.data_dir)
+    run, out = args.run_dir, args.out
+    if args.checkpoint != "auto":  # export that file, still to RUN_DIR/model.onnx by default
+        from .train.controls import choose_checkpoint
+
+        run = choose_checkpoint(args.run_dir, args.checkpoint)
+        out = out or (Path(args.run_dir) / "model.onnx" if Path(args.run_dir).is_dir() else None)
+    res = export_onnx(run, out, tolerance=args.tolerance, opset=args.opset, data_dir=args.data_dir)
     print(f"wrote {res.path} ({res.path.stat().st_size:,} bytes, {res.seconds:.1f} s); parity with onnxruntime on "
           f"{res.n_samples} images, batch sizes {'/'.join(map(str, res.batch_sizes))}: max abs diff "
           f"{res.max_abs_diff:.2e} (tolerance {args.tolerance:g})")
@@ -229,9 +240,12 @@ def cmd_serve(args, extra: list[str]) -> int:
 
     require_serve()
     from .serve import create_app, is_loopback, serve_forever
+    from .train.restore import load_trained
+    from .train.steps import select_device
 
+    trained = load_trained(args.run_dir, select_device(args.device), checkpoint=args.checkpoint)
     app = create_app(args.run_dir, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+                     max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), trained=trained)
     t = app.state.trained
     if not is_loopback(args.host):
         print(f"cnnlab serve: warning: listening on {args.host}, reachable from other machines", file=sys.stderr)
@@ -263,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_checkpoint_choice(p)
     _add_common_data(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -328,16 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_data(p)
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("export", allow_abbrev=False, help="export a trained run to ONNX (checked against onnxruntime)")
-    p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
+    p.add_argument("run_dir", help="run directory (its best checkpoint, else the newest) or checkpoint file")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", help="output file (default RUN_DIR/model.onnx)")
     p.add_argument("--tolerance", type=_number(float, 0), default=1e-4, help="largest allowed max abs difference of logits")
     p.add_argument("--opset", type=_number(int, 7), default=18)
+    _add_checkpoint_choice(p)
     _add_common_data(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", allow_abbrev=False, help="serve a trained run: HTTP API and a web page to draw on")
-    p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
+    p.add_argument("run_dir", help="run directory (its best checkpoint, else the newest) or checkpoint file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=_number(int, 0, 65535), default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -345,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=_number(float, 0), default=5.0, help="how long a request waits to share a batch")
     p.add_argument("--max-upload-mb", type=_number(float, 0, above=True), default=5.0, help="largest request body (413 above)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_checkpoint_choice(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -18,6 +18,7 @@ Each control is off by default and is a small function or class here, so the loo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +109,7 @@ class Selection:
 
     def is_better(self, value: float) -> bool:
         if self.best_value is None:
-            return value == value  # a NaN never becomes the best
+            return not math.isnan(value)  # a NaN never becomes the best
         if self.metric.endswith("loss"):
             return value < self.best_value - self.min_delta
         return value > self.best_value + self.min_delta

@@ -24,9 +24,9 @@ from ..models.layers import pool_before_relu, use_onednn_linear
 from ..runinfo import run_info
 from ..runtime import linear_backend
 from . import checkpoint as ck
-from . import distributed
+from . import controls, distributed
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
-from .steps import (EpochSampler, EvalResult, lr_factor, make_optimizer, select_device,
+from .steps import (EvalResult, lr_factor, make_optimizer, select_device,
                     step_generator, to_input, train_step)
 
 
@@ -82,7 +82,8 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = None,
         train_set: ArrayDataset | None = None, test_set: ArrayDataset | None = None,
-        log=print, progress: bool | None = None, hooks: list | None = None) -> FitResult:
+        log=print, progress: bool | None = None, hooks: list | None = None,
+        val_set: ArrayDataset | None = None) -> FitResult:
     """Train (or resume training) ``config`` in ``model_dir``; evaluate on the test split at the end.
 
     Args:
@@ -94,18 +95,20 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
         progress: Show a progress bar (None: when stderr is a terminal).
         hooks: Extra hooks (objects with ``on_record(rec)`` and ``close()``, e.g. a TensorBoard writer);
             they see every train/eval record after the built-in ones.
+        val_set: The split evaluated every ``eval_every`` steps, which picks the best checkpoint and stops
+            early (default: the test split).
 
     Under ``torchrun --nproc-per-node N`` the same call trains data-parallel (see `distributed`): the
     global batch ``config.batch_size`` is split over the N processes, and only rank 0 logs and writes.
     """
     with distributed.session(select_device(config.device)) as dist:
         dist.check_batch_size(config.batch_size)
-        return _fit(config, model_dir, dist, data_dir=data_dir, train_set=train_set, test_set=test_set,
+        return _fit(config, model_dir, dist, data_dir=data_dir, train_set=train_set, test_set=test_set, val_set=val_set,
                     log=log if dist.is_main else (lambda *a: None), progress=progress, hooks=hooks)
 
 
 def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistContext, *, data_dir, train_set,
-         test_set, log, progress, hooks) -> FitResult:
+         test_set, val_set, log, progress, hooks) -> FitResult:
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     try:
@@ -113,10 +116,12 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     except OSError as e:
         raise CheckpointError(f"cannot create model directory {model_dir}: {e.strerror}") from None
     device = dist.device  # select_device(config.device), or cuda:LOCAL_RANK under torchrun
+    controls.check_precision(config.precision, device)
     if config.threads:
         torch.set_num_threads(config.threads)
     train_set = train_set or load_dataset(config.dataset, "train", data_dir=data_dir)
     test_set = test_set or load_dataset(config.dataset, "test", data_dir=data_dir)
+    val_set = val_set or test_set
     info = train_set.info
 
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
@@ -130,6 +135,7 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
     ema = copy.deepcopy(model).eval() if config.ema else None
+    scaler = controls.make_scaler(config.precision, device)
     step = 0
     if dist.is_main:
         ck.remove_stale_temps(model_dir)  # partial writes of a killed run; the checkpoints themselves are whole
@@ -143,9 +149,14 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
             ema_state = ck.section(tensors, "ema")
             ck.load_state_strict(ema, ema_state or ck.section(tensors, "model"), str(last))
         ck.restore_rng(tensors)
+        controls.restore_scaler(scaler, meta)
         step = meta["step"]
         log(f"resuming from {last.name} (step {step})")
     dist.check_same(step, "step to resume from")
+    selection = controls.Selection.from_config(config)
+    if dist.is_main or step:  # a fresh start removes an old best file: rank 0 alone deletes
+        selection.restore(model_dir, step)
+    dist.barrier()
     total = config.total_steps(len(train_set))
     data_meta = {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape)}
     record = {"config": config.to_dict(), "model": {"name": model.meta.name, "args": model.meta.args},
@@ -155,14 +166,25 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
 
     def save(at: int) -> None:
         path = ck.save_checkpoint(ck.checkpoint_path(model_dir, at), model=model, optimizer=optimizer, step=at,
-                                  config=config.to_dict(), data=data_meta, ema=ema)
+                                  config=config.to_dict(), data=data_meta, ema=ema,
+                                  extra={"grad_scaler": controls.scaler_state(scaler)})
         for old in ck.list_checkpoints(model_dir)[:-config.keep_checkpoints]:
             if old != path:
                 old.unlink(missing_ok=True)
 
+    def save_best(at: int) -> None:  # weights only (resume starts from the newest ckpt-*), with EMA
+        ck.save_checkpoint(model_dir / controls.BEST_NAME, model=model, optimizer=None, step=at,
+                           config=config.to_dict(), data=data_meta, ema=ema, extra={"best": selection.record()})
+
+    def select(res: EvalResult, at: int) -> None:
+        if selection.update(res.as_dict(), at):
+            dist.on_main(save_best, at)
+
     images = train_set.images.to(device)  # the whole training set stays resident as uint8
     labels = train_set.labels.to(device)
-    sampler = EpochSampler(len(train_set), config.batch_size, config.seed)
+    sampler = controls.make_sampler(config, train_set.labels)
+    class_weight = controls.class_weights(train_set.labels, info.num_classes, config.class_weights)
+    class_weight = class_weight.to(device) if class_weight is not None else None
     augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
     bar = ProgressBar(total, step, progress if dist.is_main else False)
     # Log lines go through the bar while it is shown (so they do not break it), else to `log`.
@@ -177,16 +199,21 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
         train_model = torch.compile(train_model)  # the first steps pay for the compilation
     seen, t_log = 0, time.perf_counter()
     try:
-        while step < total:
+        while step < total and not selection.should_stop(step):
             idx = sampler.indices(step).to(device)
-            x = augment(images[idx].float().div_(255.0), step_generator(config.seed, step))
-            idx, x = dist.shard(idx), dist.shard(x)  # this rank's rows of the global batch
+            gen = step_generator(config.seed, step)
+            x, y = augment(images[idx].float().div_(255.0), gen), labels[idx]
+            if config.mixup or config.cutmix:  # soft targets [N, K]; drawn after augment from the same stream
+                x, y = controls.mix_batch(x, y, info.num_classes, gen, mixup=config.mixup, cutmix=config.cutmix)
+            idx, x, y = dist.shard(idx), dist.shard(x), dist.shard(y)  # this rank's rows of the global batch
             if config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(config.schedule, step, total, config.warmup)
-            loss, logits = train_step(train_model, optimizer, x, labels[idx], label_smoothing=config.label_smoothing,
-                                      precision=config.precision)
+            loss, logits = train_step(train_model, optimizer, x, y, label_smoothing=config.label_smoothing,
+                                      precision=config.precision, class_weight=class_weight,
+                                      clip_grad_norm=config.clip_grad_norm, accumulate=config.accumulate,
+                                      scaler=scaler)
             step += 1
             seen += len(idx) * dist.world_size
             if ema is not None:
@@ -210,16 +237,27 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
                 seen, t_log = 0, now
             if is_ckpt:
                 dist.on_main(save, step)
-            if config.eval_every and step % config.eval_every == 0 and step < total:
-                res = dist.evaluate(ema or model, test_set.images, test_set.labels, **eval_kw)
-                emit({"kind": "eval", "split": "test", "step": step, **res.as_dict()})
+            # the final step's test evaluation below serves as its validation when they are one split
+            if config.eval_every and (step % config.eval_every == 0 or step == total) \
+                    and (step < total or val_set is not test_set):
+                res = dist.evaluate(ema or model, val_set.images, val_set.labels, **eval_kw)
+                emit({"kind": "eval", "split": val_set.split, "step": step, **res.as_dict()})
+                select(res, step)
+        if step < total:  # stopped early: keep the weights it stopped with, so a rerun stops there too
+            if step % config.ckpt_every:
+                dist.on_main(save, step)
+            log(f"early stop at step {step}: {config.select_metric} did not improve for {config.patience} "
+                f"evaluations (best {selection.best_value:.4f} at step {selection.best_step})")
         final = ema or model
         test = dist.evaluate(final, test_set.images, test_set.labels, **eval_kw)
         emit({"kind": "eval", "split": "test", "step": step, **test.as_dict()})
+        if config.eval_every and val_set is test_set:
+            select(test, step)
     finally:
         for h in hooks:
             h.close()
     seconds = time.perf_counter() - t0
-    result = {"step": step, "test": test.as_dict(), "seconds": round(seconds, 3)}
+    result = {"step": step, "test": test.as_dict(), "seconds": round(seconds, 3),
+              **({"best": selection.record(), "stopped_early": step < total} if config.eval_every else {})}
     dist.on_main(ck.atomic_write_bytes, model_dir / "results.json", json.dumps(result, indent=2).encode())
     return FitResult(model=final, step=step, test=test, seconds=seconds, model_dir=model_dir)

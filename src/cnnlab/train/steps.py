@@ -129,7 +129,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
         scaler: A `torch.amp.GradScaler` (fp16); gradients are unscaled before clipping.
     """
     optimizer.zero_grad(set_to_none=True)
-    kw = dict(weight=class_weight, label_smoothing=label_smoothing)
+    kw = {"weight": class_weight, "label_smoothing": label_smoothing}
     xs, ys = x.chunk(accumulate), y.chunk(accumulate)
     denom = loss_denominator(y, class_weight)  # the whole batch's, shared by its micro-batches
     losses, outs = [], []
