@@ -244,7 +244,7 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
                 emit({"kind": "eval", "split": val_set.split, "step": step, **res.as_dict()})
                 select(res, step)
         if step < total:  # stopped early: keep the weights it stopped with, so a rerun stops there too
-            if step % config.ckpt_every:
+            if not ck.checkpoint_path(model_dir, step).is_file():
                 dist.on_main(save, step)
             log(f"early stop at step {step}: {config.select_metric} did not improve for {config.patience} "
                 f"evaluations (best {selection.best_value:.4f} at step {selection.best_step})")
