@@ -154,9 +154,37 @@ class Selection:
         if best.get("metric") == self.metric:
             self.best_value, self.best_step = best["value"], best["step"]
 
+    def stop_message(self, step: int) -> str:
+        return (f"early stop at step {step}: {self.metric} did not improve for {self.patience} evaluations "
+                f"(best {self.best_value:.4f} at step {self.best_step})")
+
     def record(self) -> dict:
         """What to store in the best checkpoint's header and in results.json."""
         return {"metric": self.metric, "value": self.best_value, "step": self.best_step}
+
+
+def resume_selection(config: TrainConfig, model_dir: Path, step: int, is_main: bool) -> Selection:
+    """The run's `Selection`, taken up from its best checkpoint when resuming.
+
+    At step 0 only the main process touches the directory (it removes an old best file); at a later step
+    every process reads the same file, so they agree on when to stop.
+    """
+    selection = Selection.from_config(config)
+    if is_main or step:
+        selection.restore(model_dir, step)
+    return selection
+
+
+def save_best(model_dir: Path, model: torch.nn.Module, ema: torch.nn.Module | None, step: int, config: dict,
+              data: dict, selection: Selection) -> None:
+    """Write ``best.safetensors``: weights (and EMA) only, as resume starts from the newest ``ckpt-*``."""
+    ck.save_checkpoint(Path(model_dir) / BEST_NAME, model=model, optimizer=None, step=step, config=config,
+                       data=data, ema=ema, extra={"best": selection.record()})
+
+
+def results_record(selection: Selection, step: int, total: int) -> dict:
+    """The best evaluation and whether training stopped early, for results.json (empty without evaluations)."""
+    return {"best": selection.record(), "stopped_early": step < total} if selection.enabled else {}
 
 
 # ------------------------------------------------------------------ class balance
