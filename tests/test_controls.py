@@ -19,6 +19,7 @@ from cnnlab.train import checkpoint as ck
 from cnnlab.train import controls
 from cnnlab.train import loop as loop_mod
 from cnnlab.train.loop import fit
+from cnnlab.train.restore import load_trained
 from cnnlab.train.steps import step_generator, train_step
 
 QUIET = {"progress": False, "log": lambda *_: None}
@@ -76,6 +77,8 @@ def test_best_checkpoint_is_chosen_by_validation_and_used_by_evaluate(tiny_data,
     path = run / "ckpt-00000012.safetensors"
     assert main(["evaluate", str(run), "--json", "--checkpoint", str(path)]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 12
+    # export, serve and report load through load_trained: the best by default too
+    assert load_trained(run).step == peak["step"] and load_trained(run, checkpoint="latest").step == 12
 
 
 def test_val_loss_picks_the_lowest_loss(tiny_data, tmp_path):

@@ -210,6 +210,11 @@ def _train_record(step: int, loss: torch.Tensor, logits: torch.Tensor, labels: t
     return rec
 
 
+def _saved_at(path: Path | None, step: int) -> bool:
+    """Whether ``path`` (the newest checkpoint, or None) is the checkpoint of ``step``."""
+    return path is not None and path == ck.checkpoint_path(path.parent, step)
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
@@ -327,6 +332,7 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
     if config.compile:
         train_model = torch.compile(train_model)  # the first steps pay for the compilation
     seen, t_log = 0, time.perf_counter()
+    last_eval: tuple[int, EvalResult | None] = (-1, None)
     while state.step < total and not selection.should_stop(state.step):
         step = state.step
         idx, x, y = _batch(images, labels, train_set.info.num_classes, sampler, augment, step, config, dist)
@@ -356,13 +362,15 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         if config.eval_every and (step % config.eval_every == 0 or step == total) \
                 and (step < total or val_set is not test_set):
             res = dist.evaluate(ema or model, val_set.images, val_set.labels, **eval_kw)
+            last_eval = (step, res)
             emit({"kind": "eval", "split": val_set.split, "step": step, **res.as_dict()})
             if selection.update(res.as_dict(), step):
                 save_best()
-    good = last_good()
-    if state.step < total and (good is None or good.name != ck.checkpoint_path(Path(), state.step).name):
+    if state.step < total and not _saved_at(last_good(), state.step):
         save()  # stopped early: keep the weights it stopped with, so a rerun stops there too
     final = ema or model
+    if val_set is test_set and last_eval[0] == state.step:  # stopped right after evaluating the test split
+        return final, last_eval[1]
     test = dist.evaluate(final, test_set.images, test_set.labels, **eval_kw)
     emit({"kind": "eval", "split": "test", "step": state.step, **test.as_dict()})
     if config.eval_every and val_set is test_set and selection.update(test.as_dict(), state.step):
