@@ -20,7 +20,7 @@ from cnnlab.train import controls
 from cnnlab.train import loop as loop_mod
 from cnnlab.train.loop import fit
 from cnnlab.train.restore import load_trained
-from cnnlab.train.steps import step_generator, train_step
+from cnnlab.train.steps import loss_terms, step_generator, train_step
 
 QUIET = {"progress": False, "log": lambda *_: None}
 
@@ -176,7 +176,7 @@ def test_soft_targets_give_the_hard_target_loss_for_one_hot_rows():
     logits, y, w = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 1]), torch.rand(4)
     for smoothing in (0.0, 0.1):
         want = F.cross_entropy(logits, y, weight=w, label_smoothing=smoothing)
-        total, denom = controls.loss_terms(logits, F.one_hot(y, 4).float(), weight=w, label_smoothing=smoothing)
+        total, denom = loss_terms(logits, F.one_hot(y, 4).float(), weight=w, label_smoothing=smoothing)
         assert torch.allclose(total / denom, want, atol=1e-6)
 
 

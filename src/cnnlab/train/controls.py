@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError
 from . import checkpoint as ck
+from .steps import EpochSampler
 
 BEST_NAME = "best.safetensors"
 CHOICES = ("auto", "latest", "best")  # or a checkpoint file's path
@@ -226,8 +227,6 @@ class BalancedSampler:
 
 def make_sampler(config: TrainConfig, labels: torch.Tensor):
     """The batch-order sampler a config asks for (`EpochSampler` or `BalancedSampler`)."""
-    from .steps import EpochSampler
-
     if config.sampler == "balanced":
         return BalancedSampler(labels, config.batch_size, config.seed)
     return EpochSampler(len(labels), config.batch_size, config.seed)
@@ -291,49 +290,15 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.Gen
         lam = torch.where(use_cut, cut_lam, lam)
         inside = inside & use_cut[:, None, None, None]
     dev = x.device
-    other = x[partner.to(dev)]
-    lam_d = lam.to(dev, x.dtype)
-    mixed = torch.where(use_cut.to(dev)[:, None, None, None], x, lam_d[:, None, None, None] * x
-                        + (1 - lam_d)[:, None, None, None] * other)
+    partner, lam = partner.to(dev), lam.to(dev, x.dtype)
+    other = x[partner]
+    lam4 = lam[:, None, None, None]
+    mixed = torch.where(use_cut.to(dev)[:, None, None, None], x, lam4 * x + (1 - lam4) * other)
     if cutmix > 0:
-        mixed = torch.where(inside.to(dev), other, mixed)
+        mixed = torch.where(inside.to(dev), other, mixed)  # CutMix: the partner's pixels inside the box
     onehot = F.one_hot(y.long(), num_classes).float()
-    targets = lam_d[:, None].float() * onehot + (1 - lam_d[:, None].float()) * onehot[partner.to(dev)]
+    targets = lam[:, None] * onehot + (1 - lam[:, None]) * onehot[partner]
     return mixed, targets
-
-
-# ------------------------------------------------------------------ losses
-
-
-def loss_terms(logits: torch.Tensor, y: torch.Tensor, *, weight: torch.Tensor | None = None,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed loss, denominator) of a batch; the mean loss is their ratio.
-
-    Split so that micro-batches (``accumulate``) add their sums and divide by the whole batch's
-    denominator, which gives the gradient of the whole batch's mean. The denominator is the batch size, or
-    the summed weight of the targets with class weights (as ``F.cross_entropy``'s weighted mean).
-
-    Args:
-        logits: [N, K], float.
-        y: Class indices [N], or soft targets [N, K] (MixUp/CutMix) whose rows sum to 1.
-        weight: Per-class loss weights [K], or None.
-        label_smoothing: As ``F.cross_entropy``'s: targets become ``(1 - e) * t + e / K``.
-    """
-    if y.ndim == 1:
-        total = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing, reduction="sum")
-        return total, loss_denominator(y, weight)
-    t = y.float()
-    smooth = t * (1 - label_smoothing) + label_smoothing / t.shape[1]
-    w = weight if weight is not None else torch.ones(t.shape[1], device=logits.device)
-    return -(smooth * w * F.log_softmax(logits, 1)).sum(), loss_denominator(y, weight)
-
-
-def loss_denominator(y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """What a batch's summed loss is divided by: its size, or its targets' summed class weight."""
-    if y.ndim == 1:
-        return weight[y].sum() if weight is not None else torch.tensor(float(len(y)), device=y.device)
-    w = weight if weight is not None else torch.ones(y.shape[1], device=y.device)
-    return (y.float() * w).sum()
 
 
 # ------------------------------------------------------------------ precision

@@ -21,7 +21,6 @@ from torch import nn
 from ..config import TrainConfig
 from ..data.augment import fit_to_size
 from ..errors import ConfigError
-from .controls import loss_denominator, loss_terms
 
 
 def select_device(spec: str = "auto") -> torch.device:
@@ -107,6 +106,37 @@ def autocast(device: torch.device, precision: str):
     if precision in ("bf16", "fp16"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+def loss_terms(logits: torch.Tensor, y: torch.Tensor, *, weight: torch.Tensor | None = None,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, denominator) of a batch; the mean loss is their ratio.
+
+    Split so that micro-batches (``accumulate``) add their sums and divide by the whole batch's
+    denominator, which gives the gradient of the whole batch's mean. The denominator is the batch size, or
+    the summed weight of the targets with class weights (as ``F.cross_entropy``'s weighted mean).
+
+    Args:
+        logits: [N, K], float.
+        y: Class indices [N], or soft targets [N, K] (MixUp/CutMix) whose rows sum to 1.
+        weight: Per-class loss weights [K], or None.
+        label_smoothing: As ``F.cross_entropy``'s: targets become ``(1 - e) * t + e / K``.
+    """
+    if y.ndim == 1:
+        total = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing, reduction="sum")
+        return total, loss_denominator(y, weight)
+    t = y.float()
+    smooth = t * (1 - label_smoothing) + label_smoothing / t.shape[1]
+    w = weight if weight is not None else torch.ones(t.shape[1], device=logits.device)
+    return -(smooth * w * F.log_softmax(logits, 1)).sum(), loss_denominator(y, weight)
+
+
+def loss_denominator(y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """What a batch's summed loss is divided by: its size, or its targets' summed class weight."""
+    if y.ndim == 1:
+        return weight[y].sum() if weight is not None else torch.tensor(float(len(y)), device=y.device)
+    w = weight if weight is not None else torch.ones(y.shape[1], device=y.device)
+    return (y.float() * w).sum()
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
