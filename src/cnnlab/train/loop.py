@@ -19,12 +19,12 @@ from ..config import TrainConfig
 from ..data import ArrayDataset, load_dataset
 from ..data.augment import Augment
 from ..errors import CheckpointError, CnnlabError
-from ..models import create_model
+from ..models.registry import create_model_for_data
 from ..models.layers import pool_before_relu, use_onednn_linear
 from ..runinfo import run_info
 from ..runtime import linear_backend
 from . import checkpoint as ck
-from . import distributed
+from . import distributed, finetune
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
 from .steps import (EpochSampler, EvalResult, lr_factor, make_optimizer, select_device,
                     step_generator, to_input, train_step)
@@ -43,9 +43,13 @@ class FitResult:
     model_dir: Path
 
 
-def build_model(config: TrainConfig, info) -> torch.nn.Module:
-    """The model a config names, sized for the dataset (classes, channels)."""
-    return create_model(config.model, num_classes=info.num_classes, in_chans=info.shape[0], **config.model_args)
+def build_model(config: TrainConfig, info, resuming: bool = False) -> torch.nn.Module:
+    """The model a config names, sized for the dataset (classes, channels; image size for flexible models).
+
+    When ``resuming``, arguments that only choose starting weights (a pretrained file) are not used.
+    """
+    return create_model_for_data(config.model, info.num_classes, tuple(info.shape), resuming=resuming,
+                                 **config.model_args)
 
 
 def _check_same_run(meta: dict, model: torch.nn.Module, config: TrainConfig, where: Path) -> None:
@@ -120,12 +124,15 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     info = train_set.info
 
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
-    model = build_model(config, info).to(device)
+    resuming = ck.latest_checkpoint(model_dir) is not None
+    model = build_model(config, info, resuming).to(device)
     pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
     # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py); compile and CUDA keep nn.Linear
     fp32_linear = linear_backend() if device.type == "cpu" and not config.compile else "torch"
     use_onednn_linear(model, fp32_linear)
     init_from_data(model, train_set.images[:5000].to(device))
+    if config.init_from and not resuming:
+        log(finetune.init_from(model, config.init_from, list(info.class_names)))
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
@@ -147,6 +154,7 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
         log(f"resuming from {last.name} (step {step})")
     dist.check_same(step, "step to resume from")
     total = config.total_steps(len(train_set))
+    frozen_until = finetune.frozen_steps(config, len(train_set))
     data_meta = {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape)}
     record = {"config": config.to_dict(), "model": {"name": model.meta.name, "args": model.meta.args},
               "data": data_meta, "total_steps": total, "processes": dist.world_size, "fp32_linear": fp32_linear, **run_info(device, config)}
@@ -183,8 +191,9 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
             idx, x = dist.shard(idx), dist.shard(x)  # this rank's rows of the global batch
             if config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            finetune.apply_freeze(model, step, frozen_until)
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(config.schedule, step, total, config.warmup)
+                group["lr"] = config.lr * group.get("lr_mult", 1.0) * lr_factor(config.schedule, step, total, config.warmup)
             loss, logits = train_step(train_model, optimizer, x, labels[idx], label_smoothing=config.label_smoothing,
                                       precision=config.precision)
             step += 1
