@@ -117,6 +117,9 @@ def cmd_models(args, extra: list[str]) -> int:
     names = list_models(args.pattern)
     if not names:
         raise CnnlabError(f"no model matches {args.pattern!r}")
+    if ":" in args.pattern:  # a prefix's names (e.g. timm's, hundreds of them): listed, not built
+        print("\n".join(names))
+        return 0
     rows = []
     for n in names:
         m = create_model(n)
@@ -125,6 +128,8 @@ def cmd_models(args, extra: list[str]) -> int:
     print(f"{'model':<{w[0]}}  {'params':>{w[1]}}  {'input':<{w[2]}}  layers")
     for r in rows:
         print(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
+    print("\nany timm architecture: --model timm:NAME (pretrained: --model_args.pretrained=true); "
+          "list them: cnnlab models 'timm:resnet*'")
     return 0
 
 
@@ -291,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", allow_abbrev=False, help="list models with parameter counts and input shapes")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'tf-*'")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'tf-*' or 'timm:resnet*' (timm's names)")
     p.add_argument("--describe", metavar="NAME",
                    help="print layer output shapes and parameter counts of a model or 'spec:conv32k5-pool2-fc10'")
     p.set_defaults(func=cmd_models)
