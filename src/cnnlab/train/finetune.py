@@ -51,11 +51,19 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return split(list(head.parameters()), 1.0) + split(list(features.parameters()), config.backbone_lr_mult)
 
 
-def frozen_steps(config: TrainConfig, num_train: int) -> int:
-    """How many first steps train the head only (from ``freeze_steps`` or ``freeze_epochs``)."""
+def frozen_steps(config: TrainConfig, num_train: int, world_size: int = 1) -> int:
+    """How many first steps train the head only (from ``freeze_steps`` or ``freeze_epochs``).
+
+    Raises:
+        ConfigError: when freezing is asked for in a data-parallel run (DDP fixes the set of parameters that
+            get gradients when it wraps the model, so they cannot change mid-run).
+    """
+    steps = config.freeze_steps
     if config.freeze_epochs > 0:
-        return max(1, math.ceil(config.freeze_epochs * num_train / config.batch_size))
-    return config.freeze_steps
+        steps = max(1, math.ceil(config.freeze_epochs * num_train / config.batch_size))
+    if steps and world_size > 1:
+        raise ConfigError("freeze_steps / freeze_epochs work in single-process runs only, not under torchrun")
+    return steps
 
 
 def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
