@@ -30,9 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, value_range  # noqa: E402
-
 import torch  # noqa: E402
+from common import hardware_line, print_table, value_range  # noqa: E402
 
 from cnnlab.config import load_recipe, make_config  # noqa: E402
 from cnnlab.data import ArrayDataset, load_dataset  # noqa: E402

@@ -255,7 +255,7 @@ def test_init_from_mismatch_is_one_line(tmp_path):
 
 
 def test_train_init_from_cli(tmp_path, capsys, run):
-    run_dir, folder, dataset = run
+    run_dir, _, dataset = run
     new = tmp_path / "new"
     rc = main(["train", "--model", "timm:resnet18", "--dataset", dataset, "--model-dir", str(new), "--steps=1",
                "--batch_size=4", "--init-from", str(run_dir), *TINY])

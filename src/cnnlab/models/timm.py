@@ -114,7 +114,7 @@ def build_timm(arch: str, num_classes: int = 1000, in_chans: int = 3, img_size=N
     try:
         net = timm.create_model(arch, pretrained=bool(pretrained or pretrained_file), num_classes=num_classes,
                                 in_chans=in_chans, **extra)
-    except Exception as e:  # timm, torch and the hub raise many types; the user needs the first line
+    except Exception as e:  # noqa: BLE001  (timm, torch and the hub raise many types; the user needs one line)
         what = f"weights from {pretrained_file}" if pretrained_file else "pretrained weights" if pretrained else ""
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"cannot build timm:{arch}{' with ' + what if what else ''}: {first}") from None

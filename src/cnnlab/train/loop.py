@@ -23,8 +23,8 @@ from ..config import TrainConfig
 from ..data import ArrayDataset, load_dataset
 from ..data.augment import Augment
 from ..errors import CheckpointError, CnnlabError
-from ..models.registry import create_model_for_data
 from ..models.layers import pool_before_relu, use_onednn_linear
+from ..models.registry import create_model_for_data
 from ..runinfo import run_info
 from ..runtime import linear_backend
 from . import checkpoint as ck
