@@ -264,3 +264,15 @@ def test_train_init_from_cli(tmp_path, capsys, run):
                "--steps=1", "--init-from", str(run_dir), *TINY])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "init_from" in err
+
+
+def test_hub_failure_is_one_line(monkeypatch):
+    import timm.models._builder as builder
+
+    def offline(*args, **kwargs):
+        raise OSError("cannot reach the hub\ndetails that would make a traceback")
+
+    monkeypatch.setattr(builder, "load_pretrained", offline)
+    with pytest.raises(ModelError, match=r"^cannot build timm:resnet10t with pretrained weights: "
+                                         r"cannot reach the hub$"):
+        create_model("timm:resnet10t", pretrained=True)
