@@ -151,7 +151,7 @@ def test_spec_parser_builds_a_model_or_names_the_problem(tokens, sep):
     model = clean(build_from_spec, sep.join(tokens))
     if model is not None:
         x = torch.zeros((1, *model.meta.input_size))
-        assert model(x).shape == (1, model.meta.num_classes)
+        assert model.meta.num_classes >= 1 and model(x).shape == (1, model.meta.num_classes)
 
 
 @FAST
@@ -170,6 +170,11 @@ def test_spec_toml_gives_a_spec_or_a_model_error(data):
     if spec is not None:
         assert isinstance(spec, str)
         clean(build_from_spec, spec)
+
+
+def test_a_classifier_without_outputs_is_refused():
+    with pytest.raises(ModelError, match="needs >= 1 output"):
+        build_from_spec("conv4k3-fc0")
 
 
 def test_valid_toml_spec_still_reads():
