@@ -375,3 +375,25 @@ def test_hostile_class_names_are_escaped_in_serve_and_predict(trained, tmp_path,
 def test_printable_keeps_ordinary_text():
     assert printable("chat noir") == "chat noir" and printable("猫 قطة") == "猫 قطة"
     assert printable("a\tb\u200fc") == "a\\tb\\u200fc"
+
+
+def test_cli_serve_defaults_are_the_library_limits():
+    from cnnlab.cli import build_parser
+    from cnnlab.serve import limits
+
+    args = build_parser().parse_args(["serve", "run"])
+    assert (args.max_batch_images, args.max_request_pixels, args.max_inflight_pixels) == (
+        limits.MAX_IMAGES, limits.MAX_REQUEST_PIXELS, limits.MAX_INFLIGHT_PIXELS)
+    assert int(args.max_upload_mb * 1024 * 1024) == limits.MAX_UPLOAD_BYTES
+
+
+def test_server_allocator_setting_honours_the_opt_out(monkeypatch):
+    import sys as _sys
+
+    from cnnlab.serve.server import bound_allocator
+
+    monkeypatch.setenv("CNNLAB_MALLOC", "system")
+    assert bound_allocator() is False
+    monkeypatch.delenv("CNNLAB_MALLOC")
+    if _sys.platform.startswith("linux"):
+        assert bound_allocator() is True

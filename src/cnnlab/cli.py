@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-images", type=POSITIVE, default=256, help="most images in one JSON request (413 above)")
     p.add_argument("--max-request-pixels", type=POSITIVE, default=50_000_000,
                    help="most decoded pixels in one request, summed over its images, read from their headers (413 above)")
-    p.add_argument("--max-inflight-pixels", type=POSITIVE, default=128_000_000,
+    p.add_argument("--max-inflight-pixels", type=POSITIVE, default=100_000_000,
                    help="most decoded pixels (and body bytes) held by all requests at once (503 + Retry-After above)")
     p.add_argument("--max-connections", type=_number(int, 0), default=0,
                    help="open connections at most; the oldest idle one is dropped for a new one (0: from the open-file limit)")

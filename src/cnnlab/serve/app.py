@@ -201,8 +201,8 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
         pending = await pending_images(request, kind, centre)
         try:
             # Priced from the headers alone: nothing is decoded unless the request fits both budgets.
-            pixels = check_request_pixels([p.pixels for p in pending], limits.max_request_pixels)
-            with budget.hold(pixels):
+            check_request_pixels([p.pixels for p in pending], limits.max_request_pixels)
+            with budget.hold(sum(p.cost for p in pending)):
                 images = await run_in_threadpool(decode, pending, shape, invert, centre)
                 try:
                     probs = await batcher.submit(images)

@@ -27,6 +27,9 @@ from ..errors import CnnlabError
 from .limits import BadRequest
 
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # only these decoders are ever tried on uploaded bytes
+# Pillow's WebP decoder fills an RGBA frame buffer of its own before the image is built from it, so a WebP
+# pixel holds about three times the memory of a PNG pixel while it decodes (benchmarks/serve_abuse.py).
+DECODE_WEIGHT = {"WEBP": 3}
 
 __all__ = ["BadRequest", "FORMATS", "Pending", "decode", "plan_file", "plan_json"]
 
@@ -39,11 +42,18 @@ class Pending:
         source: A lazily opened PIL image, or an array image (already in memory: it came as JSON numbers).
         pixels: Pixels its decoding allocates (after any JPEG draft scaling).
         what: How error messages name it, e.g. 'upload' or 'images[3]'.
+        weight: Its decoder's memory per pixel relative to a PNG's (see `DECODE_WEIGHT`).
     """
 
     source: Image.Image | np.ndarray
     pixels: int
     what: str
+    weight: int = 1
+
+    @property
+    def cost(self) -> int:
+        """What decoding it takes from the in-flight budget (units of one PNG-decoded pixel)."""
+        return self.pixels * self.weight
 
 
 def max_pixels() -> int:
@@ -90,7 +100,7 @@ def plan_file(data: bytes, shape: tuple[int, int, int], centre: bool = False, wh
     """One image file's bytes -> [Pending] (header read, pixels not decoded)."""
     im = open_lazily(data, what)
     _draft(im, tuple(shape[1:]), centre)
-    return [Pending(im, im.width * im.height, what)]
+    return [Pending(im, im.width * im.height, what, DECODE_WEIGHT.get(im.format, 1))]
 
 
 def _array_image(item, what: str) -> np.ndarray:

@@ -22,7 +22,7 @@ from ..errors import CnnlabError
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_IMAGES = 256  # per JSON request
 MAX_REQUEST_PIXELS = 50_000_000  # decoded pixels in one request (sum over its images)
-MAX_INFLIGHT_PIXELS = 128_000_000  # decoded pixels of all requests being decoded or predicted at once
+MAX_INFLIGHT_PIXELS = 100_000_000  # decoded pixels of all requests being decoded or predicted at once
 MAX_JSON_DEPTH = 32  # {"images": [[[[pixel]]]]} needs 5; deeper bodies are refused before parsing
 JSON_UNITS_PER_BYTE = 8  # parsed JSON holds up to ~25 bytes of Python objects per byte of text (`[],[],...`)
 RETRY_AFTER_S = 1  # what a 503 for a full pixel budget asks the client to wait

@@ -10,6 +10,7 @@ so a crowd of half-open connections cannot lock out real clients (or `/health`).
 from __future__ import annotations
 
 import ipaddress
+import os
 import resource
 import socket
 import subprocess
@@ -29,6 +30,33 @@ HEAD_TIMEOUT_S = 10.0  # a connection must send a complete request head within t
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers; a larger head is a 400
 FD_RESERVE = 64  # file descriptors kept free for the model, logs and the listening socket
+
+
+SERVE_MMAP_THRESHOLD = 1 << 20  # bytes: image buffers above this are mapped alone and unmapped when freed
+SERVE_TRIM_THRESHOLD = 32 << 20  # bytes of free heap top a malloc arena may keep
+
+
+def bound_allocator() -> bool:
+    """Make glibc malloc give large freed blocks back to the kernel, for a server whose memory must stay bounded.
+
+    The CLI's `tune_allocator` keeps freed memory for training's reuse; a server decodes images of any size in
+    several threads, and each thread's arena would keep its share. Fixed thresholds (which also switch off
+    glibc's adaptive mmap threshold) map each image buffer on its own and unmap it when freed. No-op (False) off
+    Linux/glibc or with ``CNNLAB_MALLOC=system``.
+    """
+    import ctypes
+
+    from ..runtime import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD
+
+    if os.environ.get("CNNLAB_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, SERVE_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD,
+                                                                                  SERVE_TRIM_THRESHOLD))
 
 
 def default_max_connections() -> int:
@@ -170,6 +198,7 @@ def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str
     """Serve ``app`` until interrupted (Ctrl-C / SIGTERM)."""
     import uvicorn
 
+    bound_allocator()
     sock = bind_socket(host, port)
     config = uvicorn_config(app, limits, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
