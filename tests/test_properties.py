@@ -22,8 +22,8 @@ from cnnlab.errors import CnnlabError, DataError, ModelError
 from cnnlab.models.spec import build_from_spec, spec_from_toml
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 FAST = settings(max_examples=60, deadline=None)
 

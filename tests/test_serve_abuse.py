@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from runs import train_tiny_run
 
@@ -31,15 +30,15 @@ from cnnlab.labels import printable
 pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
 pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cnnlab.serve import app as app_module  # noqa: E402
-from cnnlab.serve import background_server, create_app  # noqa: E402
-from cnnlab.serve.decode import plan_file  # noqa: E402
-from cnnlab.serve.limits import BadRequest, Limits, PixelBudget, json_depth  # noqa: E402
-from cnnlab.serve.server import ConnectionLimits, guarded_h11  # noqa: E402
-from cnnlab.train.restore import load_trained  # noqa: E402
+from cnnlab.serve import app as app_module
+from cnnlab.serve import background_server, create_app
+from cnnlab.serve.decode import plan_file
+from cnnlab.serve.limits import BadRequest, Limits, PixelBudget, json_depth
+from cnnlab.serve.server import ConnectionLimits, guarded_h11
+from cnnlab.train.restore import load_trained
 
 pytestmark = pytest.mark.robust
 WAIT_S = 30.0  # upper bound for events that must happen; reached only if the server hangs
@@ -160,13 +159,11 @@ def test_full_inflight_budget_answers_503_with_retry_after(trained):
 
 def test_pixel_budget_releases_on_error():
     budget = PixelBudget(10)
-    with pytest.raises(ValueError):
-        with budget.hold(8):
-            raise ValueError("boom")
+    with pytest.raises(ValueError), budget.hold(8):
+        raise ValueError("boom")
     assert budget.in_use == 0
-    with budget.hold(10):
-        with pytest.raises(BadRequest) as e:
-            budget.take(1)
+    with budget.hold(10), pytest.raises(BadRequest) as e:
+        budget.take(1)
     assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"} and budget.in_use == 0
 
 

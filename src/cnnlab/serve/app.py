@@ -34,15 +34,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import CheckpointError, CnnlabError
+from ..labels import printable
 from ..train.classifier import describe_predictions
 from ..train.restore import TrainedModel, load_trained
 from ..train.steps import predict_logits, select_device
-from ..errors import CheckpointError, CnnlabError
-from ..labels import printable
 from .batcher import MicroBatcher
 from .decode import close, decode, plan_file, plan_json
-from .limits import (JSON_UNITS_PER_BYTE, MAX_IMAGES, MAX_UPLOAD_BYTES, BadRequest, Limits, PixelBudget,
-                     check_request_pixels, parse_json)
+from .limits import (
+    JSON_UNITS_PER_BYTE,
+    MAX_IMAGES,
+    MAX_UPLOAD_BYTES,
+    BadRequest,
+    Limits,
+    PixelBudget,
+    check_request_pixels,
+    parse_json,
+)
 
 READ_TIMEOUT_S = 30.0  # a request body must arrive within this (slow senders would hold memory for ever)
 log = logging.getLogger("cnnlab.serve")
@@ -79,7 +87,7 @@ class BodyLimit:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise BadRequest(f"request body not received within {self.read_timeout:g} s", 408) from None
             if message["type"] == "http.request":
                 chunk = len(message.get("body", b""))

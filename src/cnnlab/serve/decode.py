@@ -31,7 +31,7 @@ FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # only these decoders are ever 
 # pixel holds about three times the memory of a PNG pixel while it decodes (benchmarks/serve_abuse.py).
 DECODE_WEIGHT = {"WEBP": 3}
 
-__all__ = ["BadRequest", "FORMATS", "Pending", "decode", "plan_file", "plan_json"]
+__all__ = ["FORMATS", "BadRequest", "Pending", "decode", "plan_file", "plan_json"]
 
 
 @dataclass
@@ -68,7 +68,7 @@ def open_lazily(data: bytes, what: str = "upload") -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=FORMATS)
         width, height = im.size
-    except Exception as e:  # PIL's format plugins raise many exception types on corrupt headers
+    except Exception as e:  # noqa: BLE001 - PIL's format plugins raise many exception types on corrupt headers
         raise _unreadable(what, e) from None
     if width * height > max_pixels():
         im.close()
@@ -92,7 +92,7 @@ def _draft(im: Image.Image, size: tuple[int, int], centre: bool) -> None:
         return
     try:
         im.draft(None, (2 * size[1], 2 * size[0]))
-    except Exception:  # a header draft cannot use: decode at full size (already within the pixel budget)
+    except Exception:  # noqa: BLE001, S110 - a header draft cannot use: decode at full size (within budget)
         pass
 
 
@@ -176,7 +176,7 @@ def decode(pending: list[Pending], shape: tuple[int, int, int], invert: str, cen
                 out.append(image_to_tensor(p.source, shape[0], size, invert, centre))
             except CnnlabError as e:
                 raise BadRequest(f"{p.what}: {e}") from None
-            except Exception as e:  # PIL's decoders raise many exception types on corrupt pixel data
+            except Exception as e:  # noqa: BLE001 - PIL's decoders raise many exception types on corrupt pixels
                 raise _unreadable(p.what, e) from None
             finally:
                 p.source.close()  # frees the full-size bitmap before the next image is decoded

@@ -19,10 +19,11 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import ClassVar
 
 from ..errors import ConfigError
 
@@ -85,7 +86,7 @@ class ConnectionLimits:
     keep_alive: int = KEEP_ALIVE_S
     max_head_bytes: int = MAX_HEAD_BYTES
 
-    def resolved(self) -> "ConnectionLimits":
+    def resolved(self) -> ConnectionLimits:
         """These limits with the default connection cap filled in."""
         if self.max_connections:
             return self
@@ -100,8 +101,8 @@ def guarded_h11(limits: ConnectionLimits) -> type:
     limits = limits.resolved()
 
     class GuardedH11Protocol(H11Protocol):
-        waiting: dict = {}  # connections without a complete request head, oldest first (a dict keeps order)
-        dropped = 0  # connections closed for being slow or to make room
+        waiting: ClassVar[dict] = {}  # connections without a complete request head, oldest first (a dict keeps order)
+        dropped: ClassVar[int] = 0  # connections closed for being slow or to make room
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -217,7 +218,7 @@ class BackgroundServer:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="cnnlab-server", daemon=True)
 
-    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
