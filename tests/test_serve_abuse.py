@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from cnnlab.serve import app as app_module
 from cnnlab.serve import background_server, create_app
-from cnnlab.serve.decode import plan_file
+from cnnlab.serve.decode import decode_file, plan_file
 from cnnlab.serve.limits import BadRequest, Limits, PixelBudget, json_depth
 from cnnlab.serve.server import ConnectionLimits, guarded_h11
 from cnnlab.train.restore import load_trained
@@ -124,7 +124,8 @@ def test_large_jpeg_is_priced_and_decoded_at_draft_size():
     Image.new("RGB", (1600, 1200), (200, 30, 30)).save(buf, format="JPEG")
     [p] = plan_file(buf.getvalue(), (3, 32, 32))
     assert p.pixels == 200 * 150  # the decoder scales by 1/8 and keeps at least twice the input size
-    assert p.source.size == (200, 150)
+    assert decode_file(p.source, (32, 32), False, "x").size == (200, 150)
+    assert decode_file(p.source, (32, 32), True, "x").size == (1600, 1200)  # framing a digit needs it all
 
 
 # ----------------------------------------------------------------------------- the in-flight budget

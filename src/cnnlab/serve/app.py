@@ -40,7 +40,7 @@ from ..train.classifier import describe_predictions
 from ..train.restore import TrainedModel, load_trained
 from ..train.steps import predict_logits, select_device
 from .batcher import MicroBatcher
-from .decode import close, decode, plan_file, plan_json
+from .decode import decode, plan_file, plan_json
 from .limits import (
     JSON_UNITS_PER_BYTE,
     MAX_IMAGES,
@@ -207,17 +207,14 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
                       invert: Literal["auto", "yes", "no"] = "auto", centre: bool = False) -> JSONResponse:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         pending = await pending_images(request, kind, centre)
-        try:
-            # Priced from the headers alone: nothing is decoded unless the request fits both budgets.
-            check_request_pixels([p.pixels for p in pending], limits.max_request_pixels)
-            with budget.hold(sum(p.cost for p in pending)):
-                images = await run_in_threadpool(decode, pending, shape, invert, centre)
-                try:
-                    probs = await batcher.submit(images)
-                except RuntimeError as e:  # shutting down
-                    raise BadRequest(str(e), 503, {"Retry-After": "1"}) from None
-        finally:
-            close(pending)
+        # Priced from the headers alone: nothing is decoded unless the request fits both budgets.
+        check_request_pixels([p.pixels for p in pending], limits.max_request_pixels)
+        with budget.hold(sum(p.cost for p in pending)):
+            images = await run_in_threadpool(decode, pending, shape, invert, centre)
+            try:
+                probs = await batcher.submit(images)
+            except RuntimeError as e:  # shutting down
+                raise BadRequest(str(e), 503, {"Retry-After": "1"}) from None
         preds = describe_predictions(probs, labels, top_k)
         return JSONResponse({"predictions": preds} if kind == "application/json" else preds[0])
 

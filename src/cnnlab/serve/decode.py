@@ -31,7 +31,7 @@ FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # only these decoders are ever 
 # pixel holds about three times the memory of a PNG pixel while it decodes (benchmarks/serve_abuse.py).
 DECODE_WEIGHT = {"WEBP": 3}
 
-__all__ = ["FORMATS", "BadRequest", "Pending", "decode", "plan_file", "plan_json"]
+__all__ = ["FORMATS", "BadRequest", "Pending", "decode", "decode_file", "plan_file", "plan_json"]
 
 
 @dataclass
@@ -39,13 +39,13 @@ class Pending:
     """One image of a request whose header has been read but whose pixels have not been decoded.
 
     Attributes:
-        source: A lazily opened PIL image, or an array image (already in memory: it came as JSON numbers).
+        source: The image file's bytes, or an array image (already in memory: it came as JSON numbers).
         pixels: Pixels its decoding allocates (after any JPEG draft scaling).
         what: How error messages name it, e.g. 'upload' or 'images[3]'.
         weight: Its decoder's memory per pixel relative to a PNG's (see `DECODE_WEIGHT`).
     """
 
-    source: Image.Image | np.ndarray
+    source: bytes | np.ndarray
     pixels: int
     what: str
     weight: int = 1
@@ -98,9 +98,22 @@ def _draft(im: Image.Image, size: tuple[int, int], centre: bool) -> None:
 
 def plan_file(data: bytes, shape: tuple[int, int, int], centre: bool = False, what: str = "upload") -> list[Pending]:
     """One image file's bytes -> [Pending] (header read, pixels not decoded)."""
+    with open_lazily(data, what) as im:
+        _draft(im, tuple(shape[1:]), centre)  # the size it will decode at
+        return [Pending(data, im.width * im.height, what, DECODE_WEIGHT.get(im.format, 1))]
+
+
+def decode_file(data: bytes, size: tuple[int, int], centre: bool, what: str) -> Image.Image:
+    """Fully decode one image file (already priced by `plan_file`), JPEGs at their draft scale; the caller
+    closes it (no copy is made: a copy would double the memory of the largest bitmap)."""
     im = open_lazily(data, what)
-    _draft(im, tuple(shape[1:]), centre)
-    return [Pending(im, im.width * im.height, what, DECODE_WEIGHT.get(im.format, 1))]
+    try:
+        _draft(im, size, centre)
+        im.load()
+        return im
+    except Exception as e:  # noqa: BLE001 - PIL's decoders raise many exception types on corrupt pixels
+        im.close()
+        raise _unreadable(what, e) from None
 
 
 def _array_image(item, what: str) -> np.ndarray:
@@ -143,19 +156,15 @@ def plan_json(payload, shape: tuple[int, int, int], max_images: int, centre: boo
     if len(items) > max_images:
         raise BadRequest(f"too many images in one request ({len(items)}, at most {max_images})", 413)
     pending: list[Pending] = []
-    try:
-        for i, item in enumerate(items):
-            what = f"images[{i}]"
-            if isinstance(item, str):
-                pending += plan_file(_b64_file(item, what), shape, centre, what)
-            elif isinstance(item, list):
-                a = _array_image(item, what)
-                pending.append(Pending(a, a.shape[0] * a.shape[1], what))
-            else:
-                raise BadRequest(f"{what} must be a base64 string or a nested list of pixels")
-    except BaseException:
-        close(pending)
-        raise
+    for i, item in enumerate(items):
+        what = f"images[{i}]"
+        if isinstance(item, str):
+            pending += plan_file(_b64_file(item, what), shape, centre, what)
+        elif isinstance(item, list):
+            a = _array_image(item, what)
+            pending.append(Pending(a, a.shape[0] * a.shape[1], what))
+        else:
+            raise BadRequest(f"{what} must be a base64 string or a nested list of pixels")
     return pending
 
 
@@ -163,30 +172,17 @@ def decode(pending: list[Pending], shape: tuple[int, int, int], invert: str, cen
     """Decode the planned images one by one into uint8 [N, C, H, W] with ``shape`` = (C, H, W)."""
     size = tuple(shape[1:])
     out = []
-    try:
-        for p in pending:
-            if isinstance(p.source, np.ndarray):
-                try:
-                    out.append(as_batch(p.source, shape[0], size, invert, centre)[0])
-                except CnnlabError as e:
-                    raise BadRequest(f"{p.what}: {e}") from None
-                continue
-            try:
-                p.source.load()
-                out.append(image_to_tensor(p.source, shape[0], size, invert, centre))
-            except CnnlabError as e:
-                raise BadRequest(f"{p.what}: {e}") from None
-            except Exception as e:  # noqa: BLE001 - PIL's decoders raise many exception types on corrupt pixels
-                raise _unreadable(p.what, e) from None
-            finally:
-                p.source.close()  # frees the full-size bitmap before the next image is decoded
-    finally:
-        close(pending)
-    return torch.stack(out)
-
-
-def close(pending: list[Pending]) -> None:
-    """Release the files of images that will not be decoded (a refused or failed request)."""
     for p in pending:
-        if isinstance(p.source, Image.Image):
-            p.source.close()
+        # Each image is decoded and shrunk to the model's input before the next one is decoded.
+        image = p.source if isinstance(p.source, np.ndarray) else decode_file(p.source, size, centre, p.what)
+        try:
+            out.append(as_batch(image, shape[0], size, invert, centre)[0] if isinstance(image, np.ndarray)
+                       else image_to_tensor(image, shape[0], size, invert, centre))
+        except CnnlabError as e:
+            raise BadRequest(f"{p.what}: {e}") from None
+        except (ValueError, OSError) as e:  # a mode PIL cannot convert
+            raise _unreadable(p.what, e) from None
+        finally:
+            if isinstance(image, Image.Image):
+                image.close()  # frees the full-size bitmap now, not at the next garbage collection
+    return torch.stack(out)
