@@ -22,6 +22,7 @@ import http.client
 import io
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -151,6 +152,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="how long the abuse lasts")
     ap.add_argument("--clients", type=int, default=16, help="threads sending image requests")
     ap.add_argument("--half-open", type=int, default=1100, help="slow connections held open")
+    ap.add_argument("--server-nofile", type=int, default=1024,
+                    help="the server's open-file limit (1024, a common default, is below --half-open)")
     ap.add_argument("--out", default="bench-out/serve-abuse", help="where the tiny run is trained")
     ap.add_argument("--data-dir", help="dataset root (else $CNNLAB_DATA, ~/.cache/cnnlab)")
     args = ap.parse_args()
@@ -169,6 +172,7 @@ def main() -> int:
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run), "--host", HOST, "--port",
                                  str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+        _limit_files(proc.pid, args.server_nofile)  # long before it listens: importing torch takes seconds
         try:
             deadline = time.monotonic() + 120
             while True:
@@ -213,17 +217,27 @@ def main() -> int:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            log.seek(0)
+            log_text = log.read()
 
     lat = np.array(probe.latencies) if probe.latencies else np.array([float("nan")])
     print(hardware_line())
-    print(f"server: cnnlab serve {run} (default limits); {args.clients} client threads for {args.seconds:g} s, "
+    print(f"server: cnnlab serve {run} (default limits, open-file limit {args.server_nofile}); {args.clients} client threads for {args.seconds:g} s, "
           f"{len(socks)} half-open connections ({held} still open at the end); loopback, shared machine")
     print(f"server RSS: idle {idle:.0f} MB, peak {sampler.peak:.0f} MB, peak over idle {sampler.peak - idle:.0f} MB")
     print(f"/health: {len(probe.latencies)} answers, {probe.failures} failures; latency ms p50 "
           f"{np.percentile(lat, 50):.1f}  max {lat.max():.1f}")
+    log_tail = log_text.count("Too many open files")
+    print(f"server log: {log_tail} 'Too many open files' lines")
     for name, counts in statuses.items():
         print(f"  {name:<24} " + "  ".join(f"{code or 'conn-error'}: {n}" for code, n in sorted(counts.items())))
     return 0
+
+
+def _limit_files(pid: int, n: int) -> None:
+    """Process ``pid`` may open at most ``n`` files (its soft limit; Linux)."""
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
 
 
 def _still_open(sock: socket.socket) -> bool:

@@ -192,7 +192,7 @@ def test_json_depth_ignores_brackets_in_strings():
 def test_uvicorn_is_configured_with_the_connection_guards(server):
     srv, _ = server
     cfg = srv.config
-    assert cfg.timeout_keep_alive == 5 and cfg.h11_max_incomplete_event_size == 16 * 1024
+    assert cfg.timeout_keep_alive == 5 and cfg.h11_max_incomplete_event_size == 16 * 1024 and cfg.backlog == 64
     assert cfg.http.__name__ == "GuardedH11Protocol"
     assert cfg.limit_concurrency is None  # see uvicorn_config: it would count idle connections against /health
 

@@ -30,7 +30,11 @@ from ..errors import ConfigError
 HEAD_TIMEOUT_S = 10.0  # a connection must send a complete request head within this (else it is closed)
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers; a larger head is a 400
-FD_RESERVE = 64  # file descriptors kept free for the model, logs and the listening socket
+# asyncio accepts up to `backlog` connections per event-loop turn, and a connection closed to make room frees
+# its descriptor a turn or two later: keeping a few batches' worth of descriptors free (plus a margin for
+# logs, the listening socket and the model's files) means accept() never meets the open-file limit.
+ACCEPT_BATCH = 64  # uvicorn's backlog: the listen queue and the accepts per event-loop turn
+FD_RESERVE = 32 + 4 * ACCEPT_BATCH
 
 
 SERVE_MMAP_THRESHOLD = 1 << 20  # bytes: image buffers above this are mapped alone and unmapped when freed
@@ -166,7 +170,8 @@ def uvicorn_config(app, limits: ConnectionLimits | None = None, **kw):
     # limit_concurrency is left off on purpose: uvicorn counts idle connections towards it and would answer
     # /health 503 while half-open connections wait for their deadline; the cap above evicts those instead.
     return uvicorn.Config(app, http=guarded_h11(limits), timeout_keep_alive=limits.keep_alive,
-                          h11_max_incomplete_event_size=limits.max_head_bytes, access_log=False, **kw)
+                          h11_max_incomplete_event_size=limits.max_head_bytes, backlog=ACCEPT_BATCH,
+                          access_log=False, **kw)
 
 
 def is_loopback(host: str) -> bool:
