@@ -395,3 +395,12 @@ def test_server_allocator_setting_honours_the_opt_out(monkeypatch):
     monkeypatch.delenv("CNNLAB_MALLOC")
     if _sys.platform.startswith("linux"):
         assert bound_allocator() is True
+
+
+def test_request_head_growing_past_the_limit_is_refused(server):
+    srv, _ = server
+    with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 20_000)  # no end of head: it would grow
+        s.settimeout(WAIT_S)
+        assert s.recv(65536).startswith(b"HTTP/1.1 400")
+    assert request(srv.url + "/health")[0] == 200

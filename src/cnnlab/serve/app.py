@@ -3,7 +3,8 @@
 Routes:
     GET  /         a self-contained page: draw a digit (one-channel models) or upload an image, see the
                    prediction and a bar chart of probabilities.
-    GET  /health   {status, model, step, classes, dataset, data_shape, input_size, batching counters}
+    GET  /health   {status, model, step, classes, dataset, data_shape, input_size, batching counters,
+                   in_flight: the memory budget's use, capacity and refusals}
     POST /predict  body: an image file (multipart form field, or the raw bytes with an image/* type), or JSON
                    {"images": [base64 image files or pixel arrays]}. Query: top_k (default 3), invert
                    (auto|yes|no, as `cnnlab predict`), centre (true|false: frame a grayscale digit as MNIST

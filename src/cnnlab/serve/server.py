@@ -82,7 +82,8 @@ class ConnectionLimits:
         head_timeout: Seconds a connection may take to send a complete request head (from connecting, or
             from the end of its previous response).
         keep_alive: Seconds an idle keep-alive connection is kept.
-        max_head_bytes: Largest request head (request line and headers).
+        max_head_bytes: Most bytes of a request head (request line and headers) buffered while it is still
+            incomplete (400 beyond; h11's limit).
     """
 
     max_connections: int = 0  # 0: `default_max_connections()`
