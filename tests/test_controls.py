@@ -366,3 +366,21 @@ def test_balanced_sampler_resume_is_bit_identical(tiny_data, tmp_path, monkeypat
 def test_bad_control_values_are_config_errors(key, value, message):
     with pytest.raises(ConfigError, match=message):
         _config(**{key: value})
+
+
+def test_export_takes_the_best_by_default_and_latest_on_request(tiny_data, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    fit(_config(eval_every=2, steps=8, ckpt_every=8), run, **_sets(), **QUIET)
+    assert json.loads((run / "results.json").read_text())["best"]["step"] < 8
+    x, outs = torch.rand(2, 1, 28, 28), []
+    for choice in ("auto", "latest"):
+        assert main(["export", str(run), "--checkpoint", choice]) == 0
+        assert f"wrote {run / 'model.onnx'}" in capsys.readouterr().out
+        got = ort.InferenceSession(str(run / "model.onnx")).run(None, {"image": x.numpy()})[0]
+        which = "best" if choice == "auto" else "latest"
+        with torch.no_grad():
+            want = load_trained(run, checkpoint=which).model(x)
+        assert torch.allclose(torch.from_numpy(got), want, atol=1e-4), choice
+        outs.append(got)
+    assert not torch.allclose(torch.from_numpy(outs[0]), torch.from_numpy(outs[1]), atol=1e-3)  # two models
