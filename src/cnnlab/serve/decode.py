@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..data.images import as_batch, image_to_tensor
-from ..errors import CnnlabError
+from ..data.images import ImageTooLarge, as_batch, image_to_tensor, open_image
+from ..errors import CnnlabError, DataError
 
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # only these decoders are ever tried on uploaded bytes
-MAX_PIXELS = 25_000_000  # per image; a small file can decode to a huge bitmap ("decompression bomb")
+# Per image, stricter than the training cap: every request decodes in the server's memory.
+MAX_PIXELS = 25_000_000
 
 
 class BadRequest(CnnlabError):
@@ -31,20 +31,15 @@ class BadRequest(CnnlabError):
 
 
 def open_upload(data: bytes, what: str = "upload") -> Image.Image:
-    """Decode an uploaded image file fully, or raise BadRequest (400) saying why."""
+    """Decode an uploaded image file fully with the training opener, or raise BadRequest (400/413) saying why."""
     if not data:
         raise BadRequest(f"{what} is empty")
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise BadRequest(f"{what}: image too large ({im.width}x{im.height} pixels, at most "
-                                 f"{MAX_PIXELS:,})", 413)
-            im.load()
-            return im.copy()
-    except UnidentifiedImageError:
-        raise BadRequest(f"{what} is not an image in a supported format ({', '.join(FORMATS)})") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise BadRequest(f"{what} is not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
+        return open_image(data, MAX_PIXELS, formats=FORMATS, what=what)
+    except ImageTooLarge as e:
+        raise BadRequest(str(e), 413) from None
+    except DataError as e:
+        raise BadRequest(str(e)) from None
 
 
 def image_file_batch(data: bytes, shape: tuple[int, int, int], invert: str, centre: bool = False) -> torch.Tensor:
