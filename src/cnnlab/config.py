@@ -6,6 +6,7 @@ its ``exec``). The resolved config is printed at the start of a run and saved be
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -22,6 +23,13 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine", "linear", "triangle")
 PRECISIONS = ("fp32", "bf16")
 TTA_MODES = ("none", "flip", "translate", "flip-translate")
+
+
+def opt(default, help: str):
+    """A dataclass field with its one-line description (shown by ``cnnlab train --help``)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,9 @@ class TrainConfig:
     contrast: tuple[float, float] = (1.0, 1.0)  # contrast factor range, as tf.image.random_contrast
     saturation: tuple[float, float] = (1.0, 1.0)  # saturation factor range
     cutout: int = 0  # side of a random square set to zero (0: off)
+    random_resized_crop: tuple[float, float] = opt(
+        (0.0, 0.0), "RandomResizedCrop area range, e.g. (0.35, 1): crop that fraction of the image (aspect 3/4..4/3), "
+        "resized to the model input; (0, 0): off")
     tta: str = "none"  # test-time augmentation: none | flip | translate | flip-translate (averaged logits)
     # Reproducibility and bookkeeping.
     seed: int = 0
@@ -69,6 +80,8 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = True
     compile: bool = False
+    data_memory_gb: float = opt(0.0, "memory budget for the training images in GiB: a larger split (an image folder) "
+                                     "streams from its on-disk cache; 0: always resident")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -104,6 +117,9 @@ def _validate(c: TrainConfig) -> None:
         (0 <= c.ema < 1, f"ema must be in [0, 1), got {c.ema}"),
         (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
         (0 <= c.hue <= 0.5, f"hue must be in [0, 0.5], got {c.hue}"),
+        (c.random_resized_crop == (0.0, 0.0) or 0 < c.random_resized_crop[0] <= c.random_resized_crop[1] <= 1,
+         f"random_resized_crop must be (0, 0) or (lower, upper) with 0 < lower <= upper <= 1, got {c.random_resized_crop}"),
+        (c.data_memory_gb >= 0, f"data_memory_gb must be >= 0, got {c.data_memory_gb}"),
         (c.brightness >= 0, f"brightness must be >= 0, got {c.brightness}"),
         (0 <= c.contrast[0] <= c.contrast[1], f"contrast must be (lower, upper) with 0 <= lower <= upper, got {c.contrast}"),
         (0 <= c.saturation[0] <= c.saturation[1], f"saturation must be (lower, upper) with 0 <= lower <= upper, got {c.saturation}"),
