@@ -91,19 +91,38 @@ def cmd_evaluate(args, extra: list[str]) -> int:
 
 
 def cmd_predict(args, extra: list[str]) -> int:
+    from .predict_files import PredictionWriter, image_files, predict_stream
     from .train.classifier import Classifier
 
     clf = Classifier(model_dir=args.run_dir)
-    preds = clf.predict(args.images, top_k=args.top_k, invert=args.invert, centre=args.centre)
-    for path, p in zip(args.images, preds):
-        p["file"] = str(path)
-    if args.json:
-        print(json.dumps([{k: v for k, v in p.items() if k != "probabilities" or args.all_probs} for p in preds], indent=2))
-    else:
-        for p in preds:
-            top = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top_k"])
-            print(f"{p['file']}: {p['label']} ({p['probability']:.3f})   top-{len(p['top_k'])}: {top}")
-    return 0
+    files = image_files(args.images)
+    predict = lambda batch: clf.predict(batch, top_k=args.top_k, invert=args.invert, centre=args.centre)  # noqa: E731
+    if args.json:  # one JSON document (kept for scripts written against it); --format jsonl streams instead
+        preds = []
+        for path, p, why in predict_stream(predict, files, args.batch_size):
+            if p is None:
+                print(f"cnnlab: skipped {path}: {why}", file=sys.stderr)
+            else:
+                preds.append({"file": str(path), **{k: v for k, v in p.items() if k != "probabilities" or args.all_probs}})
+        print(json.dumps(preds, indent=2))
+        return 0 if preds else 2
+    out = open(args.out, "w", encoding="utf-8", newline="") if args.out else sys.stdout  # noqa: SIM115
+    done = skipped = 0
+    try:
+        writer = PredictionWriter(args.format, out)
+        for path, p, why in predict_stream(predict, files, args.batch_size):
+            if p is None:
+                skipped += 1
+                print(f"cnnlab: skipped {path}: {why}", file=sys.stderr)
+            else:
+                done += 1
+                writer.write(path, p)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if skipped:
+        print(f"cnnlab: {done} file(s) predicted, {skipped} skipped", file=sys.stderr)
+    return 0 if done else 2
 
 
 def cmd_models(args, extra: list[str]) -> int:
@@ -266,9 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_data(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", allow_abbrev=False, help="classify image files (PNG/JPG)")
+    p = sub.add_parser("predict", allow_abbrev=False, help="classify image files (PNG/JPG) and folders of them")
     p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, or folders searched recursively")
+    p.add_argument("--format", choices=["text", "csv", "jsonl"], default="text",
+                   help="one line per file: text, CSV (file,label,probability,top_k) or JSON lines")
+    p.add_argument("--out", help="write the lines to this file instead of stdout")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images predicted at once")
     p.add_argument("--top-k", type=POSITIVE, default=3)
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert grayscale images (auto: when the border is light, e.g. a dark digit on paper)")

@@ -334,14 +334,34 @@ def read_images(files: Files, shape: tuple[int, int, int], resize: str = "shorte
     return cached_array(key, full, lambda write: _decode_all(paths, shape, resize, workers, write, what)), labels
 
 
+@dataclass(frozen=True)
+class FolderInfo(DatasetInfo):
+    """A folder's `DatasetInfo` plus how its files were prepared (``preprocess``: size, channels, polarity,
+    resize, interpolation), which a run records so that predicting a file prepares it the same way."""
+
+    preprocess: object = None
+
+
+def _preprocess_record(shape: tuple[int, int, int], resize: str):
+    """The `cnnlab.preprocess.Preprocess` of a folder (a look-alike record where that module is absent)."""
+    fields = dict(size=tuple(shape[1:]), channels=shape[0], invert="no", resize=resize, interpolation="bilinear")
+    try:
+        from ..preprocess import Preprocess
+    except ImportError:
+        from types import SimpleNamespace
+        return SimpleNamespace(**fields, mean=None, std=None, crop=None)
+    return Preprocess(**fields)
+
+
 @register_dataset_prefix("folder")
 def resolve_folder(argument: str) -> DatasetSpec:
     """The `DatasetSpec` of ``folder:<argument>`` (see the module docstring for the syntax)."""
     opts = parse_folder_name(argument)
     scan = scan_folder(opts)
     c = scan.shape[0]
-    info = DatasetInfo(name=f"folder:{argument}", num_classes=len(scan.classes), class_names=scan.classes,
-                       shape=scan.shape, mean=(0.5,) * c, std=(0.5,) * c)
+    info = FolderInfo(name=f"folder:{argument}", num_classes=len(scan.classes), class_names=scan.classes,
+                      shape=scan.shape, mean=(0.5,) * c, std=(0.5,) * c,
+                      preprocess=_preprocess_record(scan.shape, scan.resize))
 
     def load(split: str, data_dir, download: bool) -> tuple[np.ndarray, np.ndarray]:
         files = scan.splits[split]
