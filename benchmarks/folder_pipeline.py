@@ -104,7 +104,7 @@ def rank_load(args) -> dict:
     t0 = time.perf_counter()
     ds = load_dataset(f"folder:{args.root}?size={args.size}&val=0&channels=3&workers={args.workers}", "train")
     int(ds.images.sum())
-    return {"rank": int(os.environ.get("RANK", 0)), "seconds": time.perf_counter() - t0, "decoded": calls["n"],
+    return {"rank": int(os.environ.get("RANK", "0")), "seconds": time.perf_counter() - t0, "decoded": calls["n"],
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -124,7 +124,7 @@ print(json.dumps({"phase": "keras", "images": n, "seconds": s, "images_per_s": n
 
 def run_json(cmd: list[str], env: dict | None = None) -> list[dict]:
     """Run a worker; return the JSON objects of its output lines."""
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         errors = [line for line in out.stderr.splitlines() if "Error" in line or "error:" in line]
         raise SystemExit(f"worker failed: {(errors or out.stderr.strip().splitlines() or ['exit code'])[-1]}")

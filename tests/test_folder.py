@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-
 from test_images import png_header_only
 
 from cnnlab.cli import main
-from cnnlab.data import dataset_info, folder as folder_mod, load_dataset
+from cnnlab.data import dataset_info, load_dataset
+from cnnlab.data import folder as folder_mod
 from cnnlab.data.cache import decoded_dir
 from cnnlab.data.loader import BatchSource
 from cnnlab.errors import DataError

@@ -1,12 +1,26 @@
-"""Image preprocessing for prediction: MNIST-style framing of a digit (`centre`)."""
+"""Image preprocessing: MNIST-style framing of a digit (`centre`); the one opener's pixel values (16-bit, float,
+palette, EXIF), shared by training and prediction; resize modes, JPEG draft, refusals."""
 
 from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cnnlab.data.images import as_batch, centre_digit, image_to_tensor
+from cnnlab.data import load_dataset
+from cnnlab.data.folder import parse_folder_name, scan_folder
+from cnnlab.data.images import (
+    ImageTooLarge,
+    as_batch,
+    centre_digit,
+    image_to_tensor,
+    open_image,
+)
+from cnnlab.errors import DataError
 
 
 def centre_of_mass(a: np.ndarray) -> tuple[float, float]:
@@ -82,16 +96,6 @@ def test_other_output_sizes_scale_the_box(size):
 
 # ----------------------------------------------------------------------------- one opener: pixel values
 
-import io  # noqa: E402
-import struct  # noqa: E402
-import zlib  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from PIL import ImageOps  # noqa: E402
-
-from cnnlab.data import load_dataset  # noqa: E402
-from cnnlab.data.images import ImageTooLarge, open_image  # noqa: E402
-from cnnlab.errors import DataError  # noqa: E402
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -164,15 +168,13 @@ def test_training_and_prediction_see_the_same_arrays(odd_files, tmp_path, data_e
     for resize in ("shorter-crop", "stretch"):
         ds = load_dataset(f"folder:{root}?val=0.5&size=12x10&channels=3&resize={resize}", "train")
         val = load_dataset(f"folder:{root}?val=0.5&size=12x10&channels=3&resize={resize}", "val")
-        from cnnlab.data.folder import parse_folder_name, scan_folder
         scan = scan_folder(parse_folder_name(f"{root}?val=0.5&size=12x10&channels=3&resize={resize}"))
         for split, data in (("train", ds), ("val", val)):
             paths = [p for p, _ in scan.splits[split]]
             predicted = as_batch(paths, 3, (12, 10), invert="no", resize=resize)
             assert predicted.equal(data.images), (split, resize)
-    by_name = {p.name: row for p, row in zip([p for p, _ in scan.splits["train"]], ds.images)}
-    if "gray16.png" in by_name:
-        assert by_name["gray16.png"][0, 6, 5] == 117
+        rows = {p.name: row for s, d in (("train", ds), ("val", val)) for (p, _), row in zip(scan.splits[s], d.images)}
+        assert rows["gray16.png"][:, 6, 5].tolist() == [117] * 3 and rows["float.tiff"][:, 6, 5].tolist() == [204] * 3
 
 
 def test_shorter_side_resize_keeps_the_centre():

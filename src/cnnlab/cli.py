@@ -96,7 +96,7 @@ def cmd_predict(args, extra: list[str]) -> int:
 
     clf = Classifier(model_dir=args.run_dir)
     files = image_files(args.images)
-    predict = lambda batch: clf.predict(batch, top_k=args.top_k, invert=args.invert, centre=args.centre)  # noqa: E731
+    predict = lambda batch: clf.predict(batch, top_k=args.top_k, invert=args.invert, centre=args.centre)
     if args.json:  # one JSON document (kept for scripts written against it); --format jsonl streams instead
         preds = []
         for path, p, why in predict_stream(predict, files, args.batch_size):

@@ -153,7 +153,7 @@ class Augment:
     resized_crop: tuple[float, float] = (0.0, 0.0)  # RandomResizedCrop's area range; (0, 0): off
 
     @classmethod
-    def from_config(cls, config, size: tuple[int, int]) -> "Augment":
+    def from_config(cls, config, size: tuple[int, int]) -> Augment:
         return cls(size=size, random_crop=config.random_crop, translate=config.translate, flip=config.flip,
                    hue=config.hue, brightness=config.brightness, contrast=tuple(config.contrast),
                    saturation=tuple(config.saturation), cutout=config.cutout,

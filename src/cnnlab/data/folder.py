@@ -165,7 +165,7 @@ def sized_for_model(name: str, input_size: tuple[int, int]) -> str:
     """
     if not name.strip().lower().startswith("folder:"):
         return name
-    path, sep, query = name.partition("?")
+    path, _, query = name.partition("?")
     if any(item.partition("=")[0] == "size" for item in query.split("&")):
         return name
     return f"{path}?{query + '&' if query else ''}size={input_size[0]}x{input_size[1]}"
@@ -225,7 +225,7 @@ def _header_mode(path: Path) -> str:
 
 def _labelled_split(split_dir: Path, classes: tuple[str, ...], train_dir: Path) -> Files:
     """(file, label) pairs of a val/ or test/ folder whose class folders must be among ``classes``."""
-    unknown = sorted(set(d.name for d in _class_dirs(split_dir)) - set(classes))
+    unknown = sorted({d.name for d in _class_dirs(split_dir)} - set(classes))
     if unknown:
         raise DataError(f"{split_dir}: class folder(s) {', '.join(unknown)} not in {train_dir} ({', '.join(classes)})")
     files = [(p, classes.index(d.name)) for d in _class_dirs(split_dir) for p in _images_in(d)]
