@@ -344,7 +344,8 @@ class FolderInfo(DatasetInfo):
 
 def _preprocess_record(shape: tuple[int, int, int], resize: str):
     """The `cnnlab.preprocess.Preprocess` of a folder (a look-alike record where that module is absent)."""
-    fields = dict(size=tuple(shape[1:]), channels=shape[0], invert="no", resize=resize, interpolation="bilinear")
+    fields = {"size": tuple(shape[1:]), "channels": shape[0], "invert": "no", "resize": resize,
+              "interpolation": "bilinear"}
     try:
         from ..preprocess import Preprocess
     except ImportError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,7 @@ def _draft_request(im: Image.Image, size: tuple[int, int], resize: str) -> tuple
     h, w = size
     try:
         turned = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
-    except Exception:  # a broken EXIF block only costs the draft
+    except (AttributeError, TypeError, ValueError, OSError, SyntaxError, struct.error):  # a broken EXIF block only costs the draft
         turned = False
     iw, ih = (im.height, im.width) if turned else (im.width, im.height)
     if resize == "shorter-crop":  # the shorter side scales to cover size: both sides at least that scale
