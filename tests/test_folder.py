@@ -327,3 +327,12 @@ def test_predict_a_directory_as_csv_and_jsonl(folder, tmp_path, capsys):
     assert len(lines) == len(expected) and all(len(json.loads(line)["top_k"]) == 2 for line in lines)
     assert main(["predict", str(run), str(tmp_path / "run")]) == 2  # no images there: one-line error
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_streamed_run_ends_with_the_resident_runs_weights(folder, tmp_path, capsys):
+    """data_memory_gb below the split's size streams batches from the cache: same batches, same weights."""
+    assert main(train_args(tmp_path / "resident", folder, 4)) == 0
+    assert main(train_args(tmp_path / "streamed", folder, 4, "--data_memory_gb=0.000001")) == 0
+    from safetensors.torch import load_file
+    a, b = (load_file(max((tmp_path / r).glob("ckpt-*.safetensors"))) for r in ("resident", "streamed"))
+    assert all(a[k].equal(b[k]) for k in a)

@@ -22,6 +22,7 @@ import torch
 from ..config import TrainConfig
 from ..data import ArrayDataset, load_dataset
 from ..data.augment import Augment
+from ..data.loader import BatchSource
 from ..errors import CheckpointError, CnnlabError
 from ..models import create_model
 from ..models.layers import pool_before_relu, use_onednn_linear
@@ -175,11 +176,13 @@ def _make_hooks(model_dir: Path, total: int, step: int, dist: distributed.DistCo
             *(extra or [])]
 
 
-def _batch(images: torch.Tensor, sampler: EpochSampler, augment: Augment, step: int, config: TrainConfig,
+def _batch(batches: BatchSource, sampler: EpochSampler, augment: Augment, step: int, config: TrainConfig,
            dist: distributed.DistContext) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's indices and augmented float images of the global batch for ``step``."""
-    idx = sampler.indices(step).to(images.device)
-    x = augment(images[idx].float().div_(255.0), step_generator(config.seed, step))
+    idx = sampler.indices(step)
+    images_u8, _ = batches.take(idx)  # resident, or gathered from the decoded cache (data_memory_gb)
+    idx = idx.to(batches.device)
+    x = augment(images_u8.float().div_(255.0), step_generator(config.seed, step))
     idx, x = dist.shard(idx), dist.shard(x)  # this rank's rows of the global batch
     if config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -288,8 +291,8 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         The model to use (the EMA copy when EMA is on) and its test-set result.
     """
     device, model, optimizer, ema = dist.device, state.model, state.optimizer, state.ema
-    images = train_set.images.to(device)  # the whole training set stays resident as uint8
-    labels = train_set.labels.to(device)
+    batches = BatchSource(train_set.images, train_set.labels, device, config.data_memory_gb)
+    labels = batches.labels
     sampler = EpochSampler(len(train_set), config.batch_size, config.seed)
     augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
     eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device,
@@ -301,7 +304,7 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
     seen, t_log = 0, time.perf_counter()
     while state.step < total:
         step = state.step
-        idx, x = _batch(images, sampler, augment, step, config, dist)
+        idx, x = _batch(batches, sampler, augment, step, config, dist)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(config.schedule, step, total, config.warmup)
         loss, logits = train_step(train_model, optimizer, x, labels[idx], label_smoothing=config.label_smoothing,
