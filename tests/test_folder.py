@@ -336,3 +336,11 @@ def test_a_streamed_run_ends_with_the_resident_runs_weights(folder, tmp_path, ca
     from safetensors.torch import load_file
     a, b = (load_file(max((tmp_path / r).glob("ckpt-*.safetensors"))) for r in ("resident", "streamed"))
     assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_an_unwritable_cache_folder_decodes_into_memory(folder, tmp_path, monkeypatch, data_env):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    ds = load_dataset(f"folder:{folder}?size=16", "train")
+    assert ds.images.shape == (24, 3, 16, 16) and ds.images.float().mean() > 0

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,15 +46,23 @@ def cache_key(files: Sequence[Path], options: dict) -> str:
     return h.hexdigest()[:32]
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``lock_path``; the kernel releases it if the process dies."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+def _lock(lock_path: Path) -> int | None:
+    """An fd holding an exclusive flock on ``lock_path`` (waits for the holder), or None if it cannot be made.
+
+    The kernel releases the lock when the fd is closed or the process dies, so a killed writer never leaves
+    the others waiting.
+    """
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing drops the lock
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _open_existing(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -70,7 +78,7 @@ def _open_existing(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def cached_array(key: str, shape: tuple[int, ...], fill: Callable[[RowWriter], None],
-                 root: Path | None = None) -> np.ndarray:
+                 root: Path | None = None) -> np.ndarray | None:
     """The uint8 array ``shape`` stored under ``key``, made by ``fill(write_row)`` on a miss.
 
     Args:
@@ -81,22 +89,22 @@ def cached_array(key: str, shape: tuple[int, ...], fill: Callable[[RowWriter], N
         root: The cache folder (default `decoded_dir`).
 
     Returns:
-        A memory-mapped array (pages are read on demand and shared by every process mapping the file).
+        A memory-mapped array (pages are read on demand and shared by every process mapping the file), or
+        None when the cache folder cannot be created or locked (a read-only home): decode into memory then.
 
     Raises:
-        DataError: The cache folder cannot be written or the disk has no room for the array.
+        DataError: The disk has no room for the array, or writing it failed.
     """
     root = root or decoded_dir()
     final = root / f"{key}.npy"
     found = _open_existing(final, shape)
     if found is not None:
         return found
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the image cache folder {root}: {e.strerror} (set XDG_CACHE_HOME)") from None
+    fd = _lock(root / f"{key}.lock")
+    if fd is None:
+        return None
     nbytes = int(np.prod(shape, dtype=np.int64))
-    with _exclusive(root / f"{key}.lock"):
+    try:
         found = _open_existing(final, shape)  # another rank or command wrote it while this one waited
         if found is not None:
             return found
@@ -105,6 +113,8 @@ def cached_array(key: str, shape: tuple[int, ...], fill: Callable[[RowWriter], N
             raise DataError(f"decoded images need {nbytes / 2**30:.1f} GiB in {root}, only {free / 2**30:.1f} GiB "
                             "free; pick a smaller size= or set XDG_CACHE_HOME to a larger disk")
         _write(final, shape, fill)
+    finally:
+        os.close(fd)  # releases the lock
     return _open_existing(final, shape)
 
 

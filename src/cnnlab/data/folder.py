@@ -331,7 +331,10 @@ def read_images(files: Files, shape: tuple[int, int, int], resize: str = "shorte
         return images, labels
     options = {"shape": list(shape), "resize": resize, "interpolation": "bilinear", "pil": PIL.__version__}
     key = cache_key(paths, options)
-    return cached_array(key, full, lambda write: _decode_all(paths, shape, resize, workers, write, what)), labels
+    images = cached_array(key, full, lambda write: _decode_all(paths, shape, resize, workers, write, what))
+    if images is None:  # no usable cache folder: decode into memory, as with cache=0
+        return read_images(files, shape, resize, workers=workers, cache=False, what=what)
+    return images, labels
 
 
 @dataclass(frozen=True)

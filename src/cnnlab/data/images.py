@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,11 @@ INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _ORIENTATION = 0x0112  # EXIF tag; values 5..8 swap width and height
 _ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+# Images past PIL's own threshold are refused by MAX_PIXELS before decoding, so PIL's multi-line warning about
+# them is noise on stderr (and names absolute paths).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageTooLarge(DataError):
