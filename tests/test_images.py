@@ -3,12 +3,15 @@ palette, EXIF), shared by training and prediction; resize modes, JPEG draft, ref
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cnnlab.data import load_dataset
@@ -214,3 +217,46 @@ def test_huge_and_broken_images_are_one_line_errors(tmp_path):
         open_image(b"hello", formats=("PNG",))
     with pytest.raises(DataError, match="image not found"):
         open_image(tmp_path / "missing.png")
+
+
+def _valid_files() -> list[bytes]:
+    out = []
+    for fmt, mode in (("PNG", "L"), ("PNG", "P"), ("JPEG", "RGB"), ("GIF", "P"), ("BMP", "RGB"), ("WEBP", "RGB"), ("TIFF", "F")):
+        buf = io.BytesIO()
+        a = (np.arange(64 * 48) % 251).reshape(48, 64)
+        im = Image.fromarray(a.astype(np.float32) / 251, "F") if mode == "F" else Image.fromarray(a.astype(np.uint8)).convert(mode)
+        im.save(buf, format=fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+VALID = _valid_files()
+
+
+@pytest.mark.robust
+@settings(max_examples=150, deadline=None)
+@given(which=st.integers(0, len(VALID) - 1), edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+       cut=st.integers(0, 10**6))
+def test_mutated_image_files_give_an_image_or_a_clean_error(which, edits, cut):
+    """Random byte edits and truncations of valid files: `open_image` returns an 8-bit image or raises DataError."""
+    data = bytearray(VALID[which])
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    data = bytes(data[:max(1, cut % (len(data) + 1))])
+    try:
+        im = open_image(data, size=(16, 16))
+    except DataError as e:
+        assert "\n" not in str(e)
+        return
+    assert im.mode in ("L", "LA", "RGB", "RGBA")
+    assert image_to_tensor(im, 3, (16, 16), invert="no", resize="shorter-crop").shape == (3, 16, 16)
+
+
+@pytest.mark.robust
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_random_bytes_give_a_clean_error(data):
+    try:
+        open_image(data)
+    except DataError:
+        pass
