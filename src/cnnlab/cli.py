@@ -91,38 +91,26 @@ def cmd_evaluate(args, extra: list[str]) -> int:
 
 
 def cmd_predict(args, extra: list[str]) -> int:
-    from .predict_files import PredictionWriter, image_files, predict_stream
+    from .predict_files import PredictionWriter, image_files, predictions
     from .train.classifier import Classifier
 
     clf = Classifier(model_dir=args.run_dir)
     files = image_files(args.images)
-    predict = lambda batch: clf.predict(batch, top_k=args.top_k, invert=args.invert, centre=args.centre)
+    results = predictions(lambda batch: clf.predict(batch, top_k=args.top_k, invert=args.invert, centre=args.centre),
+                          files, args.batch_size)
     if args.json:  # one JSON document (kept for scripts written against it); --format jsonl streams instead
-        preds = []
-        for path, p, why in predict_stream(predict, files, args.batch_size):
-            if p is None:
-                print(f"cnnlab: skipped {path}: {why}", file=sys.stderr)
-            else:
-                preds.append({"file": str(path), **{k: v for k, v in p.items() if k != "probabilities" or args.all_probs}})
-        print(json.dumps(preds, indent=2))
-        return 0 if preds else 2
+        print(json.dumps([{"file": str(path), **{k: v for k, v in p.items() if k != "probabilities" or args.all_probs}}
+                          for path, p in results], indent=2))
+        return 0
     out = open(args.out, "w", encoding="utf-8", newline="") if args.out else sys.stdout  # noqa: SIM115
-    done = skipped = 0
     try:
         writer = PredictionWriter(args.format, out)
-        for path, p, why in predict_stream(predict, files, args.batch_size):
-            if p is None:
-                skipped += 1
-                print(f"cnnlab: skipped {path}: {why}", file=sys.stderr)
-            else:
-                done += 1
-                writer.write(path, p)
+        for path, p in results:
+            writer.write(path, p)
     finally:
         if out is not sys.stdout:
             out.close()
-    if skipped:
-        print(f"cnnlab: {done} file(s) predicted, {skipped} skipped", file=sys.stderr)
-    return 0 if done else 2
+    return 0
 
 
 def cmd_models(args, extra: list[str]) -> int:

@@ -57,6 +57,29 @@ def predict_stream(predict_batch: Callable[[list[Path]], list[dict]], files: lis
         bar.close()
 
 
+def predictions(predict_batch: Callable[[list[Path]], list[dict]], files: list[Path],
+                batch_size: int) -> Iterator[tuple[Path, dict]]:
+    """(file, prediction) for each readable file; the others are reported on stderr and skipped.
+
+    Raises:
+        DataError: The only file given cannot be read (its own error), or none of them can.
+    """
+    done = skipped = 0
+    for path, p, why in predict_stream(predict_batch, files, batch_size):
+        if p is None and len(files) == 1:
+            raise DataError(why)  # a single file: its error is the command's one line
+        if p is None:
+            skipped += 1
+            print(f"cnnlab: skipped {_safe(str(path))}: {why}", file=sys.stderr)
+            continue
+        done += 1
+        yield path, p
+    if not done:
+        raise DataError(f"none of the {len(files)} files could be read")
+    if skipped:
+        print(f"cnnlab: {done} file(s) predicted, {skipped} skipped", file=sys.stderr)
+
+
 def _one(predict_batch, path: Path) -> tuple[Path, dict | None, str | None]:
     try:
         return path, predict_batch([path])[0], None
