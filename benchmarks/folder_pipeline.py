@@ -114,7 +114,7 @@ import tensorflow as tf
 root, size = sys.argv[1], int(sys.argv[2])
 t0 = time.perf_counter()
 ds = tf.keras.utils.image_dataset_from_directory(root, image_size=(size, size), batch_size=64,
-                                                 crop_to_aspect_ratio=True, shuffle=False, verbose=False)
+                                                 crop_to_aspect_ratio=True, shuffle=False)
 n = sum(int(x.shape[0]) for x, _ in ds)
 s = time.perf_counter() - t0
 print(json.dumps({"phase": "keras", "images": n, "seconds": s, "images_per_s": n / s,

@@ -344,3 +344,10 @@ def test_an_unwritable_cache_folder_decodes_into_memory(folder, tmp_path, monkey
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
     ds = load_dataset(f"folder:{folder}?size=16", "train")
     assert ds.images.shape == (24, 3, 16, 16) and ds.images.float().mean() > 0
+
+
+def test_sized_for_model_adds_a_size_only_to_folder_names_without_one():
+    assert folder_mod.sized_for_model("folder:/d", (28, 28)) == "folder:/d?size=28x28"
+    assert folder_mod.sized_for_model("folder:/d?val=0.1", (32, 24)) == "folder:/d?val=0.1&size=32x24"
+    assert folder_mod.sized_for_model("folder:/d?size=64", (28, 28)) == "folder:/d?size=64"
+    assert folder_mod.sized_for_model("mnist", (28, 28)) == "mnist"
