@@ -8,7 +8,6 @@ that cannot be read is reported on stderr and skipped instead of stopping the ru
 from __future__ import annotations
 
 import csv
-import io
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from .data.folder import EXTENSIONS
 from .errors import CnnlabError, DataError
+from .labels import printable  # names from a checkpoint must not break or reorder lines
 
 FORMATS = ("text", "csv", "jsonl")
 
@@ -70,7 +70,7 @@ def predictions(predict_batch: Callable[[list[Path]], list[dict]], files: list[P
             raise DataError(why)  # a single file: its error is the command's one line
         if p is None:
             skipped += 1
-            print(f"cnnlab: skipped {_safe(str(path))}: {why}", file=sys.stderr)
+            print(f"cnnlab: skipped {printable(str(path))}: {why}", file=sys.stderr)
             continue
         done += 1
         yield path, p
@@ -105,15 +105,6 @@ class PredictionWriter:
             self.csv.writerow([str(path), p["label"], f"{p['probability']:.6f}",
                                ";".join(f"{t['label']}:{t['probability']:.6f}" for t in top)])
         else:
-            text = ", ".join(f"{_safe(t['label'])} {t['probability']:.3f}" for t in top)
-            self.stream.write(f"{_safe(str(path))}: {_safe(p['label'])} ({p['probability']:.3f})   "
+            text = ", ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in top)
+            self.stream.write(f"{printable(str(path))}: {printable(p['label'])} ({p['probability']:.3f})   "
                               f"top-{len(top)}: {text}\n")
-
-
-def _safe(text: str) -> str:
-    """One printable line: control and bidi characters escaped, so a name cannot garble the output."""
-    buf = io.StringIO()
-    for ch in text:
-        buf.write(ch if ch.isprintable() and not 0x202A <= ord(ch) <= 0x202E and not 0x2066 <= ord(ch) <= 0x2069
-                  else ch.encode("unicode_escape").decode())
-    return buf.getvalue()

@@ -66,21 +66,28 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, *, size
         if not path.is_file():
             raise DataError(f"image not found: {path}")
     try:
-        with Image.open(stream, formats=formats) as im:
-            if im.width * im.height > max_pixels:
-                raise ImageTooLarge(f"{what}: image too large ({im.width}x{im.height} pixels, at most {max_pixels:,})")
-            if size is not None and im.format == "JPEG":
-                im.draft(im.mode, _draft_request(im, size, resize))
-            im.load()
-            return _eight_bit(ImageOps.exif_transpose(im))  # a copy, so it outlives the closed file
+        im = Image.open(stream, formats=formats)
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"{what}: image too large (at most {max_pixels:,} pixels)") from None
-    except ImageTooLarge:
-        raise
     except UnidentifiedImageError:
         kinds = ", ".join(formats) if formats else "a format PIL reads"
         raise DataError(f"{what}: not an image in a supported format ({kinds})") from None
     except _ERRORS as e:
+        raise DataError(f"{what}: not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
+    # Not a `with` block: closing would free the decoded bitmap, and a copy would double the largest one.
+    try:
+        if im.width * im.height > max_pixels:
+            raise ImageTooLarge(f"{what}: image too large ({im.width}x{im.height} pixels, at most {max_pixels:,})")
+        if size is not None and im.format == "JPEG":
+            im.draft(im.mode, _draft_request(im, size, resize))
+        im.load()
+        ImageOps.exif_transpose(im, in_place=True)
+        return _eight_bit(im)
+    except ImageTooLarge:
+        im.close()
+        raise
+    except _ERRORS as e:
+        im.close()
         raise DataError(f"{what}: not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
 
 
