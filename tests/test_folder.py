@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +352,19 @@ def test_sized_for_model_adds_a_size_only_to_folder_names_without_one():
     assert folder_mod.sized_for_model("folder:/d?val=0.1", (32, 24)) == "folder:/d?val=0.1&size=32x24"
     assert folder_mod.sized_for_model("folder:/d?size=64", (28, 28)) == "folder:/d?size=64"
     assert folder_mod.sized_for_model("mnist", (28, 28)) == "mnist"
+
+
+def test_old_unused_cache_files_are_pruned_when_a_new_one_is_written(folder, data_env):
+    load_dataset(f"folder:{folder}?size=16", "train")
+    (old,) = decoded_dir().glob("*.npy")
+    month_ago = time.time() - 31 * 86400
+    os.utime(old, (month_ago, month_ago))
+    leftover = decoded_dir() / "abc.tmp-99999.npy"  # a killed writer's
+    leftover.write_bytes(b"partial")
+    os.utime(leftover, (month_ago, month_ago))
+    load_dataset(f"folder:{folder}?size=16", "train")  # a use touches it: not old any more
+    load_dataset(f"folder:{folder}?size=8", "train")  # writing another prunes only what is unused
+    assert old.exists() and not leftover.exists()
+    os.utime(old, (month_ago, month_ago))
+    load_dataset(f"folder:{folder}?size=12", "train")
+    assert not old.exists() and len(list(decoded_dir().glob("*.npy"))) == 2

@@ -7,6 +7,8 @@ temporary file renamed into place; an exclusive ``flock`` on ``<key>.lock`` make
 (or commands) wait for the first writer and then map its file instead of decoding their own copy.
 
 Files live under ``$XDG_CACHE_HOME/cnnlab/decoded`` (``~/.cache/cnnlab/decoded``) and may be deleted at any time.
+Each use touches its file's mtime; writing a new one deletes those unused for ``UNUSED_DAYS`` (old sizes, edited
+folders), and temporary files a killed writer left behind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from ..errors import DataError
 from .sources import cache_dir
 
 CACHE_VERSION = 1  # bump when the decoding of a file changes, so old caches are not reused
+UNUSED_DAYS = 30  # a decoded split nobody mapped for this long is deleted when another one is written
 RowWriter = Callable[[int, np.ndarray], None]
 
 
@@ -59,6 +63,7 @@ def _lock(lock_path: Path) -> int | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.utime(fd)  # a lock in use is never old enough for `_prune`
     except OSError:
         os.close(fd)
         return None
@@ -74,7 +79,11 @@ def _open_existing(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
         a = np.load(path, mmap_mode="c", allow_pickle=False)
     except (OSError, ValueError):
         return None
-    return a if a.dtype == np.uint8 and a.shape == tuple(shape) else None
+    if a.dtype != np.uint8 or a.shape != tuple(shape):
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # marks it as in use, for `_prune`
+    return a
 
 
 def cached_array(key: str, shape: tuple[int, ...], fill: Callable[[RowWriter], None],
@@ -113,9 +122,23 @@ def cached_array(key: str, shape: tuple[int, ...], fill: Callable[[RowWriter], N
             raise DataError(f"decoded images need {nbytes / 2**30:.1f} GiB in {root}, only {free / 2**30:.1f} GiB "
                             "free; pick a smaller size= or set XDG_CACHE_HOME to a larger disk")
         _write(final, shape, fill)
+        _prune(root, keep=final)
     finally:
         os.close(fd)  # releases the lock
     return _open_existing(final, shape)
+
+
+def _prune(root: Path, keep: Path, now: float | None = None) -> None:
+    """Delete cache files unused for ``UNUSED_DAYS``, and temporary files over a day old (a killed writer's)."""
+    now = time.time() if now is None else now
+    for p in root.iterdir():
+        try:
+            age_days = (now - p.stat().st_mtime) / 86400
+        except OSError:  # deleted meanwhile by another process
+            continue
+        if p != keep and age_days > (1 if ".tmp-" in p.name else UNUSED_DAYS):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def _write(final: Path, shape: tuple[int, ...], fill: Callable[[RowWriter], None]) -> None:
