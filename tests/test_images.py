@@ -24,6 +24,7 @@ from cnnlab.data.images import (
     open_image,
 )
 from cnnlab.errors import DataError
+from cnnlab.serve import decode as serve_decode
 
 
 def centre_of_mass(a: np.ndarray) -> tuple[float, float]:
@@ -176,6 +177,12 @@ def test_training_and_prediction_see_the_same_arrays(odd_files, tmp_path, data_e
             paths = [p for p, _ in scan.splits[split]]
             predicted = as_batch(paths, 3, (12, 10), invert="no", resize=resize)
             assert predicted.equal(data.images), (split, resize)
+            if resize == "stretch":  # the server's path: header priced first, then decoded by the same opener
+                shape = (3, 12, 10)
+                for p, row in zip(paths, data.images):
+                    if p.suffix != ".tiff":  # not among the formats the server accepts
+                        served = serve_decode.decode(serve_decode.plan_file(p.read_bytes(), shape), shape, "no")
+                        assert served[0].equal(row), (split, p.name)
         rows = {p.name: row for s, d in (("train", ds), ("val", val)) for (p, _), row in zip(scan.splits[s], d.images)}
         assert rows["gray16.png"][:, 6, 5].tolist() == [117] * 3 and rows["float.tiff"][:, 6, 5].tolist() == [204] * 3
 
