@@ -1,0 +1,78 @@
+"""The rendered out-of-distribution digit set: deterministic, MNIST-shaped, balanced and digit-like."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnlab.data import ood_digits as ood
+from cnnlab.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    return ood.make_ood_digits(60, seed=3)
+
+
+def test_same_seed_same_images_other_seed_other_images(digits):
+    x, y = digits
+    x2, y2 = ood.make_ood_digits(60, seed=3)
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    x3, _ = ood.make_ood_digits(60, seed=4)
+    assert not np.array_equal(x, x3)
+
+
+def test_shapes_dtypes_and_balanced_labels(digits):
+    x, y = digits
+    assert x.shape == (60, 28, 28) and x.dtype == np.uint8
+    assert y.shape == (60,) and y.dtype == np.int64
+    assert np.bincount(y, minlength=10).tolist() == [6] * 10
+
+
+def test_white_digit_on_black_at_full_contrast(digits):
+    x, _ = digits
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
+    assert border.max() < 64  # MNIST's frame: the digit sits in the middle 20x20, the border stays dark
+    assert (x.reshape(len(x), -1).max(1) >= 200).all()
+
+
+def test_centre_of_mass_is_centred(digits):
+    x, _ = digits
+    mass = x.astype(np.float64)
+    total = mass.sum((1, 2))
+    cy = (mass.sum(2) * np.arange(28)).sum(1) / total
+    cx = (mass.sum(1) * np.arange(28)).sum(1) / total
+    assert np.abs(cy - 13.5).max() <= 1.0 and np.abs(cx - 13.5).max() <= 1.0
+
+
+def test_ink_fraction_is_that_of_a_digit(digits):
+    # MNIST's digits cover about 10-20% of the 28x28 frame; a blank, a blob or a speck would fall outside.
+    x, _ = digits
+    ink = (x > 127).mean((1, 2))
+    assert ink.min() > 0.03 and ink.max() < 0.4
+    assert 0.08 < ink.mean() < 0.25
+
+
+def test_ink_extent_fills_the_20_pixel_box(digits):
+    x, _ = digits
+    for im in x:
+        ys, xs = np.nonzero(im > 25)
+        assert max(np.ptp(ys), np.ptp(xs)) + 1 >= 17  # the longer side is scaled to ~20 px, as MNIST
+
+
+def test_varied_styles_give_varied_images():
+    # Ten samples of the same digit must not be copies of each other.
+    x, y = ood.make_ood_digits(100, seed=0)
+    sevens = x[y == 7].astype(np.int32)
+    diffs = [np.abs(sevens[i] - sevens[j]).mean() for i in range(len(sevens)) for j in range(i)]
+    assert min(diffs) > 5
+
+
+def test_fonts_come_with_matplotlib():
+    fonts = ood.available_fonts()
+    assert len(fonts) >= 10 and all((ood.font_dir() / f).is_file() for f in fonts)
+
+
+def test_bad_size_is_a_data_error():
+    with pytest.raises(DataError, match="n >= 1"):
+        ood.make_ood_digits(0)
