@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_cli_train  # noqa: E402
+from common import hardware_line, print_table, run_cli_train
 
-from cnnlab.data.ood_digits import make_ood_digits  # noqa: E402
-from cnnlab.train.restore import TrainedModel, load_trained  # noqa: E402
-from cnnlab.train.steps import predict_logits  # noqa: E402
+from cnnlab.data.ood_digits import make_ood_digits
+from cnnlab.train.restore import TrainedModel, load_trained
+from cnnlab.train.steps import predict_logits
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "src" / "cnnlab" / "recipes"
 
