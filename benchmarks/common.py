@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cnnlab.runinfo import cpu_name, code_version
+from cnnlab.runinfo import code_version, cpu_name
 
 
 def hardware_line() -> str:
@@ -37,7 +37,7 @@ def run_cli_train(recipe: str, model_dir: Path, overrides: list[str], log_file: 
            "--no-progress", *overrides]
     t0 = time.perf_counter()
     with open(log_file or os.devnull, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode} (log: {log_file})")
@@ -51,7 +51,7 @@ def run_worker_json(cmd: list[str], env: dict | None = None) -> dict:
 
     A failing worker ends the benchmark with its last stderr line.
     """
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit code {out.returncode}"
         raise SystemExit(f"{Path(cmd[0]).name} worker failed: {last}")
@@ -62,3 +62,75 @@ def value_range(values, fmt: str = "{:.0f}", unit: str = "") -> str:
     """'lo-hi' of some measurements, each formatted with ``fmt``, then ``unit``."""
     values = list(values)
     return f"{fmt.format(min(values))}-{fmt.format(max(values))}{unit}"
+
+
+# The reference workload every host runs before its results: training steps of the tf.estimator tutorial CNN
+# (conv32 5x5 - pool - conv64 5x5 - pool - dense 1024 - dense 10) at batch 100 in fp32 on random resident data.
+# A result divided by its time (or by the peak probe) is comparable across hosts; seconds alone are not.
+REFERENCE = {"model": "tf-estimator-cnn", "batch_size": 100, "precision": "fp32"}
+
+
+def host_info() -> dict:
+    """What the host is: CPU name, logical CPUs, torch threads, torch and cnnlab versions (JSON-able)."""
+    info = {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cnnlab": code_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def peak_probe(repeats: int = 3) -> dict:
+    """This host's practical peak FLOP/s per precision (`cnnlab.bench.peak_flops`), in one dict.
+
+    With AVX512-BF16 a bf16 dot product does twice the FLOPs of an fp32 FMA per instruction, so the fp32 peak
+    is taken as at least half the bf16 one (PyTorch's fp32 kernels themselves may fall short of it).
+
+    Returns {'fp32': FLOP/s, 'bf16': FLOP/s, 'probes': {precision: {probe name: FLOP/s}}}.
+    """
+    from cnnlab.bench import peak_flops
+
+    bf16, fp32 = peak_flops(torch.bfloat16, repeats=repeats), peak_flops(torch.float32, repeats=repeats)
+    return {"fp32": max(fp32["flops"], bf16["flops"] / 2), "bf16": bf16["flops"],
+            "probes": {"fp32": fp32["probes"], "bf16": bf16["probes"]}}
+
+
+def reference_workload(steps: int = 50) -> dict:
+    """Time ``steps`` training steps of the `REFERENCE` workload (after a warm-up), in this process.
+
+    Returns {'seconds': for the ``steps`` steps, 'samples_per_s', 'flops_per_s', plus the workload's description}.
+    """
+    from cnnlab.bench import train_throughput
+
+    r = train_throughput(REFERENCE["model"], batch_size=REFERENCE["batch_size"], steps=steps, warmup=10,
+                         precision=REFERENCE["precision"])
+    return {**REFERENCE, "steps": steps, "seconds": steps * r["step_ms"] / 1e3,
+            "samples_per_s": r["samples_per_s"], "flops_per_s": r["flops_per_s"]}
+
+
+def host_reference(ref_steps: int = 50, peak_repeats: int = 3) -> dict:
+    """The host block printed with every host-independent table: `host_info`, `peak_probe`, `reference_workload`."""
+    return {**host_info(), "peak": peak_probe(peak_repeats), "reference": reference_workload(ref_steps)}
+
+
+def host_lines(host: dict) -> list[str]:
+    """The host block as text: the hardware line, the peaks and the reference workload's time."""
+    ref, peak = host["reference"], host["peak"]
+    return [hardware_line(),
+            f"peak probe: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s",
+            (f"reference workload ({ref['model']}, batch {ref['batch_size']}, {ref['precision']}, {ref['steps']} "
+             f"training steps): {ref['seconds']:.2f} s = {ref['samples_per_s']:.0f} samples/s")]
+
+
+def seconds_ratios(seconds: float, host: dict, precision: str = "fp32") -> dict:
+    """A time stated against the host: in reference-workload units and as work at the host's peak.
+
+    ``per_reference``: ``seconds`` / the reference workload's seconds (a slower host takes longer for both).
+    ``peak_tflop``: ``seconds`` x the peak FLOP/s of ``precision``, in TFLOP (what the peak could do meanwhile).
+    """
+    return {"seconds": seconds, "per_reference": seconds / host["reference"]["seconds"],
+            "peak_tflop": seconds * host["peak"][precision] / 1e12}
+
+
+def print_json(obj: dict, out=sys.stdout) -> None:
+    """One JSON object on one line (the last line of a benchmark's output with --json)."""
+    print(json.dumps(obj, default=str), file=out)

@@ -1,6 +1,7 @@
 """cnnlab vs Keras (tensorflow-cpu): training throughput of the tutorial MNIST CNN at batch 100, side by side.
 
-    python benchmarks/vs_keras.py [--rounds 5] [--keras-venv bench-out/keras-venv] [--no-keras-malloc]
+    python benchmarks/vs_keras.py [--rounds 5] [--keras-venv bench-out/keras-venv] [--no-keras-malloc] [--json]
+    python benchmarks/vs_keras.py --no-keras --rounds 1 --steps 20     # cnnlab's side and the host block only
 
 Keras runs in its own virtual environment, created by this script on first use (`pip install tensorflow-cpu`).
 Both sides run in fresh processes, alternately, with their default thread settings on the same machine; each
@@ -12,6 +13,10 @@ convolution probes (cnnlab.bench.peak_flops), since no single shape reaches the 
 
 The `cnnlab` command tunes glibc malloc (cnnlab.runtime); for a like-for-like view Keras also runs a second time
 with the same tuning through glibc's environment variables (rows "malloc tuned"; off with --no-keras-malloc).
+
+Samples/s differ from host to host, so the same run also times a small reference workload (benchmarks/common.py)
+and states each rate as a ratio to it ("x ref") and to the peak ("of peak"); compare those across hosts.
+``--json`` prints one JSON object (per-framework medians and per-round rows, host) instead of the table.
 """
 
 from __future__ import annotations
@@ -26,9 +31,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_worker_json, value_range  # noqa: E402
+from common import (
+    host_lines,
+    host_reference,
+    print_json,
+    print_table,
+    run_worker_json,
+    value_range,
+)
 
-from cnnlab.runtime import GLIBC_ENV  # noqa: E402  (the malloc tuning the cnnlab command applies)
+from cnnlab.runtime import GLIBC_ENV
 
 KERAS_WORKER = textwrap.dedent("""
     import json, os, sys, time
@@ -81,63 +93,105 @@ def ensure_keras(venv: Path) -> Path:
     return py
 
 
+def measure(args, kpy: Path | None, log) -> dict[str, list[dict]]:
+    """Alternating rounds of fresh worker processes; {row name: [one worker result per round]}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        kscript, cscript = Path(tmp) / "keras_worker.py", Path(tmp) / "cnnlab_worker.py"
+        kscript.write_text(KERAS_WORKER)
+        cscript.write_text(CNNLAB_WORKER)
+        names = [] if kpy is None else (
+            ["keras fp32", "keras bf16"] + ([] if args.no_keras_malloc else ["keras-malloc fp32", "keras-malloc bf16"]))
+        runs: dict[str, list[dict]] = {k: [] for k in names + ["cnnlab fp32", "cnnlab bf16"]}
+        for r in range(args.rounds):
+            for prec in ("fp32", "bf16"):
+                if kpy is not None:
+                    kcmd = [str(kpy), str(kscript), str(args.steps), "4", prec]
+                    runs[f"keras {prec}"].append(run_worker_json(kcmd))
+                    if not args.no_keras_malloc:
+                        runs[f"keras-malloc {prec}"].append(run_worker_json(kcmd, GLIBC_ENV))
+                runs[f"cnnlab {prec}"].append(run_worker_json([sys.executable, str(cscript), str(args.steps), prec]))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['samples_per_s']:.0f}" for k, v in runs.items())
+                  + " samples/s", file=log, flush=True)
+    return runs
+
+
+def summarise(runs: dict[str, list[dict]], host: dict, steps: int) -> dict[str, dict]:
+    """Per row: median samples/s, the time of ``steps`` batches of 100 at that rate, and the host ratios."""
+    ref = host["reference"]
+    out = {}
+    for name, v in runs.items():
+        prec = name.split()[1]
+        med = statistics.median(r["samples_per_s"] for r in v)
+        row = {"precision": prec, "median_samples_per_s": med, "median_seconds": steps * 100 / med,
+               "per_reference": med / ref["samples_per_s"], "rounds": v}
+        keras = runs.get(f"keras {prec}")
+        if keras:
+            row["vs_keras_same_precision"] = med / statistics.median(r["samples_per_s"] for r in keras)
+        if name.startswith("cnnlab"):
+            row["flops_per_s"] = statistics.median(r["flops_per_s"] for r in v)
+            row["peak_fraction"] = row["flops_per_s"] / host["peak"][prec]
+        out[name] = row
+    return out
+
+
+def label(name: str, rows: dict[str, list[dict]]) -> str:
+    prec = name.split()[1]
+    if name.startswith("cnnlab"):
+        return f"cnnlab, {'bf16 autocast' if prec == 'bf16' else 'fp32'}, channels_last"
+    k0 = rows["keras fp32"][0]
+    return (f"Keras {k0['keras']} (TF {k0['tf']}), {'mixed_bfloat16' if prec == 'bf16' else 'fp32'}"
+            + (", malloc tuned" if name.startswith("keras-malloc") else ""))
+
+
+def table(summary: dict[str, dict], runs: dict[str, list[dict]]) -> list[list]:
+    rows = []
+    kfp32 = summary.get("keras fp32")
+    for name, s in summary.items():
+        v = runs[name]
+        row = [label(name, runs), f"{s['median_samples_per_s']:.0f}", value_range(r["samples_per_s"] for r in v),
+               f"{s['per_reference']:.2f}x",
+               f"{s['median_samples_per_s'] / kfp32['median_samples_per_s']:.2f}x" if kfp32 else "-",
+               f"{s['vs_keras_same_precision']:.2f}x" if "vs_keras_same_precision" in s else "-"]
+        if name.startswith("cnnlab"):
+            row += [f"{s['flops_per_s'] / 1e9:.0f} GFLOP/s = {s['peak_fraction']:.0%} of peak", f"torch {v[0]['threads']}"]
+        else:
+            row += ["", f"TF intra/inter {runs['keras fp32'][0]['threads']} (0 = all cores)"]
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (fresh processes each)")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     ap.add_argument("--keras-venv", default="bench-out/keras-venv")
     ap.add_argument("--no-keras-malloc", action="store_true", help="skip Keras with cnnlab's malloc tuning")
+    ap.add_argument("--no-keras", action="store_true", help="measure cnnlab's side only (no Keras install)")
+    ap.add_argument("--ref-steps", type=int, default=50, help="training steps of the reference workload")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args()
-    kpy = ensure_keras(Path(args.keras_venv))
-    import torch
-
-    from cnnlab.bench import peak_flops
-
-    print(hardware_line(), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        kscript, cscript = Path(tmp) / "keras_worker.py", Path(tmp) / "cnnlab_worker.py"
-        kscript.write_text(KERAS_WORKER)
-        cscript.write_text(CNNLAB_WORKER)
-        names = ["keras fp32", "keras bf16"] + ([] if args.no_keras_malloc else ["keras-malloc fp32", "keras-malloc bf16"])
-        runs: dict[str, list[dict]] = {k: [] for k in names + ["cnnlab fp32", "cnnlab bf16"]}
-        for r in range(args.rounds):
-            for prec in ("fp32", "bf16"):
-                kcmd = [str(kpy), str(kscript), str(args.steps), "4", prec]
-                runs[f"keras {prec}"].append(run_worker_json(kcmd))
-                if not args.no_keras_malloc:
-                    runs[f"keras-malloc {prec}"].append(run_worker_json(kcmd, GLIBC_ENV))
-                runs[f"cnnlab {prec}"].append(run_worker_json([sys.executable, str(cscript), str(args.steps), prec]))
-            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['samples_per_s']:.0f}" for k, v in runs.items())
-                  + " samples/s", flush=True)
-    # The CPU's peak for each precision: the best of the probes for that dtype. With AVX512-BF16 a bf16 dot product
-    # does twice the FLOPs of an fp32 FMA per instruction, so fp32's peak is at least half the bf16 rate (PyTorch's
-    # fp32 kernels themselves fall short of it here).
-    probes = {"bf16": peak_flops(torch.bfloat16), "fp32": peak_flops(torch.float32)}
-    peaks = {"fp32": max(probes["fp32"]["flops"], probes["bf16"]["flops"] / 2), "bf16": probes["bf16"]["flops"]}
-    med = {k: statistics.median(r["samples_per_s"] for r in v) for k, v in runs.items()}
-    k0 = runs["keras fp32"][0]
-    rows = []
-    for name, v in runs.items():
-        prec = name.split()[1]
-        row = [f"Keras {k0['keras']} (TF {k0['tf']}), {'mixed_bfloat16' if prec == 'bf16' else 'fp32'}"
-               + (", malloc tuned" if name.startswith("keras-malloc") else "")
-               if name.startswith("keras") else
-               f"cnnlab, {'bf16 autocast' if prec == 'bf16' else 'fp32'}, channels_last",
-               f"{med[name]:.0f}", value_range(r["samples_per_s"] for r in v),
-               f"{med[name] / med['keras fp32']:.2f}x", f"{med[name] / med['keras ' + prec]:.2f}x"]
-        if name.startswith("cnnlab"):
-            fl = statistics.median(r["flops_per_s"] for r in v)
-            row += [f"{fl / 1e9:.0f} GFLOP/s = {fl / peaks[prec]:.0%} of {prec} peak", f"torch {v[0]['threads']}"]
-        else:
-            row += ["", f"TF intra/inter {k0['threads']} (0 = all cores)"]
-        rows.append(row)
+    if args.rounds < 1 or args.steps < 1 or args.ref_steps < 1:
+        raise SystemExit("vs_keras: --rounds, --steps and --ref-steps must be >= 1")
+    kpy = None if args.no_keras else ensure_keras(Path(args.keras_venv))
+    log = sys.stderr if args.json else sys.stdout
+    # The host block comes first, before any worker runs, so both are measured on the machine as it is now.
+    host = host_reference(args.ref_steps)
+    print("\n".join(host_lines(host)), file=log, flush=True)
+    runs = measure(args, kpy, log)
+    summary = summarise(runs, host, args.steps)
+    if args.json:
+        print_json({"host": host, "model": "tf-estimator-cnn", "batch_size": 100, "steps": args.steps,
+                    "rounds": args.rounds, "results": summary})
+        return 0
+    peak = host["peak"]
     print()
     print(f"tf-estimator-cnn, batch 100, SGD; median of {args.rounds} rounds x {args.steps} steps; "
-          f"{runs['cnnlab fp32'][0]['flops_per_sample'] / 1e6:.1f} MFLOP per training sample; CPU peak here: "
-          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s ({probes['bf16']['probe']}), fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
-    print("peak probes, GFLOP/s: " + "; ".join(f"{prec} " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p["probes"].items())
-                                             for prec, p in probes.items()))
-    print_table(["framework", "samples/s", "range", "vs Keras fp32", "vs Keras same precision", "FLOP/s", "threads"], rows)
+          f"{runs['cnnlab fp32'][0]['flops_per_sample'] / 1e6:.1f} MFLOP per training sample; x ref: samples/s over "
+          f"the reference workload's; CPU peak here: bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peak['fp32'] / 1e9:.0f}")
+    print("peak probes, GFLOP/s: " + "; ".join(f"{prec} " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p.items())
+                                             for prec, p in peak["probes"].items()))
+    print_table(["framework", "samples/s", "range", "x ref", "vs Keras fp32", "vs Keras same precision", "FLOP/s",
+                 "threads"], table(summary, runs))
     return 0
 
 
