@@ -29,11 +29,12 @@ def test_shapes_dtypes_and_balanced_labels(digits):
     assert np.bincount(y, minlength=10).tolist() == [6] * 10
 
 
-def test_white_digit_on_black_at_full_contrast(digits):
+def test_light_digit_on_black(digits):
     x, _ = digits
     border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
     assert border.max() < 64  # MNIST's frame: the digit sits in the middle 20x20, the border stays dark
-    assert (x.reshape(len(x), -1).max(1) >= 200).all()
+    peak = x.reshape(len(x), -1).max(1)
+    assert peak.min() >= 0.4 * 255 - 1 and peak.max() >= 240  # ink from faint (40%) to saturated
 
 
 def test_centre_of_mass_is_centred(digits):
@@ -48,8 +49,9 @@ def test_centre_of_mass_is_centred(digits):
 def test_ink_fraction_is_that_of_a_digit(digits):
     # MNIST's digits cover about 10-20% of the 28x28 frame; a blank, a blob or a speck would fall outside.
     x, _ = digits
-    ink = (x > 127).mean((1, 2))
-    assert ink.min() > 0.03 and ink.max() < 0.4
+    peak = x.reshape(len(x), -1).max(1)[:, None, None]
+    ink = (x > peak / 2).mean((1, 2))
+    assert ink.min() > 0.02 and ink.max() < 0.45
     assert 0.08 < ink.mean() < 0.25
 
 

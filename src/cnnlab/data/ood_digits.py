@@ -3,8 +3,8 @@
 MNIST's digits were written by US Census employees and high-school students; a model can score 99% on them
 and still fail on digits from anywhere else. This set draws each digit from one of the fonts that ship inside
 matplotlib (DejaVu Sans/Serif, STIX, Computer Modern; so it is the same on any machine with the package
-installed), at a random size, stroke width, slant (shear), width (aspect), small rotation, position and blur,
-then frames it as MNIST did (white on black, ink scaled into a 20x20 box, centre of mass at the centre of
+installed), at a random size, stroke width, slant (shear), width (aspect), small rotation, position, blur and
+ink intensity (MNIST's strokes are saturated white; a pen, a scan or a drawing rarely is), then frames it as MNIST did (white on black, ink scaled into a 20x20 box, centre of mass at the centre of
 28x28; `images.centre_digit`).
 
 The set is a function of its seed alone (given the same FreeType build): sample ``i`` shows digit ``i % 10``,
@@ -42,13 +42,14 @@ class Style:
 
     font: str  # file name inside matplotlib's font directory
     size: int  # font size in px on the CANVAS
-    stroke: int  # extra stroke width in px (PIL's stroke_width), thickening the glyph's outline
+    stroke: int  # px: > 0 thickens the glyph's outline (PIL's stroke_width), < 0 thins it (erosion)
     shear: float  # horizontal shear x += shear * (y - centre): positive slants the top right
     aspect: float  # horizontal scale: below 1 narrows the digit
     rotate: float  # degrees, counter-clockwise
     dx: int  # offset of the glyph from the canvas centre, px
     dy: int
     blur: float  # Gaussian blur radius in px on the canvas
+    ink: float  # brightness of the strokes' core, fraction of 255 (a pen or a scan rarely saturates)
 
 
 def font_dir() -> Path:
@@ -78,11 +79,11 @@ def random_style(rng: np.random.Generator, fonts: list[str]) -> Style:
     """One random `Style`; the ranges span what people's hands do (thin to heavy pens, upright to slanted)."""
     size = int(rng.integers(48, 80))
     return Style(font=fonts[int(rng.integers(len(fonts)))], size=size,
-                 stroke=int(rng.integers(0, max(1, size // 12) + 1)),
+                 stroke=int(rng.integers(-2, max(1, size // 12) + 1)),
                  shear=float(rng.uniform(-0.15, 0.4)),  # most hands slant right
                  aspect=float(rng.uniform(0.7, 1.2)), rotate=float(rng.uniform(-12, 12)),
                  dx=int(rng.integers(-12, 13)), dy=int(rng.integers(-12, 13)),
-                 blur=float(rng.uniform(0.0, 2.0)))
+                 blur=float(rng.uniform(0.0, 2.0)), ink=float(rng.uniform(0.4, 1.0)))
 
 
 def render(digit: int, style: Style) -> np.ndarray:
@@ -90,15 +91,28 @@ def render(digit: int, style: Style) -> np.ndarray:
     canvas = Image.new("L", (CANVAS, CANVAS), 0)
     c = CANVAS / 2
     ImageDraw.Draw(canvas).text((c + style.dx, c + style.dy), str(digit), fill=255, anchor="mm",
-                                font=_font(style.font, style.size), stroke_width=style.stroke, stroke_fill=255)
+                                font=_font(style.font, style.size), stroke_width=max(style.stroke, 0),
+                                stroke_fill=255)
+    canvas = _thin(canvas, -style.stroke)
     canvas = canvas.transform(canvas.size, Image.Transform.AFFINE, _inverse_affine(style, c),
                               resample=Image.Resampling.BILINEAR)
     if style.blur > 0:
         canvas = canvas.filter(ImageFilter.GaussianBlur(style.blur))
     arr = np.asarray(canvas, dtype=np.float32)
-    # Stretch to full contrast as MNIST's digits are (a blurred thin stroke would otherwise stay grey).
-    arr = np.round(arr * (255.0 / max(arr.max(), 1.0))).astype(np.uint8)
+    # The strokes' core at ``ink`` whatever the blur did: a blurred thin stroke would otherwise be fainter still.
+    arr = np.round(arr * (style.ink * 255.0 / max(arr.max(), 1.0))).astype(np.uint8)
     return centre_digit(arr)
+
+
+def _thin(canvas: Image.Image, steps: int) -> Image.Image:
+    """Erode the strokes by up to ``steps`` pixels per edge (3x3 minimum), stopping before a step would take
+    more than half of the remaining ink (a hairline font would vanish)."""
+    for _ in range(steps):
+        thinner = canvas.filter(ImageFilter.MinFilter(3))
+        if np.count_nonzero(np.asarray(thinner) > 127) < 0.5 * np.count_nonzero(np.asarray(canvas) > 127):
+            break
+        canvas = thinner
+    return canvas
 
 
 def _inverse_affine(style: Style, c: float) -> tuple[float, ...]:
