@@ -27,19 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import hardware_line, print_table, run_cli_train
 
+from cnnlab.config import list_recipes, load_recipe
 from cnnlab.data.ood_digits import make_ood_digits
 from cnnlab.train.restore import TrainedModel, load_trained
 from cnnlab.train.steps import predict_logits
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "src" / "cnnlab" / "recipes"
-
 
 def mnist_recipes() -> list[str]:
-    """Every shipped recipe that trains on MNIST (read from the recipes directory, so new ones join)."""
-    import tomllib
-
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml")
-                  if tomllib.loads(p.read_text()).get("dataset") == "mnist")
+    """Every bundled recipe that trains on MNIST (read from the recipes, so new ones join the table)."""
+    return [name for name in list_recipes() if load_recipe(name).values.get("dataset") == "mnist"]
 
 
 def ood_accuracy(tm: TrainedModel, images: torch.Tensor, labels: torch.Tensor) -> float:

@@ -1,6 +1,7 @@
 """Time to accuracy: train the fast recipes from a cold process several times and print accuracy vs wall time.
 
     python benchmarks/time_to_accuracy.py --dataset mnist            # mnist-fast (99.0% / 10 s), mnist-99.5 (3 min)
+    python benchmarks/time_to_accuracy.py --dataset fashion-mnist    # fashion-mnist-fast (93% / 60 s)
     python benchmarks/time_to_accuracy.py --dataset cifar10          # cifar10-fast (80% / 3 min)
     python benchmarks/time_to_accuracy.py --dataset cifar10 --long   # + cifar10-90 (90% / 30 min)
 
@@ -40,6 +41,7 @@ from cnnlab.config import load_recipe
 # (recipe, accuracy target, seconds target)
 TARGETS = {
     "mnist": [("mnist-fast", 0.990, 10), ("mnist-99.5", 0.995, 180)],
+    "fashion-mnist": [("fashion-mnist-fast", 0.93, 60)],
     "cifar10": [("cifar10-fast", 0.80, 180)],
     "cifar10-long": [("cifar10-90", 0.90, 1800)],
 }
@@ -80,7 +82,7 @@ def table_row(r: dict) -> list:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", choices=["mnist", "cifar10"], required=True)
+    ap.add_argument("--dataset", choices=["mnist", "fashion-mnist", "cifar10"], required=True)
     ap.add_argument("--runs", type=int, default=5, help="runs per recipe, seeds 0..runs-1")
     ap.add_argument("--long", action="store_true", help="also run the long CIFAR-10 recipe (90%% in 30 min)")
     ap.add_argument("--only", nargs="*", help="run only these recipes")
@@ -90,6 +92,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="overrides passed to every run")
     args = ap.parse_args()
+    if args.runs < 1 or args.ref_steps < 1:
+        raise SystemExit("time_to_accuracy: --runs and --ref-steps must be >= 1")
     if args.data_dir:
         os.environ["CNNLAB_DATA"] = args.data_dir
 
