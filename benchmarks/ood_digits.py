@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_cli_train
+from common import hardware_line, host_info, print_table, run_cli_train
 
 from cnnlab.config import list_recipes, load_recipe
 from cnnlab.data.ood_digits import make_ood_digits
@@ -115,7 +115,7 @@ def main() -> int:
     images, labels = torch.from_numpy(x)[:, None], torch.from_numpy(y)
     rows = [score_run(r, name, images, labels) for r, name in runs]
     if args.json:
-        print(json.dumps({"ood": {"n": args.n, "seed": args.ood_seed}, "host": hardware_line(), "runs": rows}))
+        print(json.dumps({"ood": {"n": args.n, "seed": args.ood_seed}, "host": host_info(), "runs": rows}))
         return 0
     print(hardware_line())
     print(f"OOD set: {args.n} rendered digits, seed {args.ood_seed}")
