@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from cnnlab.data import ood_digits as ood
 from cnnlab.errors import DataError
@@ -78,3 +81,43 @@ def test_fonts_come_with_matplotlib():
 def test_bad_size_is_a_data_error():
     with pytest.raises(DataError, match="n >= 1"):
         ood.make_ood_digits(0)
+
+
+# ---------------------------------------------------------------- the benchmark scripts' pieces
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    """benchmarks/ is scripts, not a package: import ood_digits and common from it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import common
+    import ood_digits as bench
+
+    return bench, common
+
+
+def test_benchmark_lists_every_mnist_recipe_and_only_those(bench_modules):
+    bench, _ = bench_modules
+    names = bench.mnist_recipes()
+    assert {"mnist-fast", "mnist-99.5", "tf2-convnet-mnist", "lenet5-mnist"} <= set(names)
+    assert "fashion-mnist-fast" not in names and not any(n.startswith("cifar") for n in names)
+
+
+def test_benchmark_scores_a_trained_run(bench_modules, tmp_path, data_env):
+    from runs import train_tiny_run
+
+    bench, _ = bench_modules
+    run = train_tiny_run(tmp_path)
+    x, y = ood.make_ood_digits(20, seed=0)
+    row = bench.score_run(run, "lenet5-mnist", torch.from_numpy(x)[:, None], torch.from_numpy(y))
+    assert row["recipe"] == "lenet5-mnist" and row["seed"] == 0
+    assert 0.0 <= row["ood_accuracy"] <= 1.0 and abs(row["ood_accuracy"] * 20 - round(row["ood_accuracy"] * 20)) < 1e-5
+    table = bench.summarise([row, {**row, "seed": 1, "ood_accuracy": 0.5}])
+    assert table[0][:3] == ["lenet5-mnist", 2, "0,1"]
+
+
+def test_times_are_stated_against_the_host(bench_modules):
+    _, common = bench_modules
+    host = {"reference": {"seconds": 2.0}, "peak": {"fp32": 1e11, "bf16": 4e11}}
+    r = common.seconds_ratios(10.0, host, "bf16")
+    assert r == {"seconds": 10.0, "per_reference": 5.0, "peak_tflop": pytest.approx(4.0)}
