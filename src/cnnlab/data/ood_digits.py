@@ -62,7 +62,7 @@ def font_dir() -> Path:
 
 
 def available_fonts() -> list[str]:
-    """The `FONT_FILES` present in this matplotlib (all of them in any release since 3.0)."""
+    """The `FONT_FILES` present in this matplotlib installation."""
     d = font_dir()
     found = [f for f in FONT_FILES if (d / f).is_file()]
     if not found:
@@ -118,7 +118,7 @@ def _thin(canvas: Image.Image, steps: int) -> Image.Image:
 def _inverse_affine(style: Style, c: float) -> tuple[float, ...]:
     """PIL's AFFINE data (output -> input pixel) of: rotate, then shear and narrow, about the canvas centre."""
     t = math.radians(style.rotate)
-    # forward map A (about the centre): x' = aspect * (x + shear * y) after rotation R; PIL needs A^-1.
+    # Forward map A about the centre: rotate (R), then x <- aspect * (x - shear * y); PIL needs A^-1.
     rot = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])  # y points down in images
     shear = np.array([[style.aspect, -style.aspect * style.shear], [0.0, 1.0]])  # -: y grows downwards
     inv = np.linalg.inv(shear @ rot)
