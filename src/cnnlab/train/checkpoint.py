@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
+from ..checkpoint_schema import validate_checkpoint
 from ..errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -146,12 +147,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"{path} is a safetensors file but not a cnnlab checkpoint (no cnnlab header)")
     try:
         meta = json.loads(header)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested thousands of levels deep
         raise CheckpointError(f"{path}: corrupt checkpoint header") from None
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {version!r}, newer than this cnnlab reads "
-                              f"({FORMAT_VERSION}); upgrade cnnlab")
+    validate_checkpoint(meta, tensors, str(path))  # before any model is built from the header
     return tensors, meta
 
 
