@@ -9,9 +9,11 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import CnnlabError
+from .rundir import PREEMPTED_EXIT, Preempted
 from .runtime import tune_allocator
 
 
@@ -61,7 +63,7 @@ def cmd_train(args, extra: list[str]) -> int:
         from .train.tensorboard import TensorBoardLog
 
         hooks.append(TensorBoardLog(args.tensorboard or model_dir / "tensorboard"))
-    result = fit(config, model_dir, data_dir=args.data_dir, progress=args.progress, hooks=hooks)
+    result = fit(config, model_dir, data_dir=args.data_dir, progress=args.progress, hooks=hooks, force=args.force)
     print(f"done: step {result.step}, test accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f}, "
           f"{result.seconds:.1f} s; model in {model_dir}")
     if args.report:
@@ -254,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show a progress bar (default: when stderr is a terminal)")
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="do not write MODEL_DIR/report.html at the end")
+    p.add_argument("--force", action="store_true",
+                   help="train in --model-dir even if it holds files cnnlab did not write (they may be overwritten)")
     p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
                    help="also log scalars for TensorBoard (default DIR: MODEL_DIR/tensorboard)")
     _add_common_data(p)
@@ -355,9 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "takes_overrides", False):
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    # Pillow warns (three lines, with its own file path) above ~89 megapixels; cnnlab's own pixel limits are
+    # lower and refuse such an image in one line, so the warning only adds noise.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     tune_allocator()  # reuse freed memory instead of page-faulting it back in each step (see runtime.py)
     try:
         return args.func(args, extra)
+    except Preempted as e:  # SIGTERM (e.g. a preempted cloud machine): the checkpoint is saved
+        print(f"cnnlab: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except CnnlabError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ import torch
 from . import __version__
 from .errors import CnnlabError, DataError
 from .extras import require_extra
+from .rundir import check_not_protected
 from .train.checkpoint import atomic_write_bytes
 from .train.restore import TrainedModel, load_trained
 from .train.steps import to_input
@@ -159,6 +160,9 @@ def export_onnx(run: str | Path, out: str | Path | None = None, *, tolerance: fl
     if out is None:
         out = trained.path.with_suffix(".onnx") if Path(run).is_file() else Path(run) / "model.onnx"
     out = Path(out)
+    check_not_protected(out)  # never write ONNX over a checkpoint or a run's records
+    if out.exists() and out.resolve() == trained.path.resolve():
+        raise CnnlabError(f"refusing to write over {out}: it is the checkpoint being exported; choose another --out")
     if not out.parent.is_dir():
         raise DataError(f"output folder does not exist: {out.parent}")
     model = trained.model.float().eval()

@@ -6,10 +6,9 @@ dataset once, and draws every plot from those results. The CLI's ``plot`` and ``
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,6 +17,7 @@ from ..data import load_dataset
 from ..data.augment import Augment
 from ..data.images import as_batch
 from ..errors import CnnlabError, DataError
+from ..rundir import read_record
 from ..train.hooks import read_metrics
 from ..train.restore import TrainedModel, load_trained
 from ..train.steps import predict_logits
@@ -110,7 +110,7 @@ def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = 
     trained = load_trained(run_dir, device)
     run_dir = Path(run_dir) if Path(run_dir).is_dir() else trained.path.parent
     config_file = run_dir / "config.json"
-    run = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    run = read_record(config_file)
     metrics_file = run_dir / "metrics.jsonl"
     records = read_metrics(metrics_file) if metrics_file.is_file() else []
     result = Analysis(run_dir=run_dir, trained=trained, run=run, records=records, split=split)

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
+from .. import rundir
 from ..checkpoint_schema import validate_checkpoint
 from ..errors import CheckpointError
 
@@ -44,12 +45,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     Temp file in the same directory, fsync, rename over the target, fsync the directory.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = rundir.temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        rundir.pause_before_rename(path)  # a test hook, off unless its environment variable is set
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -138,7 +140,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with rundir.utf8_path(path) as name, safe_open(name, framework="pt") as f:
             header = (f.metadata() or {}).get("cnnlab")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -154,12 +156,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def remove_stale_temps(model_dir: Path) -> list[Path]:
-    """Delete partial files left by a write that was killed (``.NAME.tmp-PID``); return what was removed."""
-    d = Path(model_dir)
-    stale = [p for p in d.iterdir() if p.name.startswith(".") and ".tmp-" in p.name] if d.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    """Delete partial files left by cnnlab's own killed writes (see `rundir.is_own_temp`); return them."""
+    return rundir.remove_stale_temps(model_dir)
 
 
 def latest_checkpoint(model_dir: Path) -> Path | None:

@@ -6,7 +6,6 @@ there, and ``evaluate`` / ``predict`` use the newest checkpoint.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from ..config import resolve_config
 from ..data import load_dataset
 from ..data.images import as_batch
+from ..rundir import read_record
 from .loop import fit
 from .restore import TrainedModel, load_trained
 from .steps import evaluate, predict_logits, select_device
@@ -38,7 +38,7 @@ class Classifier:
         config_file = Path(model_dir) / "config.json" if model_dir else None
         if recipe is None and config_file is not None and config_file.is_file() and not given.keys() - {"model"}:
             # An existing run: carry on with its own config.
-            self.config = resolve_config(None, json.loads(config_file.read_text())["config"])
+            self.config = resolve_config(None, read_record(config_file)["config"])
         else:
             self.config = resolve_config(recipe, given)
         self.model_dir = Path(model_dir or Path("runs") / self.config.model)

@@ -7,6 +7,7 @@ functions of (seed, step), and the optimiser, step and RNG state come back from 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import rundir
 from ..config import TrainConfig
 from ..data import ArrayDataset, load_dataset
 from ..data.augment import Augment
@@ -26,8 +28,16 @@ from ..runtime import linear_backend
 from . import checkpoint as ck
 from . import distributed
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
-from .steps import (EpochSampler, EvalResult, lr_factor, make_optimizer, select_device,
-                    step_generator, to_input, train_step)
+from .steps import (
+    EpochSampler,
+    EvalResult,
+    lr_factor,
+    make_optimizer,
+    select_device,
+    step_generator,
+    to_input,
+    train_step,
+)
 
 
 class TrainingDiverged(CnnlabError):
@@ -82,7 +92,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = None,
         train_set: ArrayDataset | None = None, test_set: ArrayDataset | None = None,
-        log=print, progress: bool | None = None, hooks: list | None = None) -> FitResult:
+        log=print, progress: bool | None = None, hooks: list | None = None, force: bool = False) -> FitResult:
     """Train (or resume training) ``config`` in ``model_dir``; evaluate on the test split at the end.
 
     Args:
@@ -94,18 +104,24 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
         progress: Show a progress bar (None: when stderr is a terminal).
         hooks: Extra hooks (objects with ``on_record(rec)`` and ``close()``, e.g. a TensorBoard writer);
             they see every train/eval record after the built-in ones.
+        force: Train in ``model_dir`` even if it holds files cnnlab did not write (see `rundir`).
+
+    The run directory is locked for the whole call (a second trainer on it stops with `rundir.RunDirError`).
+    SIGTERM saves a checkpoint at the current step and raises `rundir.Preempted` (single process only).
 
     Under ``torchrun --nproc-per-node N`` the same call trains data-parallel (see `distributed`): the
     global batch ``config.batch_size`` is split over the N processes, and only rank 0 logs and writes.
     """
-    with distributed.session(select_device(config.device)) as dist:
+    with distributed.session(select_device(config.device)) as dist, \
+            (rundir.claim(model_dir, force) if dist.is_main else contextlib.nullcontext()), \
+            rundir.on_sigterm(dist.world_size == 1) as stop:  # ranks could see a signal at different steps
         dist.check_batch_size(config.batch_size)
         return _fit(config, model_dir, dist, data_dir=data_dir, train_set=train_set, test_set=test_set,
-                    log=log if dist.is_main else (lambda *a: None), progress=progress, hooks=hooks)
+                    log=log if dist.is_main else (lambda *a: None), progress=progress, hooks=hooks, stop=stop)
 
 
 def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistContext, *, data_dir, train_set,
-         test_set, log, progress, hooks) -> FitResult:
+         test_set, log, progress, hooks, stop: rundir.StopRequest) -> FitResult:
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     try:
@@ -210,6 +226,10 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
                 seen, t_log = 0, now
             if is_ckpt:
                 dist.on_main(save, step)
+            if stop.check(step, model_dir):  # SIGTERM: keep this step's work, then stop
+                if not is_ckpt:
+                    dist.on_main(save, step)
+                raise rundir.Preempted(step, ck.checkpoint_path(model_dir, step).name)
             if config.eval_every and step % config.eval_every == 0 and step < total:
                 res = dist.evaluate(ema or model, test_set.images, test_set.labels, **eval_kw)
                 emit({"kind": "eval", "split": "test", "step": step, **res.as_dict()})
