@@ -362,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     # Pillow warns (three lines, with its own file path) above ~89 megapixels; cnnlab's own pixel limits are
     # lower and refuse such an image in one line, so the warning only adds noise.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+    if hasattr(sys.stdout, "reconfigure"):  # a path that is not UTF-8 (Linux allows it) prints as its own bytes
+        sys.stdout.reconfigure(errors="surrogateescape")
     tune_allocator()  # reuse freed memory instead of page-faulting it back in each step (see runtime.py)
     try:
         return args.func(args, extra)

@@ -250,13 +250,15 @@ def lock(model_dir: Path) -> Iterator[None]:
 def claim(model_dir: Path, force: bool = False) -> Iterator[None]:
     """Create ``model_dir`` if needed, lock it, and check it holds only cnnlab's files (unless ``force``)."""
     model_dir = Path(model_dir)
+    if not force:
+        check_owned(model_dir)  # first without the lock, so a refused directory gets no lock file either
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create model directory {model_dir}: {e.strerror or e}") from None
     with lock(model_dir):
         if not force:
-            check_owned(model_dir)
+            check_owned(model_dir)  # again: it may have changed before the lock was ours
         yield
 
 
@@ -300,11 +302,12 @@ class StopRequest:
     def check(self, step: int, run_dir: Path) -> bool:
         """Whether to stop after ``step``.
 
-        Test hook: with ``CNNLAB_TEST_PAUSE_AT_STEP=N`` the process writes ``RUN/.paused-N`` after step N and
-        waits (up to a minute) for a signal, so a test can deliver SIGTERM at a known step.
+        Test hook: with ``CNNLAB_TEST_PAUSE_AT_STEP=N`` the process creates ``RUN.paused-N`` (beside the run
+        directory, not in it) after step N and waits up to a minute for SIGTERM, so a test can deliver the
+        signal at a known step.
         """
         if step == self._pause_at:
-            (Path(run_dir) / f".paused-{step}").touch()
+            Path(f"{run_dir}.paused-{step}").touch()
             deadline = time.monotonic() + 60
             while not self.requested and time.monotonic() < deadline:
                 time.sleep(0.01)
