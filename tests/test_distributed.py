@@ -86,8 +86,9 @@ def test_two_processes_follow_one_process(runs):
 
 def test_only_rank_zero_writes_and_prints(runs):
     two, out = runs["two"], runs["proc"].stdout
-    assert sorted(p.name for p in two.iterdir()) == ["ckpt-00000003.safetensors", "ckpt-00000006.safetensors",
-                                                     "config.json", "metrics.jsonl", "results.json"]
+    assert sorted(p.name for p in two.iterdir()) == [".cnnlab-lock", "ckpt-00000003.safetensors",
+                                                     "ckpt-00000006.safetensors", "config.json", "metrics.jsonl",
+                                                     "results.json"]
     lines = (two / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines)) == 7  # 6 train records and one eval, each written once
     assert out.count("cnnlab train: lenet5-mnist") == 1 and out.count("step 6/6") == 1 and out.count("done:") == 1
