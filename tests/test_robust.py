@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runs import train_tiny_run
 
 from cnnlab import rundir
 from cnnlab.cli import main
 from cnnlab.train import checkpoint as ck
-from runs import train_tiny_run
 
 pytestmark = pytest.mark.robust
 

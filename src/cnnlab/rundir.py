@@ -5,7 +5,7 @@
   by a dead process is simply taken over. A second trainer on the same directory stops with one line naming
   the holder's pid.
 - **Ownership.** Before training writes into an existing directory, every entry must be one cnnlab writes
-  (`OWNED`): otherwise a user's own ``config.json`` or ``metrics.jsonl`` would be overwritten or cut. Such a
+  (`is_owned`): otherwise a user's own ``config.json`` or ``metrics.jsonl`` would be overwritten or cut. Such a
   directory is refused unless ``force``.
 - **Temp files.** Atomic writes go through ``.NAME.cnnlab-tmp-PID`` (`temp_path`); only such names (and the
   ``.NAME.tmp-PID`` of older cnnlab versions, for the names cnnlab writes) are ever removed.
