@@ -63,7 +63,10 @@ MALFORMED = [
     ("model.args", {"img_size": 100_000}, "model.args.img_size must be an integer from 1 to 4096"),
     ("model.args", {"img_size": 1500}, "does not match the model"),  # in bounds, but its weights are not here
     ("model.args", {"dropout": float("nan")}, "model.args.dropout is nan"),
-    ("model.args", {"dropout": [0.1]}, "model.args.dropout must be a number"),
+    ("model.args", {"dropout": {"p": 0.1}}, "model.args.dropout must be a number"),
+    ("model.args", {"img_size": [28, 10**6]}, "model.args.img_size must be an integer from 1 to 4096"),
+    ("model.args", {"pretrained_file": "/etc/passwd"}, "chooses starting weights"),
+    ("model.args", {"pretrained": True}, "chooses starting weights"),
     ("model.name", "spec:/tmp/net.toml", "spec file path"),
     ("model.name", "spec:in1x100000x100000-conv4k3-fc10", "out of range"),
     ("model.name", "lenet5\nx", "printable"),

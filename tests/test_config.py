@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from cnnlab.config import TrainConfig, list_recipes, load_recipe, make_config, parse_overrides, resolve_config
 from cnnlab.errors import ConfigError
-from cnnlab.models import list_models
+from cnnlab.models import list_models, model_entry
 
 TUTORIAL_RECIPES = ["tf-estimator-cnn-mnist", "tf-core-convnet-mnist", "tf2-convnet-mnist",
                     "cifar10-prettytensor", "lenet5-mnist"]
@@ -15,7 +17,7 @@ TUTORIAL_RECIPES = ["tf-estimator-cnn-mnist", "tf-core-convnet-mnist", "tf2-conv
 @pytest.mark.parametrize("name", list_recipes())
 def test_every_recipe_loads_and_names_a_model(name):
     config = resolve_config(name)
-    assert config.model in list_models()
+    assert config.model in list_models() or model_entry(config.model).name == config.model  # timm:NAME too
 
 
 def test_tutorial_recipes_match_the_tutorials():
@@ -72,3 +74,15 @@ def test_config_is_frozen_and_round_trips():
         c.lr = 1.0  # type: ignore[misc]
     assert make_config(c.to_dict()) == c
     assert TrainConfig().total_steps(1000) == TrainConfig().steps
+
+
+def test_every_field_has_a_one_line_description():
+    for f in dataclasses.fields(TrainConfig):
+        text = f.metadata.get("help", "")
+        assert text.strip() and "\n" not in text, f.name
+
+
+def test_mutable_defaults_are_not_shared():
+    a, b = TrainConfig(), TrainConfig()
+    a.model_args["dropout"] = 0.5
+    assert b.model_args == {} and TrainConfig().model_args == {}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, CnnlabError
+from .models.registry import INIT_ONLY_ARGS
 
 MAX_SIDE = 4096  # pixels, per side of the model input and of the recorded image shape
 MAX_CHANNELS = 64  # image channels (1 grey, 3 RGB, 4 RGBA; more for unusual sensors)
@@ -78,18 +79,30 @@ def _check_model_name(name: str, where: str) -> None:
     _check_shape(list(shape), where, "model.name's input token")
 
 
+def _check_scalar(v: Any, key: str, where: str) -> None:
+    if not isinstance(v, _ARG_TYPES):
+        raise _fail(where, f"model.args.{key} must be a number, string, boolean, null or a short list of numbers")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise _fail(where, f"model.args.{key} is {v}")
+    if _is_int(v) and abs(v) > MAX_INT or isinstance(v, str) and len(v) > MAX_NAME_CHARS:
+        raise _fail(where, f"model.args.{key} is too large")
+
+
 def _check_args(args: dict, where: str) -> None:
+    """Scalars, or short lists of numbers (a timm model's ``mean``/``std``, ``img_size`` as [H, W])."""
     for k, v in args.items():
-        if not isinstance(v, _ARG_TYPES):
-            raise _fail(where, f"model.args.{k} must be a number, string, boolean or null")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise _fail(where, f"model.args.{k} is {v}")
-        if _is_int(v) and abs(v) > MAX_INT or isinstance(v, str) and len(v) > MAX_NAME_CHARS:
-            raise _fail(where, f"model.args.{k} is too large")
-        if k in _ARG_BOUNDS and v is not None:
-            low, high = _ARG_BOUNDS[k]
-            if not _is_int(v) or not low <= v <= high:
-                raise _fail(where, f"model.args.{k} must be an integer from {low} to {high}, got {v!r}")
+        if k in INIT_ONLY_ARGS:  # they would make loading download weights or read a file the header names
+            raise _fail(where, f"model.args.{k} chooses starting weights and has no place in a checkpoint")
+        values = v if isinstance(v, list) else [v]
+        if isinstance(v, list) and not (1 <= len(v) <= 4 and all(isinstance(x, (int, float)) and
+                                                                 not isinstance(x, bool) for x in v)):
+            raise _fail(where, f"model.args.{k} must be a list of 1 to 4 numbers")
+        for x in values:
+            _check_scalar(x, k, where)
+            if k in _ARG_BOUNDS and x is not None:
+                low, high = _ARG_BOUNDS[k]
+                if not _is_int(x) or not low <= x <= high:
+                    raise _fail(where, f"model.args.{k} must be an integer from {low} to {high}, got {x!r}")
 
 
 def _check_model(header: dict, where: str) -> dict:

@@ -292,14 +292,15 @@ def utf8_path(path: Path) -> Iterator[str]:
 class StopRequest:
     """Set by SIGTERM; the loop reads `requested` at the end of each step."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: Path) -> None:
         self.requested = False
+        self.run_dir = Path(run_dir)
         self._pause_at = _env_int("CNNLAB_TEST_PAUSE_AT_STEP")
 
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
 
-    def check(self, step: int, run_dir: Path) -> bool:
+    def check(self, step: int) -> bool:
         """Whether to stop after ``step``.
 
         Test hook: with ``CNNLAB_TEST_PAUSE_AT_STEP=N`` the process creates ``RUN.paused-N`` (beside the run
@@ -307,7 +308,7 @@ class StopRequest:
         signal at a known step.
         """
         if step == self._pause_at:
-            Path(f"{run_dir}.paused-{step}").touch()
+            Path(f"{self.run_dir}.paused-{step}").touch()
             deadline = time.monotonic() + 60
             while not self.requested and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -320,9 +321,9 @@ def _env_int(name: str) -> int | None:
 
 
 @contextlib.contextmanager
-def on_sigterm(enabled: bool = True) -> Iterator[StopRequest]:
+def on_sigterm(run_dir: Path, enabled: bool = True) -> Iterator[StopRequest]:
     """Turn SIGTERM into a `StopRequest` for the block (only in the main thread; elsewhere it stays unset)."""
-    stop = StopRequest()
+    stop = StopRequest(run_dir)
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop
         return
