@@ -42,6 +42,11 @@ def _number(kind: type, low: float, high: float | None = None, *, above: bool = 
 POSITIVE, NON_NEGATIVE = _number(int, 1), _number(int, 0)
 
 
+def _add_checkpoint_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="auto", metavar="latest|best|PATH",
+                   help="which checkpoint of the run: best, latest or a file (default: best when kept, else latest)")
+
+
 def _add_common_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="first place to look for dataset files (then $CNNLAB_DATA, ~/.cache/cnnlab)")
 
@@ -82,7 +87,7 @@ def cmd_train(args, extra: list[str]) -> int:
 def cmd_evaluate(args, extra: list[str]) -> int:
     from .train.classifier import Classifier
 
-    clf = Classifier(model_dir=args.run_dir, data_dir=args.data_dir)
+    clf = Classifier(model_dir=args.run_dir, data_dir=args.data_dir, checkpoint=args.checkpoint)
     res = clf.evaluate(args.split)
     if args.json:
         print(json.dumps(res))
@@ -93,21 +98,25 @@ def cmd_evaluate(args, extra: list[str]) -> int:
 
 
 def cmd_predict(args, extra: list[str]) -> int:
+    from .predict_files import PredictionWriter, image_files, predictions
     from .train.classifier import Classifier
 
     clf = Classifier(model_dir=args.run_dir)
-    preds = clf.predict(args.images, top_k=args.top_k, invert=args.invert, centre=args.centre)
-    for path, p in zip(args.images, preds):
-        p["file"] = str(path)
-    if args.json:
-        print(json.dumps([{k: v for k, v in p.items() if k != "probabilities" or args.all_probs} for p in preds], indent=2))
-    else:
-        from .labels import printable  # names from a checkpoint must not break or reorder these lines
-
-        for p in preds:
-            top = ", ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in p["top_k"])
-            print(f"{printable(p['file'])}: {printable(p['label'])} ({p['probability']:.3f})   "
-                  f"top-{len(p['top_k'])}: {top}")
+    files = image_files(args.images)
+    results = predictions(lambda batch: clf.predict(batch, top_k=args.top_k, invert=args.invert, centre=args.centre),
+                          files, args.batch_size)
+    if args.json:  # one JSON document (kept for scripts written against it); --format jsonl streams instead
+        print(json.dumps([{"file": str(path), **{k: v for k, v in p.items() if k != "probabilities" or args.all_probs}}
+                          for path, p in results], indent=2))
+        return 0
+    out = open(args.out, "w", encoding="utf-8", newline="") if args.out else sys.stdout  # noqa: SIM115
+    try:
+        writer = PredictionWriter(args.format, out)
+        for path, p in results:
+            writer.write(path, p)
+    finally:
+        if out is not sys.stdout:
+            out.close()
     return 0
 
 
@@ -227,7 +236,13 @@ def cmd_bench(args, extra: list[str]) -> int:
 def cmd_export(args, extra: list[str]) -> int:
     from .export import export_onnx
 
-    res = export_onnx(args.run_dir, args.out, tolerance=args.tolerance, opset=args.opset, data_dir=args.data_dir)
+    run, out = args.run_dir, args.out
+    if args.checkpoint != "auto":  # export that file, still to RUN_DIR/model.onnx by default
+        from .train.controls import choose_checkpoint
+
+        run = choose_checkpoint(args.run_dir, args.checkpoint)
+        out = out or (Path(args.run_dir) / "model.onnx" if Path(args.run_dir).is_dir() else None)
+    res = export_onnx(run, out, tolerance=args.tolerance, opset=args.opset, data_dir=args.data_dir)
     print(f"wrote {res.path} ({res.path.stat().st_size:,} bytes, {res.seconds:.1f} s); parity with onnxruntime on "
           f"{res.n_samples} images, batch sizes {'/'.join(map(str, res.batch_sizes))}: max abs diff "
           f"{res.max_abs_diff:.2e} (tolerance {args.tolerance:g})")
@@ -244,8 +259,12 @@ def cmd_serve(args, extra: list[str]) -> int:
 
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_images=args.max_batch_images,
                     max_request_pixels=args.max_request_pixels, max_inflight_pixels=args.max_inflight_pixels)
+    from .train.restore import load_trained
+    from .train.steps import select_device
+
+    trained = load_trained(args.run_dir, select_device(args.device), checkpoint=args.checkpoint)
     app = create_app(args.run_dir, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     limits=limits, read_timeout=args.body_timeout)
+                     limits=limits, read_timeout=args.body_timeout, trained=trained)
     t = app.state.trained
     if not is_loopback(args.host):
         print(f"cnnlab serve: warning: listening on {args.host}, reachable from other machines", file=sys.stderr)
@@ -280,12 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_checkpoint_choice(p)
     _add_common_data(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", allow_abbrev=False, help="classify image files (PNG/JPG)")
+    p = sub.add_parser("predict", allow_abbrev=False, help="classify image files (PNG/JPG) and folders of them")
     p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, or folders searched recursively")
+    p.add_argument("--format", choices=["text", "csv", "jsonl"], default="text",
+                   help="one line per file: text, CSV (file,label,probability,top_k) or JSON lines")
+    p.add_argument("--out", help="write the lines to this file instead of stdout")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images predicted at once")
     p.add_argument("--top-k", type=POSITIVE, default=3)
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert grayscale images (auto: when the border is light, e.g. a dark digit on paper)")
@@ -345,16 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_data(p)
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("export", allow_abbrev=False, help="export a trained run to ONNX (checked against onnxruntime)")
-    p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
+    p.add_argument("run_dir", help="run directory (its best checkpoint, else the newest) or checkpoint file")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", help="output file (default RUN_DIR/model.onnx)")
     p.add_argument("--tolerance", type=_number(float, 0), default=1e-4, help="largest allowed max abs difference of logits")
     p.add_argument("--opset", type=_number(int, 7), default=18)
+    _add_checkpoint_choice(p)
     _add_common_data(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", allow_abbrev=False, help="serve a trained run: HTTP API and a web page to draw on")
-    p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
+    p.add_argument("run_dir", help="run directory (its best checkpoint, else the newest) or checkpoint file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=_number(int, 0, 65535), default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -373,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=_number(float, 0, above=True), default=30.0,
                    help="seconds a request may take to send its body (408 after)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_checkpoint_choice(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -21,7 +21,10 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine", "linear", "triangle")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SELECT_METRICS = ("val_accuracy", "val_loss")
+CLASS_WEIGHTS = ("none", "balanced")
+SAMPLERS = ("shuffle", "balanced")
 TTA_MODES = ("none", "flip", "translate", "flip-translate")
 
 
@@ -65,6 +68,9 @@ class TrainConfig:
     contrast: tuple[float, float] = opt((1.0, 1.0), "contrast factor range, as tf.image.random_contrast")
     saturation: tuple[float, float] = opt((1.0, 1.0), "saturation factor range")
     cutout: int = opt(0, "side of a random square set to zero (0: off)")
+    random_resized_crop: tuple[float, float] = opt(
+        (0.0, 0.0), "RandomResizedCrop area range, e.g. 0.35,1: crop that fraction of the image (aspect 3/4..4/3), "
+        "resized to the model input; 0,0: off")
     tta: str = opt("none", "test-time augmentation: none | flip | translate | flip-translate (averaged logits)")
     # Fine-tuning (see cnnlab.train.finetune).
     init_from: str = opt("", "start from the weights of this run directory or .safetensors checkpoint "
@@ -78,14 +84,26 @@ class TrainConfig:
     log_probs: int = opt(0, "print the softmax probabilities of this many batch samples in each log line")
     ckpt_every: int = opt(1000, "save a checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = opt(3, "number of newest checkpoints kept in the model directory")
-    eval_every: int = opt(0, "evaluate on the test split every this many steps (0: only at the end)")
+    eval_every: int = opt(0, "evaluate on the validation split (else the test split) every this many steps and keep the best (0: only at the end)")
     eval_batch_size: int = opt(1000, "batch size for evaluation")
     # Execution.
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
-    precision: str = opt("fp32", "fp32 | bf16 (bf16 autocast of the model's forward pass; the loss stays fp32)")
+    precision: str = opt("fp32", "fp32 | bf16 | fp16 (autocast of the forward pass, loss in fp32; fp16 on CUDA only, with a GradScaler)")
     channels_last: bool = opt(True, "train and evaluate in channels-last memory layout")
     compile: bool = opt(False, "torch.compile the training model (the first steps pay for the compilation)")
+    # Training controls (train/controls.py).
+    select_metric: str = opt("val_accuracy", "evaluation metric that picks best.safetensors: val_accuracy or val_loss")
+    patience: int = opt(0, "stop after this many evaluations without improving select_metric (0: off)")
+    min_delta: float = opt(0.0, "smallest change of select_metric that counts as an improvement")
+    class_weights: str = opt("none", "none | balanced: weight the loss by n / (classes * count of the class)")
+    sampler: str = opt("shuffle", "shuffle (epochs) | balanced: every class drawn equally often, with replacement")
+    clip_grad_norm: float = opt(0.0, "clip the global gradient norm to this value (0: off)")
+    accumulate: int = opt(1, "split each batch_size batch into this many micro-batches (same step, less memory)")
+    mixup: float = opt(0.0, "MixUp Beta(alpha, alpha) parameter (0: off)")
+    cutmix: float = opt(0.0, "CutMix Beta(alpha, alpha) parameter (0: off; with mixup, half the samples each)")
+    data_memory_gb: float = opt(0.0, "memory budget for the training images in GiB: a larger split (an image folder) "
+                                     "streams from its on-disk cache; 0: always resident")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -121,6 +139,9 @@ def _validate(c: TrainConfig) -> None:
         (0 <= c.ema < 1, f"ema must be in [0, 1), got {c.ema}"),
         (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
         (0 <= c.hue <= 0.5, f"hue must be in [0, 0.5], got {c.hue}"),
+        (c.random_resized_crop == (0.0, 0.0) or 0 < c.random_resized_crop[0] <= c.random_resized_crop[1] <= 1,
+         f"random_resized_crop must be (0, 0) or (lower, upper) with 0 < lower <= upper <= 1, got {c.random_resized_crop}"),
+        (c.data_memory_gb >= 0, f"data_memory_gb must be >= 0, got {c.data_memory_gb}"),
         (c.brightness >= 0, f"brightness must be >= 0, got {c.brightness}"),
         (0 <= c.contrast[0] <= c.contrast[1], f"contrast must be (lower, upper) with 0 <= lower <= upper, got {c.contrast}"),
         (0 <= c.saturation[0] <= c.saturation[1], f"saturation must be (lower, upper) with 0 <= lower <= upper, got {c.saturation}"),
@@ -128,6 +149,19 @@ def _validate(c: TrainConfig) -> None:
         (c.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {c.keep_checkpoints}"),
         (c.eval_every >= 0 and c.eval_batch_size > 0, "eval_every must be >= 0 and eval_batch_size > 0"),
         (c.log_probs >= 0 and c.threads >= 0 and c.seed >= 0, "log_probs, threads and seed must be >= 0"),
+        (c.select_metric in SELECT_METRICS,
+         f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {c.select_metric!r}"),
+        (c.patience >= 0 and c.min_delta >= 0, "patience and min_delta must be >= 0"),
+        (c.patience == 0 or c.eval_every > 0, "patience needs eval_every > 0 (early stopping counts evaluations)"),
+        (c.class_weights in CLASS_WEIGHTS,
+         f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {c.class_weights!r}"),
+        (c.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {c.sampler!r}"),
+        (c.class_weights == "none" or c.sampler == "shuffle",
+         "use class_weights=balanced or sampler=balanced, not both (each alone corrects the imbalance)"),
+        (c.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0, got {c.clip_grad_norm}"),
+        (1 <= c.accumulate <= c.batch_size,
+         f"accumulate must be in [1, batch_size={c.batch_size}], got {c.accumulate}"),
+        (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix must be >= 0"),
         (c.freeze_steps >= 0 and c.freeze_epochs >= 0, "freeze_steps and freeze_epochs must be >= 0"),
         (not (c.freeze_steps and c.freeze_epochs), "set freeze_steps or freeze_epochs, not both"),
         (c.backbone_lr_mult > 0, f"backbone_lr_mult must be > 0, got {c.backbone_lr_mult}"),

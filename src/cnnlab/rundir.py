@@ -33,6 +33,7 @@ LOCK_NAME = ".cnnlab-lock"
 TEMP_MARK = ".cnnlab-tmp-"
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 CHECKPOINT = re.compile(r"ckpt-\d{8}\.safetensors")
+BEST_CHECKPOINT = "best.safetensors"  # train.controls.BEST_NAME: the best evaluation's weights
 # Names cnnlab writes at the top of a run directory (plus checkpoints, temps and the lock).
 _WRITTEN = ("config.json", "results.json", "metrics.jsonl", "report.html", "model.onnx")
 _OWN_TEMP = re.compile(rf"\.(?P<target>.+){re.escape(TEMP_MARK)}\d+")
@@ -69,7 +70,7 @@ def is_own_temp(name: str) -> bool:
 
 
 def _is_written_name(name: str) -> bool:
-    return name in _WRITTEN or bool(CHECKPOINT.fullmatch(name)) or name.endswith(".onnx")
+    return name in _WRITTEN or name == BEST_CHECKPOINT or bool(CHECKPOINT.fullmatch(name)) or name.endswith(".onnx")
 
 
 def _writer_alive(name: str) -> bool:
@@ -174,7 +175,7 @@ def is_owned(entry: Path) -> bool:
         return True
     if name in OWNED_DIRS:
         return entry.is_dir()
-    if CHECKPOINT.fullmatch(name):
+    if CHECKPOINT.fullmatch(name) or name == BEST_CHECKPOINT:
         return entry.is_file()
     if name.endswith(".onnx"):  # `cnnlab export` writes its metadata key into the file
         return _has_mark(entry, b"cnnlab_version")
@@ -207,7 +208,7 @@ def check_not_protected(out: Path) -> None:
     out = Path(out)
     name = out.name
     in_run = out.parent.is_dir() and any(CHECKPOINT.fullmatch(p.name) for p in out.parent.iterdir())
-    if CHECKPOINT.fullmatch(name) or name == LOCK_NAME or is_own_temp(name) or (
+    if CHECKPOINT.fullmatch(name) or name in (BEST_CHECKPOINT, LOCK_NAME) or is_own_temp(name) or (
             in_run and (name in _WRITTEN or name in OWNED_DIRS) and not name.endswith(".onnx")):
         raise RunDirError(f"refusing to write over {out}: cnnlab keeps a file of the training run there; "
                           "choose another --out")

@@ -10,6 +10,7 @@ import torch
 from ..errors import CheckpointError, CnnlabError
 from ..models import create_model
 from . import checkpoint as ck
+from .controls import choose_checkpoint
 
 
 @dataclass
@@ -25,26 +26,21 @@ class TrainedModel:
     path: Path
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if it is a file, else the newest checkpoint in that run directory."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"no such run directory or checkpoint: {path}")
-    found = ck.latest_checkpoint(path)
-    if found is None:
-        raise CheckpointError(f"no checkpoint in {path} (train first: cnnlab train --model-dir {path} ...)")
-    return found
+def find_checkpoint(path: str | Path, which: str = "auto") -> Path:
+    """``path`` itself if it is a file, else the run's best checkpoint when it kept one, else its newest
+    (``which``: auto, latest, best or a file; see `controls.choose_checkpoint`)."""
+    return choose_checkpoint(path, which)
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu", prefer_ema: bool = True) -> TrainedModel:
-    """Load the newest checkpoint of a run (or a given checkpoint file) in eval mode.
+def load_trained(path: str | Path, device: str | torch.device = "cpu", prefer_ema: bool = True,
+                 checkpoint: str = "auto") -> TrainedModel:
+    """Load a run's best checkpoint (else its newest; or a given checkpoint file) in eval mode.
 
     The architecture is rebuilt from the name and arguments stored in the checkpoint; weights must match it
-    exactly. With ``prefer_ema`` the averaged weights are used when the run kept them.
+    exactly. With ``prefer_ema`` the averaged weights are used when the run kept them. ``checkpoint``
+    chooses another one of the run's: latest, best or a file.
     """
-    file = find_checkpoint(path)
+    file = find_checkpoint(path, checkpoint)
     tensors, meta = ck.load_checkpoint(file)
     try:
         m = meta["model"]
