@@ -7,15 +7,20 @@ Fixtures:
     tiny_data: a data root holding tiny MNIST, Fashion-MNIST and CIFAR-10 in
         their real formats (see ``fakedata.py``), also set as ``$CNNLAB_DATA``
         so ``load_dataset("mnist")`` finds it without a ``data_dir``.
+    tiny_run: a tiny lenet5 run (4 steps on tiny MNIST, checkpoints at steps 2
+        and 4), trained once per session; read-only (see `TinyRun`).
+    tiny_run_copy: a private copy of that run for tests that change or damage it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
 from fakedata import write_cifar, write_mnist
+from runs import TinyRun, train_tiny_run
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,3 +54,16 @@ def tiny_data(tmp_path: Path, data_env: Path, monkeypatch: pytest.MonkeyPatch) -
     write_cifar(root)
     monkeypatch.setenv("CNNLAB_DATA", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """The session's tiny trained run; tests must not write into it (use ``tiny_run_copy``)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    return TinyRun(path=train_tiny_run(root, ckpt_every=2), data=root / "data")
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run: TinyRun, tmp_path: Path) -> TinyRun:
+    """A private copy of ``tiny_run`` (the data root is shared: nothing writes there)."""
+    return TinyRun(path=Path(shutil.copytree(tiny_run.path, tmp_path / "tiny-run")), data=tiny_run.data)

@@ -40,6 +40,42 @@ def _number(kind: type, low: float, high: float | None = None, *, above: bool = 
 POSITIVE, NON_NEGATIVE = _number(int, 1), _number(int, 0)
 
 
+def _config_keys_help() -> str:
+    """The train command's epilog: every TrainConfig key with type, default and description, from the dataclass."""
+    from .config import describe_fields
+
+    rows = describe_fields()
+    wk, wt, wd = (max(len(r[i]) for r in rows) for i in range(3))
+    lines = [f"  {k:<{wk}}  {t:<{wt}}  {d:<{wd}}  {h}" for k, t, d, h in rows]
+    return ("config keys (set as --key=value, --key value, --no-key for booleans, model_args.NAME=VALUE;\n"
+            "dashes and underscores are the same; a recipe sets them as key = value):\n"
+            f"  {'key':<{wk}}  {'type':<{wt}}  {'default':<{wd}}  description\n" + "\n".join(lines))
+
+
+def _add_run(p: argparse.ArgumentParser, help: str = "run directory (newest checkpoint)") -> None:
+    """The run a command works on: positional RUN, or --model-dir RUN as tf.estimator users type it."""
+    p.add_argument("run_dir", nargs="?", metavar="RUN", help=f"{help}; or give it as --model-dir")
+    p.add_argument("--model-dir", dest="model_dir", metavar="RUN", help="same as the positional RUN")
+
+
+def _resolve_run(args, parser: argparse.ArgumentParser) -> None:
+    """Settle ``args.run_dir`` from the positional and --model-dir; a usage error if neither or two differ.
+
+    For predict the positional slot may hold the first image when --model-dir names the run.
+    """
+    given, flag = args.run_dir, args.model_dir
+    if flag is None:
+        if given is None:
+            parser.error("a run is required: give RUN or --model-dir RUN")
+        return
+    if given is not None and Path(given) != Path(flag):
+        if hasattr(args, "images") and not Path(given).is_dir():
+            args.images = [given, *args.images]  # `predict --model-dir RUN a.png b.png`
+        else:
+            parser.error(f"two runs given: {given} and --model-dir {flag}; give one")
+    args.run_dir = flag
+
+
 def _add_common_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="first place to look for dataset files (then $CNNLAB_DATA, ~/.cache/cnnlab)")
 
@@ -135,7 +171,20 @@ def cmd_datasets(args, extra: list[str]) -> int:
         info = dataset_info(name)
         print(f"{name:<14} {info.num_classes:>3} classes  {'x'.join(map(str, info.shape)):<8}  "
               f"{', '.join(info.class_names[:10])}")
+    print(_folder_help())
     return 0
+
+
+def _folder_help() -> str:
+    """The ``folder:PATH`` entry of `cnnlab datasets`, its options from the folder parser's own table."""
+    from .data import folder
+
+    options = getattr(folder, "_OPTIONS", {})
+    query = "&".join(f"{k}=" for k in options)
+    lines = [f"{'folder:PATH':<14} image folders PATH/<class>/* or PATH/{{train,test|val}}/<class>/*"
+             + (f"; options: folder:PATH?{query}" if options else "")]
+    lines += [f"{'':<15}{k}: {hint}" for k, (_, _, hint) in options.items()]
+    return "\n".join(lines)
 
 
 def cmd_report(args, extra: list[str]) -> int:
@@ -247,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", allow_abbrev=False, help="train (resumes from the newest checkpoint in --model-dir)",
-                       description="Train a model. Any config key can be set as --key=value (see `cnnlab recipes`).")
+                       description="Train a model. Any config key below can be set as --key=value on top of a "
+                                   "recipe (see `cnnlab recipes`).",
+                       epilog=_config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="recipe name (see `cnnlab recipes`) or TOML file")
     p.add_argument("--model-dir", help="run directory (default runs/<recipe or model>)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -260,14 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train, takes_overrides=True)
 
     p = sub.add_parser("evaluate", allow_abbrev=False, help="accuracy and loss of a trained run")
-    p.add_argument("run_dir")
+    _add_run(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_common_data(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", allow_abbrev=False, help="classify image files (PNG/JPG)")
-    p.add_argument("run_dir")
+    _add_run(p)
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=POSITIVE, default=3)
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
@@ -305,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", allow_abbrev=False, help="write a self-contained HTML report of a run",
                        description="Config, training curves, metrics, confusion matrix, mistakes, filters and "
                                    "activations of a run in one HTML file with embedded images.")
-    p.add_argument("run_dir")
+    _add_run(p)
     p.add_argument("--out", help="output file (default RUN_DIR/report.html)")
     p.add_argument("--split", default="test", choices=["train", "test"])
     _add_common_data(p)
@@ -314,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", allow_abbrev=False, help="write one plot of a run as PNG",
                        description="Write one plot of a run as a PNG (default RUN_DIR/plots/KIND.png). "
                                    "`layers` lists the indices --layer takes.")
-    p.add_argument("run_dir")
+    _add_run(p)
     p.add_argument("kind", help="samples, predictions, misclassified, confusion, curves, filters, activations, "
                                 "augment, probs, or layers")
     p.add_argument("--out", help="output PNG file")
@@ -328,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_data(p)
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("export", allow_abbrev=False, help="export a trained run to ONNX (checked against onnxruntime)")
-    p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
+    _add_run(p, "run directory (newest checkpoint) or checkpoint file")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", help="output file (default RUN_DIR/model.onnx)")
     p.add_argument("--tolerance", type=_number(float, 0), default=1e-4, help="largest allowed max abs difference of logits")
@@ -337,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", allow_abbrev=False, help="serve a trained run: HTTP API and a web page to draw on")
-    p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
+    _add_run(p, "run directory (newest checkpoint) or checkpoint file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=_number(int, 0, 65535), default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -349,12 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
+    if hasattr(args, "run_dir"):
+        _resolve_run(args, _subparser(parser, args.command))
     tune_allocator()  # reuse freed memory instead of page-faulting it back in each step (see runtime.py)
     try:
         return args.func(args, extra)

@@ -97,6 +97,24 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def _show_default(value) -> str:
+    """A default as it is typed on the command line (tuples as ``a,b``)."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def describe_fields() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) of every TrainConfig field, in declaration order."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out.append((f.name, str(f.type), _show_default(default), f.metadata.get("help", "")))
+    return out
+
+
 def _validate(c: TrainConfig) -> None:
     """Check value ranges; raise ConfigError on the first bad one."""
     checks = [
