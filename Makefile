@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 SHARED_DATA := $(abspath ../shared/data)
 export CNNLAB_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: setup browser main test clean
+.PHONY: setup browser main lint test clean
 
 $(BIN)/cnnlab: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,7 +39,11 @@ browser:
 		else echo "note: chromium/chromedriver not installed; the browser test will be skipped"; fi; \
 	fi
 
-test: setup browser
+# ruff's settings are in pyproject.toml ([tool.ruff]).
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+test: setup browser lint
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runs import train_tiny_run
 
 from cnnlab.cli import main
 from cnnlab.train import checkpoint as ck
-from runs import train_tiny_run
 
 pytestmark = pytest.mark.robust
 

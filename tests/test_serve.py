@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import torch
-from runs import train_tiny_run
 from PIL import Image
+from runs import train_tiny_run
 
 from cnnlab import Classifier, load_dataset
 from cnnlab.cli import main
@@ -24,8 +24,8 @@ from cnnlab.cli import main
 pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
 pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
 
-from cnnlab.serve import background_server, create_app  # noqa: E402
-from cnnlab.serve.batcher import MicroBatcher  # noqa: E402
+from cnnlab.serve import background_server, create_app
+from cnnlab.serve.batcher import MicroBatcher
 
 UPLOAD_LIMIT = 200_000  # bytes; small so the over-limit tests stay quick
 
@@ -242,7 +242,8 @@ def test_bad_uploads_get_4xx_with_a_message(served, case):
 @pytest.mark.parametrize("query", ["top_k=0", "top_k=x", "invert=maybe"])
 def test_bad_query_parameters_are_422(served, query):
     server, _, _, images = served
-    status, answer = fetch(server.url + f"/predict?{query}", "POST", digit_png(images, 0), {"Content-Type": "image/png"})
+    status, answer = fetch(server.url + f"/predict?{query}", "POST", digit_png(images, 0),
+                           {"Content-Type": "image/png"})
     assert status == 422 and json.loads(answer)["error"].split(":")[0] in query
 
 

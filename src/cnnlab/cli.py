@@ -23,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _number(kind: type, low: float, high: float | None = None, *, above: bool = False):
-    """An argparse type: ``kind`` (int or float) in [low, high] (or above ``low`` when ``above``), else a usage error."""
+    """An argparse type: ``kind`` (int or float) in [low, high] (or above ``low`` when ``above``), else usage error."""
     def parse(text: str):
         try:
             v = kind(text)
@@ -107,7 +107,7 @@ def cmd_train(args, extra: list[str]) -> int:
 
             analysis = analyze(model_dir, data_dir=args.data_dir, device=select_device(config.device))
             print(f"report: {write_report(analysis)}")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001  (whatever fails in the optional report is one warning)
             print(f"cnnlab: warning: report not written ({type(e).__name__}: {e}); "
                   f"try `cnnlab report {model_dir}`", file=sys.stderr)
     return 0
@@ -134,7 +134,8 @@ def cmd_predict(args, extra: list[str]) -> int:
     for path, p in zip(args.images, preds):
         p["file"] = str(path)
     if args.json:
-        print(json.dumps([{k: v for k, v in p.items() if k != "probabilities" or args.all_probs} for p in preds], indent=2))
+        shown = [{k: v for k, v in p.items() if k != "probabilities" or args.all_probs} for p in preds]
+        print(json.dumps(shown, indent=2))
     else:
         for p in preds:
             top = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top_k"])
@@ -199,7 +200,8 @@ def cmd_report(args, extra: list[str]) -> int:
         print(f"{a.run_dir} step {a.trained.step}: {args.split} accuracy {m.accuracy:.4f}{tops}, loss {m.loss:.4f} "
               f"({m.n} images)")
         if m.most_confused:
-            print("most confused: " + ", ".join(f"{p.actual} -> {p.predicted} ({p.count})" for p in m.most_confused[:5]))
+            pairs = m.most_confused[:5]
+            print("most confused: " + ", ".join(f"{p.actual} -> {p.predicted} ({p.count})" for p in pairs))
     print(f"report: {write_report(a, args.out)}")
     return 0
 
@@ -259,7 +261,8 @@ def cmd_bench(args, extra: list[str]) -> int:
           f"({peak['flops'] / 1e9:.0f} GFLOP/s, best probe: {peak['probe']})")
     m = create_model(args.model)
     lat = latency(m, m.meta.input_size, n=args.latency_n)
-    print(f"{args.model}: single-image latency p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms ({lat['n']} calls)")
+    print(f"{args.model}: single-image latency p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms "
+          f"({lat['n']} calls)")
     return 0
 
 
@@ -382,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p, "run directory (newest checkpoint) or checkpoint file")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", help="output file (default RUN_DIR/model.onnx)")
-    p.add_argument("--tolerance", type=_number(float, 0), default=1e-4, help="largest allowed max abs difference of logits")
+    p.add_argument("--tolerance", type=_number(float, 0), default=1e-4,
+                   help="largest allowed max abs difference of logits")
     p.add_argument("--opset", type=_number(int, 7), default=18)
     _add_common_data(p)
     p.set_defaults(func=cmd_export)
@@ -393,8 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_number(int, 0, 65535), default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--max-batch", type=POSITIVE, default=64, help="most images per forward pass")
-    p.add_argument("--max-wait-ms", type=_number(float, 0), default=5.0, help="how long a request waits to share a batch")
-    p.add_argument("--max-upload-mb", type=_number(float, 0, above=True), default=5.0, help="largest request body (413 above)")
+    p.add_argument("--max-wait-ms", type=_number(float, 0), default=5.0,
+                   help="how long a request waits to share a batch")
+    p.add_argument("--max-upload-mb", type=_number(float, 0, above=True), default=5.0,
+                   help="largest request body (413 above)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
     return parser

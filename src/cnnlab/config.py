@@ -47,7 +47,7 @@ class TrainConfig:
     optimizer: str = opt("sgd", "sgd | momentum | nesterov | adam | adamw")
     lr: float = opt(0.001, "peak learning rate")
     momentum: float = opt(0.9, "momentum for the momentum / nesterov optimizers")
-    weight_decay: float = opt(0.0, "weight decay of weight matrices (not biases or norm parameters); decoupled for adamw")
+    weight_decay: float = opt(0.0, "weight decay of weight matrices (not biases or norms); decoupled for adamw")
     adam_eps: float = opt(1e-8, "Adam epsilon (tf.train.AdamOptimizer's default; Keras uses 1e-7)")
     batch_size: int = opt(100, "global batch size (split over processes under torchrun)")
     steps: int = opt(1000, "optimisation steps (ignored when epochs > 0)")
@@ -134,8 +134,10 @@ def _validate(c: TrainConfig) -> None:
         (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
         (0 <= c.hue <= 0.5, f"hue must be in [0, 0.5], got {c.hue}"),
         (c.brightness >= 0, f"brightness must be >= 0, got {c.brightness}"),
-        (0 <= c.contrast[0] <= c.contrast[1], f"contrast must be (lower, upper) with 0 <= lower <= upper, got {c.contrast}"),
-        (0 <= c.saturation[0] <= c.saturation[1], f"saturation must be (lower, upper) with 0 <= lower <= upper, got {c.saturation}"),
+        (0 <= c.contrast[0] <= c.contrast[1],
+         f"contrast must be (lower, upper) with 0 <= lower <= upper, got {c.contrast}"),
+        (0 <= c.saturation[0] <= c.saturation[1],
+         f"saturation must be (lower, upper) with 0 <= lower <= upper, got {c.saturation}"),
         (c.log_every > 0 and c.ckpt_every > 0, "log_every and ckpt_every must be > 0"),
         (c.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {c.keep_checkpoints}"),
         (c.eval_every >= 0 and c.eval_batch_size > 0, "eval_every must be >= 0 and eval_batch_size > 0"),

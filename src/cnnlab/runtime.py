@@ -84,5 +84,6 @@ def linear_backend() -> str:
         return "torch"
     if want == "onednn":
         return "onednn"
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return "onednn" if x86 and torch.backends.mkl.is_available() and cpu_vendor() not in ("GenuineIntel", "") else "torch"
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkl.is_available():
+        return "torch"
+    return "onednn" if cpu_vendor() not in ("GenuineIntel", "") else "torch"

@@ -125,7 +125,7 @@ class Augment:
     cutout: int = 0
 
     @classmethod
-    def from_config(cls, config, size: tuple[int, int]) -> "Augment":
+    def from_config(cls, config, size: tuple[int, int]) -> Augment:
         return cls(size=size, random_crop=config.random_crop, translate=config.translate, flip=config.flip,
                    hue=config.hue, brightness=config.brightness, contrast=tuple(config.contrast),
                    saturation=tuple(config.saturation), cutout=config.cutout)

@@ -52,7 +52,8 @@ def image_to_tensor(im: Image.Image, channels: int, size: tuple[int, int], inver
         arr = np.asarray(im, dtype=np.uint8)
         return torch.from_numpy(centre_digit(255 - arr if _inverts(arr, invert) else arr, size))[None]
     if im.size != (size[1], size[0]):
-        im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS if min(im.size) > max(size) else Image.Resampling.BILINEAR)
+        shrink = min(im.size) > max(size)
+        im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS if shrink else Image.Resampling.BILINEAR)
     arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]

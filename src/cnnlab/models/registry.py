@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 from torch import nn

@@ -60,7 +60,8 @@ def tf_core_convnet(num_classes: int = 10, in_chans: int = 1, img_size: int = 28
                   "towardsdatascience 'Guide to coding a custom CNN in TensorFlow Core'")
 
 
-@register_model("tf2-convnet", description="conv32 5x5 VALID -> pool -> conv64 3x3 VALID -> pool -> fc1024 -> dropout 0.5")
+@register_model("tf2-convnet",
+                description="conv32 5x5 VALID -> pool -> conv64 3x3 VALID -> pool -> fc1024 -> dropout 0.5")
 def tf2_convnet(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, dropout: float = 0.5) -> CnnModel:
     """The TF2 low-level ConvNet (Aymeric Damien): Keras Conv2D defaults, i.e. VALID padding.
 
@@ -97,7 +98,8 @@ def cifar10_prettytensor(num_classes: int = 10, in_chans: int = 3, img_size: int
                   "Hvass-Labs TensorFlow tutorial #06 CIFAR-10")
 
 
-@register_model("lenet5", description="conv6 5x5 SAME tanh -> pool -> conv16 5x5 VALID relu -> pool -> fc120 -> fc84 (tanh)")
+@register_model("lenet5",
+                description="conv6 5x5 SAME tanh -> pool -> conv16 5x5 VALID relu -> pool -> fc120 -> fc84 (tanh)")
 def lenet5(num_classes: int = 10, in_chans: int = 1, img_size: int = 28) -> CnnModel:
     """LeNet-5 as the habr 'LeNet-5 своими руками' tutorial codes it for 28x28 MNIST.
 

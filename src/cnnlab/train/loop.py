@@ -30,8 +30,16 @@ from ..runtime import linear_backend
 from . import checkpoint as ck
 from . import distributed
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
-from .steps import (EpochSampler, EvalResult, lr_factor, make_optimizer, select_device,
-                    step_generator, to_input, train_step)
+from .steps import (
+    EpochSampler,
+    EvalResult,
+    lr_factor,
+    make_optimizer,
+    select_device,
+    step_generator,
+    to_input,
+    train_step,
+)
 
 
 class TrainingDiverged(CnnlabError):
