@@ -1,4 +1,4 @@
-"""Shared test setup: the ``robust`` marker and tiny on-disk datasets.
+"""Shared test setup: tiny on-disk datasets and a tiny trained run.
 
 Fixtures:
     data_env: isolates dataset lookup from this machine (no ``$CNNLAB_DATA``,
@@ -21,13 +21,6 @@ from pathlib import Path
 import pytest
 from fakedata import write_cifar, write_mnist
 from runs import TinyRun, train_tiny_run
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # Registered here because pyproject.toml's pytest section is owned elsewhere.
-    config.addinivalue_line(
-        "markers", "robust: fault-injection tests (corrupt, truncated or hostile inputs, network failures)"
-    )
 
 
 @pytest.fixture
