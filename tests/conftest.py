@@ -15,12 +15,11 @@ Fixtures:
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import pytest
 from fakedata import write_cifar, write_mnist
-from runs import TinyRun, train_tiny_run
+from runs import TinyRun, copy_run, train_tiny_run
 
 
 @pytest.fixture
@@ -59,4 +58,4 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
 @pytest.fixture
 def tiny_run_copy(tiny_run: TinyRun, tmp_path: Path) -> TinyRun:
     """A private copy of ``tiny_run`` (the data root is shared: nothing writes there)."""
-    return TinyRun(path=Path(shutil.copytree(tiny_run.path, tmp_path / "tiny-run")), data=tiny_run.data)
+    return copy_run(tiny_run, tmp_path / "tiny-run")

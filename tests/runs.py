@@ -5,6 +5,7 @@ Tests get it through the ``tiny_run`` / ``tiny_run_copy`` fixtures (conftest.py)
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,3 +36,8 @@ def train_tiny_run(root: Path, steps: int = 4, ckpt_every: int = 4) -> Path:
                f"--steps={steps}", f"--ckpt_every={ckpt_every}", *TINY_TRAIN])
     assert rc == 0
     return run
+
+
+def copy_run(run: TinyRun, dest: Path) -> TinyRun:
+    """A private copy of ``run``'s directory at ``dest`` (the data root is shared: nothing writes there)."""
+    return TinyRun(path=Path(shutil.copytree(run.path, dest)), data=run.data)

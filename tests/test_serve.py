@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runs import train_tiny_run
 
 from cnnlab import Classifier, load_dataset
 from cnnlab.cli import main
@@ -72,11 +71,10 @@ def post_json(url: str, payload) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tiny_run):
     """(server, app, run dir, tiny MNIST test images uint8 [32,1,28,28])."""
-    root = tmp_path_factory.mktemp("serve")
-    run = train_tiny_run(root)
-    images = load_dataset("mnist", "test", data_dir=root / "data").images
+    run = tiny_run.path
+    images = load_dataset("mnist", "test", data_dir=tiny_run.data).images
     # A 20 ms window makes the batching test independent of how fast this machine is.
     app = create_app(run, max_wait_ms=20, max_upload_bytes=UPLOAD_LIMIT, max_images=8)
     with background_server(app) as server:
