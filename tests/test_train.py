@@ -172,24 +172,23 @@ def test_plain_building_blocks():
     assert loss < first and logits.shape == (8, 10)
 
 
-def test_resume_refuses_another_architecture(tiny_data, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--steps=2", *TINY]) == 0
-    assert main(["train", "--recipe", "tf2-convnet-mnist", "--model-dir", str(run), "--steps=2", *TINY]) == 2
+def test_resume_refuses_another_architecture(tiny_run_copy, capsys):
+    run, data = tiny_run_copy
+    argv = ["train", "--recipe", "tf2-convnet-mnist", "--model-dir", str(run), "--data-dir", str(data), "--steps=6"]
+    assert main([*argv, *TINY]) == 2
     err = capsys.readouterr().err
     assert "holds lenet5" in err and "another --model-dir" in err and "Traceback" not in err
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, capsys):
-    run = tmp_path / "run"
-    args = ["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--batch_size=16", "--log_every=1",
-            "--ckpt_every=2", "--no-report"]
-    assert main([*args, "--steps=2"]) == 0
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run_copy, capsys):
+    run, data = tiny_run_copy  # checkpoints at steps 2 and 4
     good = weights(run)
-    assert main([*args, "--steps=6", "--lr=1e30"]) == 2  # diverges at once
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--data-dir", str(data),
+                 "--batch_size=16", "--log_every=1", "--ckpt_every=2", "--no-report", "--steps=8",
+                 "--lr=1e30"]) == 2  # diverges at once
     err = capsys.readouterr().err
-    assert "loss became" in err and "ckpt-00000002" in err
-    assert ck.latest_checkpoint(run).name == "ckpt-00000002.safetensors"
+    assert "loss became" in err and "ckpt-00000004" in err
+    assert ck.latest_checkpoint(run).name == "ckpt-00000004.safetensors"
     assert_same_weights(good, weights(run))
 
 
