@@ -79,3 +79,14 @@ def test_datasets_lists_folder_with_its_options(capsys):
     for key in folder._OPTIONS:
         assert f"{key}=" in line
     assert "mnist" in out
+
+
+def test_library_messages_reach_the_user_once_on_stderr(capsys):
+    from cnnlab.data import sources
+
+    for _ in range(2):  # however often main() runs in one process
+        assert main(["recipes"]) == 0
+    capsys.readouterr()
+    sources.log.info("downloading %s into %s", "mnist", "/somewhere")
+    captured = capsys.readouterr()
+    assert captured.err == "cnnlab: downloading mnist into /somewhere\n" and captured.out == ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -406,6 +407,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrLog(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message comes (it may be replaced after set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _show_library_log() -> None:
+    """Show the library's INFO messages (e.g. "downloading mnist into ...") on stderr, as ``cnnlab: ...`` lines.
+
+    The library only logs (to the ``cnnlab`` logger); where that goes is the application's choice.
+    """
+    logger = logging.getLogger("cnnlab")
+    if not any(isinstance(h, _StderrLog) for h in logger.handlers):  # main() may run many times in a process
+        handler = _StderrLog()
+        handler.setFormatter(logging.Formatter("cnnlab: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[command]
@@ -418,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     if hasattr(args, "run_dir"):
         _resolve_run(args, _subparser(parser, args.command))
+    _show_library_log()
     tune_allocator()  # reuse freed memory instead of page-faulting it back in each step (see runtime.py)
     try:
         return args.func(args, extra)
