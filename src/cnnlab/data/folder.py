@@ -20,8 +20,7 @@ Options after ``?`` (joined by ``&``):
   become white; 16-bit and float images are scaled to 8 bits.
 * ``seed=N``: seed of the held-out draw (default 0).
 
-The whole split is decoded into one uint8 tensor [N, C, H, W]. ``mean``/``std`` in the dataset info are
-nominal (0.5), not measured: that would mean decoding every image just to describe the set.
+The whole split is decoded into one uint8 tensor [N, C, H, W].
 """
 
 from __future__ import annotations
@@ -204,9 +203,8 @@ def read_images(files: list[tuple[Path, int]], shape: tuple[int, int, int]) -> t
 def resolve_folder(argument: str) -> DatasetSpec:
     """The `DatasetSpec` of ``folder:<argument>`` (see the module docstring for the syntax)."""
     scan = scan_folder(parse_folder_name(argument))
-    c = scan.shape[0]
     info = DatasetInfo(name=f"folder:{argument}", num_classes=len(scan.classes), class_names=scan.classes,
-                       shape=scan.shape, mean=(0.5,) * c, std=(0.5,) * c)
+                       shape=scan.shape)
 
     def load(split: str, data_dir, download: bool) -> tuple[np.ndarray, np.ndarray]:
         return read_images(scan.splits[split], scan.shape)

@@ -25,16 +25,12 @@ class ModelMeta:
         name: Registry name.
         input_size: Expected input (C, H, W); inputs are float in [0, 1].
         num_classes: Number of output logits.
-        description: One line shown by ``cnnlab models``.
-        source: Where the architecture comes from (tutorial or paper).
         args: The keyword arguments the model was built with (saved in checkpoints to rebuild it).
     """
 
     name: str
     input_size: tuple[int, int, int]
     num_classes: int
-    description: str = ""
-    source: str = ""
     args: dict = field(default_factory=dict)
 
 
