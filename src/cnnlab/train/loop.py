@@ -247,6 +247,7 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
 
 def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistContext, *, data_dir, train_set,
          test_set, log, progress, hooks) -> FitResult:
+    """`fit` in one process of a (possibly one-process) run: data, model, resume, run record, loop, results."""
     t0 = time.perf_counter()
     model_dir = _make_model_dir(model_dir)
     if config.threads:
@@ -264,9 +265,9 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     all_hooks = _make_hooks(model_dir, total, state.step, dist, log, progress, hooks)
     try:
         final, test = train_loop(state, config, train_set, test_set, total=total, dist=dist, t0=t0,
-                            emit=lambda rec: [h.on_record(rec) for h in all_hooks],
-                            save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
-                            last_good=lambda: ck.latest_checkpoint(model_dir))
+                                 emit=lambda rec: [h.on_record(rec) for h in all_hooks],
+                                 save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
+                                 last_good=lambda: ck.latest_checkpoint(model_dir))
     finally:
         for h in all_hooks:
             h.close()
