@@ -21,6 +21,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..data.augment import fit_to_size
 from ..errors import ConfigError
+from .finetune import param_groups
 
 
 def select_device(spec: str = "auto") -> torch.device:
@@ -33,10 +34,9 @@ def select_device(spec: str = "auto") -> torch.device:
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimiser a config names. Weight decay skips biases and norm parameters (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """The optimiser a config names. Weight decay skips biases and norm parameters (1-D tensors); the backbone's
+    groups carry ``lr_mult`` = ``backbone_lr_mult`` (see `finetune.param_groups`)."""
+    groups = param_groups(model, config)
     builders = {
         "sgd": lambda: torch.optim.SGD(groups, lr=config.lr),
         "momentum": lambda: torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum),
