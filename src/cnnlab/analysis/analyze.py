@@ -7,8 +7,8 @@ dataset once, and draws every plot from those results. The CLI's ``plot`` and ``
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
 
 import torch
