@@ -6,9 +6,9 @@ dataset once, and draws every plot from those results. The CLI's ``plot`` and ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
