@@ -6,7 +6,8 @@ from .config import TrainConfig, list_recipes, load_recipe, resolve_config  # no
 from .data import list_datasets, load_dataset  # noqa: E402
 from .errors import CnnlabError  # noqa: E402
 from .models import create_model, list_models, register_model  # noqa: E402
-from .train import Classifier, evaluate, fit, load_trained, make_optimizer, train_step  # noqa: E402
+from .infer import evaluate, load_trained  # noqa: E402
+from .train import Classifier, fit, make_optimizer, train_step  # noqa: E402
 
 __all__ = ["Classifier", "CnnlabError", "TrainConfig", "create_model", "evaluate", "fit", "list_datasets",
            "list_models", "list_recipes", "load_dataset", "load_recipe", "load_trained", "make_optimizer", "register_model",

@@ -67,7 +67,7 @@ def cmd_train(args, extra: list[str]) -> int:
     if args.report:
         try:  # the trained run is safe on disk whatever happens here: a failure is one warning line
             from .analysis import analyze, write_report
-            from .train.steps import select_device
+            from .infer import select_device
 
             analysis = analyze(model_dir, data_dir=args.data_dir, device=select_device(config.device))
             print(f"report: {write_report(analysis)}")
@@ -160,7 +160,7 @@ def cmd_plot(args, extra: list[str]) -> int:
     from .analysis.analyze import DATA_FREE_KINDS
 
     if args.kind == "layers":  # a listing, not a picture: the indices --layer takes
-        from .train.restore import load_trained
+        from .infer import load_trained
 
         print(f"{'module':>6}  {'conv':>4}  {'name':<10} {'type':<14} output (C, H, W)")
         for r in describe_layers(load_trained(args.run_dir).model):
@@ -270,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=POSITIVE, default=3)
-    p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
-                   help="invert grayscale images (auto: when the border is light, e.g. a dark digit on paper)")
+    p.add_argument("--invert", choices=["auto", "yes", "no"], default=None,
+                   help="invert grayscale images (auto: when the border is light, e.g. a dark digit on paper; "
+                        "default: as the run recorded, auto for MNIST-like runs, no for CIFAR-10 and folders)")
     p.add_argument("--centre", "--center", action="store_true",
                    help="grayscale: frame the digit as MNIST does (ink box scaled to 20x20, centre of mass "
                         "mid-image), for digits photographed or drawn small or off-centre")

@@ -6,7 +6,7 @@ Routes:
     GET  /health   {status, model, step, classes, dataset, data_shape, input_size, batching counters}
     POST /predict  body: an image file (multipart form field, or the raw bytes with an image/* type), or JSON
                    {"images": [base64 image files or pixel arrays]}. Query: top_k (default 3), invert
-                   (auto|yes|no, as `cnnlab predict`), centre (true|false: frame a grayscale digit as MNIST
+                   (auto|yes|no, as `cnnlab predict`; default: as the run recorded), centre (true|false: frame a grayscale digit as MNIST
                    does, as `cnnlab predict --centre`). Answers {class, label, probability, probabilities, top_k}
                    for a file, {"predictions": [...]} for a JSON batch; errors {"error": message} with a 4xx.
 
@@ -29,9 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..train.classifier import describe_predictions
-from ..train.restore import TrainedModel, load_trained
-from ..train.steps import predict_logits, select_device
+from ..infer import TrainedModel, describe_predictions, load_trained, select_device
 from .batcher import MicroBatcher
 from .decode import BadRequest, image_file_batch, json_batch
 
@@ -99,13 +97,12 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
     """
     trained = trained or load_trained(run, select_device(device))
     model = trained.model
-    tta = trained.config.get("tta", "none")
-    tta = {True: "flip", False: "none"}.get(tta, tta)  # older runs stored a bool (True meant the mirror image)
     shape = tuple(trained.data_shape)
 
     @torch.inference_mode()
     def forward(images: torch.Tensor) -> torch.Tensor:  # uint8 [N,C,H,W] -> probabilities [N,K]; worker thread
-        return torch.softmax(predict_logits(model, images, batch_size=max(max_batch, len(images)), tta=tta), 1)
+        # the run's recorded TTA, precision, layout and crop, as `cnnlab predict` and `evaluate`
+        return torch.softmax(trained.logits(images, batch_size=max(max_batch, len(images))), 1)
 
     batcher = MicroBatcher(forward, max_batch=max_batch, max_wait_ms=max_wait_ms)
     html = page_html(trained)
@@ -149,8 +146,9 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int = Query(3, ge=1, le=1000),
-                      invert: Literal["auto", "yes", "no"] = "auto", centre: bool = False) -> JSONResponse:
+                      invert: Literal["auto", "yes", "no"] | None = None, centre: bool = False) -> JSONResponse:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        invert = invert or trained.preprocess.invert  # the run's recorded polarity unless the query overrides it
         if kind == "multipart/form-data":
             images = await run_in_threadpool(image_file_batch, await _form_file(request, max_upload_bytes),
                                              shape, invert, centre)

@@ -23,11 +23,12 @@ from ..models import create_model
 from ..models.layers import pool_before_relu, use_onednn_linear
 from ..runinfo import run_info
 from ..runtime import linear_backend
-from . import checkpoint as ck
+from .. import checkpoint as ck
+from ..infer import EvalResult, model_input, select_device
+from ..preprocess import for_training
 from . import distributed
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
-from .steps import (EpochSampler, EvalResult, lr_factor, make_optimizer, select_device,
-                    step_generator, to_input, train_step)
+from .steps import EpochSampler, lr_factor, make_optimizer, step_generator, train_step
 
 
 class TrainingDiverged(CnnlabError):
@@ -59,14 +60,14 @@ def _check_same_run(meta: dict, model: torch.nn.Module, config: TrainConfig, whe
                               "use another --model-dir")
 
 
-def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor) -> None:
+def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor, crop: tuple[int, int] | None = None) -> None:
     """Let layers that set themselves from data (e.g. airbench's patch whitening) see some training images.
 
     Runs on every start; a resumed run then overwrites these weights with the checkpoint's.
     """
     layers = [m for m in model.modules() if hasattr(m, "init_from_data")]
     if layers:
-        x = to_input(images_u8, model.meta.input_size)
+        x = model_input(model, images_u8, crop)
         for layer in layers:
             layer.init_from_data(x)
 
@@ -121,11 +122,12 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
 
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
     model = build_model(config, info).to(device)
+    preprocess = for_training(info, model.meta, config.random_crop)  # a size mismatch fails here, not silently
     pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
     # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py); compile and CUDA keep nn.Linear
     fp32_linear = linear_backend() if device.type == "cpu" and not config.compile else "torch"
     use_onednn_linear(model, fp32_linear)
-    init_from_data(model, train_set.images[:5000].to(device))
+    init_from_data(model, train_set.images[:5000].to(device), preprocess.crop)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
@@ -147,7 +149,8 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
         log(f"resuming from {last.name} (step {step})")
     dist.check_same(step, "step to resume from")
     total = config.total_steps(len(train_set))
-    data_meta = {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape)}
+    data_meta = {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape),
+                 "preprocess": preprocess.to_json()}
     record = {"config": config.to_dict(), "model": {"name": model.meta.name, "args": model.meta.args},
               "data": data_meta, "total_steps": total, "processes": dist.world_size, "fp32_linear": fp32_linear, **run_info(device, config)}
     dist.on_main(ck.atomic_write_bytes, model_dir / "config.json", json.dumps(record, indent=2).encode())
@@ -170,7 +173,7 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
         if dist.is_main else [bar]  # other ranks neither print nor write
     emit = lambda rec: [h.on_record(rec) for h in hooks]  # noqa: E731
     eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device,
-                   precision=config.precision, channels_last=config.channels_last)
+                   precision=config.precision, channels_last=config.channels_last, crop=preprocess.crop)
     model.train()
     train_model = dist.wrap(model)  # DDP under torchrun (same parameters as `model`, which is what is saved)
     if config.compile:

@@ -10,15 +10,16 @@ Tensor keys: ``model/<state_dict key>``, ``ema/<key>``, ``optim/<param index>/<s
 from __future__ import annotations
 
 import json
-import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from ..errors import CheckpointError
+from . import io
+from .errors import CheckpointError
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{8})\.safetensors$")
@@ -37,27 +38,9 @@ def list_checkpoints(model_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never a part.
-
-    Temp file in the same directory, fsync, rename over the target, fsync the directory.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """`cnnlab.io.atomic_write_bytes` raising `CheckpointError`: a crash never leaves half a checkpoint."""
+    return io.atomic_write_bytes(path, data, CheckpointError)
 
 
 def _optimizer_to_flat(opt_state: dict) -> tuple[dict, dict]:
@@ -84,8 +67,7 @@ def _optimizer_from_flat(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    step: int, config: dict, data: dict, ema: torch.nn.Module | None = None,
-                    extra: dict | None = None) -> Path:
+                    step: int, config: dict, data: dict, ema: torch.nn.Module | None = None) -> Path:
     """Save everything needed to resume or serve: weights, optimiser, step, RNG states, model args, config.
 
     Args:
@@ -94,9 +76,9 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         optimizer: Optimiser to resume, or None for a weights-only file.
         step: Number of optimisation steps done.
         config: The TrainConfig as a dict.
-        data: Dataset facts the model needs at prediction time (name, class names, shape).
+        data: Dataset facts the model needs at prediction time (name, class names, shape, and the
+            ``preprocess`` record of `cnnlab.preprocess.Preprocess`).
         ema: Averaged copy of the model, if kept.
-        extra: Any other JSON-able facts (metrics, code version).
     """
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if ema is not None:
@@ -117,7 +99,6 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         "config": config,
         "data": data,
         "optimizer": optim_meta,
-        "extra": extra or {},
     }
     try:
         header = json.dumps(meta)
@@ -213,11 +194,17 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dic
         raise CheckpointError(f"{where}: optimiser state does not fit ({e})") from None
 
 
+def cuda_rng_keys(keys: Iterable[str]) -> list[str]:
+    """The ``rng/cudaN`` keys among ``keys`` in device order (``cuda2`` before ``cuda10``, unlike text order)."""
+    found = [(int(k[len("rng/cuda"):]), k) for k in keys if re.fullmatch(r"rng/cuda\d+", k)]
+    return [k for _, k in sorted(found)]
+
+
 def restore_rng(tensors: dict) -> None:
     """Restore the global torch RNG states saved in the checkpoint (dropout draws depend on them)."""
     if "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
     if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")]
+        states = [tensors[k] for k in cuda_rng_keys(tensors)]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
