@@ -23,7 +23,7 @@ from cnnlab.analysis.report import _RENDER, activation_layers
 from cnnlab.cli import main
 from cnnlab.errors import DataError, ModelError
 from cnnlab.models import create_model, list_models
-from cnnlab.train import checkpoint as ck
+from cnnlab import checkpoint as ck
 
 TINY = ["--steps=4", "--batch_size=16", "--log_every=1", "--ckpt_every=4", "--eval_batch_size=16", "--eval_every=2"]
 

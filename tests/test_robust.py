@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from cnnlab.cli import main
-from cnnlab.train import checkpoint as ck
+from cnnlab import checkpoint as ck
 from runs import train_tiny_run
 
 pytestmark = pytest.mark.robust
