@@ -167,7 +167,7 @@ def test_filter_plot_uses_a_symmetric_diverging_map_and_activations_binary(runs)
     assert im.cmap(im.norm(0.0))[:3] == pytest.approx((1.0, 1.0, 1.0), abs=0.01)
     assert im.cmap(im.norm(-hi))[2] > im.cmap(im.norm(-hi))[0]  # more blue than red
     img, _, _ = a.image(0)
-    act = plot_activations(a.model, img, 2)
+    act = plot_activations(a.model, img, 2, crop=a.trained.preprocess.crop)  # the run's centre 24x24
     assert act.axes[1].images[0].get_cmap().name.startswith("binary")
     # the montage shows all 64 maps of the layer, and the scale spans the layer's own min..max
     lo, hi = act.axes[1].images[0].get_clim()

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .infer import autocast, eval_mode
 from .models import create_model
 from .models.layers import pool_before_relu, use_onednn_linear
-from .infer import autocast, eval_mode
 
 
 def forward_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:

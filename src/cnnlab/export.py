@@ -31,6 +31,7 @@ from .extras import require_extra
 from .infer import TrainedModel, load_trained, to_input
 from .io import atomic_write_bytes
 from .preprocess import Preprocess, flexible_size
+
 DEFAULT_TOLERANCE = 1e-4  # max abs difference of logits, fp32 on CPU differs by ~1e-6 in practice
 _NEEDED = ("onnx", "onnxruntime", "onnxscript")  # onnxscript: torch's exporter (dynamo=True) builds the graph with it
 

@@ -196,7 +196,8 @@ def _activations(a: Analysis) -> str:
     img, _, caption = a.image(0)
     out = [f'<p class="sub">Feature maps for {_e(caption)}; white low, black high (one scale per layer).</p>']
     for i in activation_layers(a.model):
-        out.append(_img(plots.plot_activations(a.model, img, i, caption, crop=a.trained.preprocess.crop), f"activations of feature module {i}"))
+        fig = plots.plot_activations(a.model, img, i, caption, crop=a.trained.preprocess.crop)
+        out.append(_img(fig, f"activations of feature module {i}"))
     return "".join(out)
 
 

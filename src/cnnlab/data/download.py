@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DataError
-from ..io import fsync_dir, replace_durably
+from ..io import replace_durably
 
 TIMEOUT_S = 30.0  # per socket operation (connect, each read), not for the whole file
 CHUNK_BYTES = 1 << 20  # 1 MiB reads keep memory flat for the 170 MB CIFAR archive

@@ -6,8 +6,8 @@ Routes:
     GET  /health   {status, model, step, classes, dataset, data_shape, input_size, batching counters}
     POST /predict  body: an image file (multipart form field, or the raw bytes with an image/* type), or JSON
                    {"images": [base64 image files or pixel arrays]}. Query: top_k (default 3), invert
-                   (auto|yes|no, as `cnnlab predict`; default: as the run recorded), centre (true|false: frame a grayscale digit as MNIST
-                   does, as `cnnlab predict --centre`). Answers {class, label, probability, probabilities, top_k}
+                   (auto|yes|no, as `cnnlab predict`; default: as the run recorded), centre (true|false: frame a
+                   grayscale digit as MNIST does, as `cnnlab predict --centre`). Answers {class, label, probability, probabilities, top_k}
                    for a file, {"predictions": [...]} for a JSON batch; errors {"error": message} with a 4xx.
 
 The model is loaded once, when the app is created; requests are batched by a `MicroBatcher`.

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoint as ck
 from ..config import TrainConfig
 from ..data import ArrayDataset, load_dataset
 from ..data.augment import Augment
 from ..errors import CheckpointError, CnnlabError
+from ..infer import EvalResult, model_input, select_device
 from ..models import create_model
 from ..models.layers import pool_before_relu, use_onednn_linear
+from ..preprocess import for_training
 from ..runinfo import run_info
 from ..runtime import linear_backend
-from .. import checkpoint as ck
-from ..infer import EvalResult, model_input, select_device
-from ..preprocess import for_training
 from . import distributed
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
 from .steps import EpochSampler, lr_factor, make_optimizer, step_generator, train_step
