@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from cnnlab.config import TrainConfig, list_recipes, load_recipe, make_config, parse_overrides, resolve_config
@@ -72,3 +74,15 @@ def test_config_is_frozen_and_round_trips():
         c.lr = 1.0  # type: ignore[misc]
     assert make_config(c.to_dict()) == c
     assert TrainConfig().total_steps(1000) == TrainConfig().steps
+
+
+def test_every_field_has_a_one_line_description():
+    for f in dataclasses.fields(TrainConfig):
+        text = f.metadata.get("help", "")
+        assert text.strip() and "\n" not in text, f.name
+
+
+def test_mutable_defaults_are_not_shared():
+    a, b = TrainConfig(), TrainConfig()
+    a.model_args["dropout"] = 0.5
+    assert b.model_args == {} and TrainConfig().model_args == {}

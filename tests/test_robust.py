@@ -1,4 +1,4 @@
-"""The fault catalogue (see README, "Robustness"): each bad input or crash ends in one clear line on stderr and a
+"""The fault catalogue (see docs/robustness.md): each bad input or crash ends in one clear line on stderr and a
 non-zero exit, never a traceback, and loses no data. Run with ``pytest -m robust``.
 
 Dataset-file faults (truncated, corrupt, wrong magic, wrong counts, labels out of range, hostile pickles, missing

@@ -50,8 +50,8 @@ def peak_flops(dtype: torch.dtype = torch.float32, repeats: int = 3,
                matmul_sizes: tuple[int, ...] = (1024, 2048, 4096), conv: bool = True) -> dict:
     """The practical peak FLOP/s of this machine for ``dtype``: the best of several probes.
 
-    No single shape reaches the peak everywhere: on a 2-core Zen 5 a 4096^3 bf16 matmul runs at ~810 GFLOP/s, a
-    1024^3 one at ~1,000 (it stays in cache) and a 5x5 convolution from 64 to 32 channels at ~1,170. So this times
+    No single shape reaches the peak everywhere: a large matmul spills out of cache, a small one stays in it, and
+    on some CPUs a convolution runs faster than any matmul (measured probes in docs/speed.md). So this times
     square matmuls of ``matmul_sizes`` and, with ``conv``, two channels_last convolutions (3x3 256->256 on 16x16,
     5x5 64->32 on 14x14, the shape of the tutorial CNN's conv2 backward), and reports the best.
 

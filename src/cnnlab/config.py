@@ -6,6 +6,7 @@ its ``exec``). The resolved config is printed at the start of a run and saved be
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -24,51 +25,61 @@ PRECISIONS = ("fp32", "bf16")
 TTA_MODES = ("none", "flip", "translate", "flip-translate")
 
 
+def opt(default, help: str):
+    """A config field with its default and a one-line description (shown by ``cnnlab train --help``).
+
+    Mutable defaults (dict, list) get a fresh copy per instance.
+    """
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run (the model directory and data location are not part of it)."""
 
     # What to train.
-    model: str = "tf-estimator-cnn"
-    dataset: str = "mnist"
-    model_args: dict = field(default_factory=dict)  # extra keyword arguments for create_model (dropout, ...)
+    model: str = opt("tf-estimator-cnn", "model name (see `cnnlab models`)")
+    dataset: str = opt("mnist", "dataset name or folder:PATH (see `cnnlab datasets`)")
+    model_args: dict = opt({}, "extra keyword arguments for create_model (model_args.dropout=0.3, ...)")
     # Optimisation.
-    optimizer: str = "sgd"
-    lr: float = 0.001
-    momentum: float = 0.9  # for momentum / nesterov
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8  # tf.train.AdamOptimizer's default; Keras uses 1e-7
-    batch_size: int = 100
-    steps: int = 1000
-    epochs: float = 0.0  # > 0: train this many passes over the training set instead of `steps`
-    schedule: str = "constant"
-    warmup: float = 0.0  # fraction of steps spent warming up (onecycle / triangle peak position)
-    label_smoothing: float = 0.0
-    ema: float = 0.0  # > 0: keep an exponential moving average of the weights with this decay; evaluate it
+    optimizer: str = opt("sgd", "sgd | momentum | nesterov | adam | adamw")
+    lr: float = opt(0.001, "peak learning rate")
+    momentum: float = opt(0.9, "momentum for the momentum / nesterov optimizers")
+    weight_decay: float = opt(0.0, "weight decay of weight matrices (not biases or norm parameters); decoupled for adamw")
+    adam_eps: float = opt(1e-8, "Adam epsilon (tf.train.AdamOptimizer's default; Keras uses 1e-7)")
+    batch_size: int = opt(100, "global batch size (split over processes under torchrun)")
+    steps: int = opt(1000, "optimisation steps (ignored when epochs > 0)")
+    epochs: float = opt(0.0, "> 0: train this many passes over the training set instead of `steps`")
+    schedule: str = opt("constant", "learning-rate schedule: constant | onecycle | cosine | linear | triangle")
+    warmup: float = opt(0.0, "fraction of steps spent warming up (onecycle / triangle peak position)")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss, in [0, 1)")
+    ema: float = opt(0.0, "> 0: keep an exponential moving average of the weights with this decay; evaluate it")
     # Augmentation (batched, per sample, applied to training batches only).
-    random_crop: bool = False  # random crops to the model's input size (else centre crop)
-    translate: int = 0  # random shifts of up to this many pixels (reflect padding)
-    flip: bool = False  # random horizontal flips
-    hue: float = 0.0  # max hue shift (fraction of the colour circle), as tf.image.random_hue
-    brightness: float = 0.0  # max additive brightness change, as tf.image.random_brightness
-    contrast: tuple[float, float] = (1.0, 1.0)  # contrast factor range, as tf.image.random_contrast
-    saturation: tuple[float, float] = (1.0, 1.0)  # saturation factor range
-    cutout: int = 0  # side of a random square set to zero (0: off)
-    tta: str = "none"  # test-time augmentation: none | flip | translate | flip-translate (averaged logits)
+    random_crop: bool = opt(False, "random crops to the model's input size (else centre crop)")
+    translate: int = opt(0, "random shifts of up to this many pixels (reflect padding)")
+    flip: bool = opt(False, "random horizontal flips")
+    hue: float = opt(0.0, "max hue shift (fraction of the colour circle), as tf.image.random_hue")
+    brightness: float = opt(0.0, "max additive brightness change, as tf.image.random_brightness")
+    contrast: tuple[float, float] = opt((1.0, 1.0), "contrast factor range, as tf.image.random_contrast")
+    saturation: tuple[float, float] = opt((1.0, 1.0), "saturation factor range")
+    cutout: int = opt(0, "side of a random square set to zero (0: off)")
+    tta: str = opt("none", "test-time augmentation: none | flip | translate | flip-translate (averaged logits)")
     # Reproducibility and bookkeeping.
-    seed: int = 0
-    log_every: int = 100
-    log_probs: int = 0  # print the softmax probabilities of this many batch samples in each log line
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 3
-    eval_every: int = 0  # 0: evaluate on the test split only at the end
-    eval_batch_size: int = 1000
+    seed: int = opt(0, "seed of the weights, batch order and augmentation draws")
+    log_every: int = opt(100, "log a training line every this many steps")
+    log_probs: int = opt(0, "print the softmax probabilities of this many batch samples in each log line")
+    ckpt_every: int = opt(1000, "save a checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = opt(3, "number of newest checkpoints kept in the model directory")
+    eval_every: int = opt(0, "evaluate on the test split every this many steps (0: only at the end)")
+    eval_batch_size: int = opt(1000, "batch size for evaluation")
     # Execution.
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # CPU threads for torch (0: torch's default)
-    precision: str = "fp32"
-    channels_last: bool = True
-    compile: bool = False
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = opt(0, "CPU threads for torch (0: torch's default)")
+    precision: str = opt("fp32", "fp32 | bf16 (bf16 autocast of the model's forward pass; the loss stays fp32)")
+    channels_last: bool = opt(True, "train and evaluate in channels-last memory layout")
+    compile: bool = opt(False, "torch.compile the training model (the first steps pay for the compilation)")
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -2,10 +2,10 @@
 
 glibc's malloc serves large blocks (over 128 KiB, a threshold it raises adaptively) with fresh ``mmap`` calls and
 gives freed heap back to the kernel; each training step then touches newly mapped pages, and the kernel zero-fills
-them one page fault at a time. For tf-estimator-cnn at batch 100 that is hundreds to thousands of page faults per
-step on a 2-core VM, where faults are dear. Keeping freed memory in the process (as jemalloc and tcmalloc do, which
-PyTorch's CPU tuning guide recommends preloading) cuts them to none in a median step: +17% fp32 and +1% bf16
-throughput there (benchmarks/cpu_tricks.py). Library users opt in with ``tune_allocator()``.
+them one page fault at a time, every step, and in a VM faults are dear. Keeping freed memory in the process (as
+jemalloc and tcmalloc do, which PyTorch's CPU tuning guide recommends preloading) removes nearly all of them; what
+that buys is measured by benchmarks/cpu_tricks.py (figures in docs/speed.md). Library users opt in with
+``tune_allocator()``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def tune_allocator() -> bool:
     """Make glibc malloc keep and reuse freed memory: mmap threshold 32 MiB, trim threshold 1 GiB.
 
     Both must be set together: setting either one switches off glibc's adaptive mmap threshold, and a trim
-    threshold alone leaves every block over 128 KiB to mmap (2x slower). Costs at most 1 GiB of retained heap.
+    threshold alone leaves every block over 128 KiB to mmap (slower still). Costs at most 1 GiB of retained heap.
     No-op (returns False) off Linux/glibc, when ``CNNLAB_MALLOC=system`` is set, or if mallopt refuses.
     Calling it again sets the same values again.
     """
@@ -64,10 +64,9 @@ def linear_backend() -> str:
     """Which library runs fp32 ``nn.Linear`` layers on the CPU in training: 'onednn' or 'torch'.
 
     PyTorch's CPU wheels run fp32 matmuls through MKL, and MKL takes a generic AVX2 code path on CPUs that are not
-    Intel's: on a 2-core AMD EPYC (Zen 5) a [100, 3136] x [3136, 1024] product runs at ~190 GFLOP/s through
-    MKL and ~460 through oneDNN, which PyTorch also ships (it already runs the convolutions and the bf16
-    matmuls). So 'auto' picks oneDNN on x86 CPUs from other vendors when PyTorch has both libraries, and leaves
-    Intel CPUs (where MKL is fast) and everything else to torch. The choice depends on the machine only, never on
+    Intel's, well below what oneDNN reaches for the same product on the same CPU (figures in docs/speed.md).
+    PyTorch also ships oneDNN (it already runs the convolutions and the bf16 matmuls). So 'auto' picks oneDNN on
+    x86 CPUs from other vendors when PyTorch has both libraries, and leaves Intel CPUs (where MKL is fast) and everything else to torch. The choice depends on the machine only, never on
     a timing, so a rerun makes the same choice and the same numbers. ``CNNLAB_LINEAR=onednn|torch`` forces one.
     """
     from .errors import ConfigError

@@ -42,10 +42,10 @@ def same_pool(k: int = 2) -> nn.MaxPool2d:
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the mask drawn as ``uniform >= p``: the same distribution, several times faster on CPU.
+    """``nn.Dropout`` with the mask drawn as ``uniform >= p``: the same distribution, faster on CPU.
 
-    PyTorch's CPU dropout draws its mask with ``bernoulli_``, which is not vectorised: 1 ms for a [100, 1024]
-    bf16 activation here, 5% of a whole tf-estimator-cnn training step; ``torch.rand`` and a compare take 0.2 ms.
+    PyTorch's CPU dropout draws its mask with ``bernoulli_``, which is not vectorised; ``torch.rand`` and a
+    compare are (what that buys a training step: docs/speed.md).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,9 +62,9 @@ def pool_before_relu(module: nn.Module) -> int:
 
     ReLU is monotone, so max-pool and ReLU commute: the outputs are bit-identical and so are the gradients
     (both orders send a window's gradient to its largest input, and zero it when that input is <= 0). Pooling
-    first runs the ReLU and its backward on a quarter of the values: 5% of a tf-estimator-cnn training step on
-    CPU. Only parameter-free modules move, so state-dict keys do not change. Pools with padding are left alone
-    (their -inf padding does not commute with ReLU). Returns the number of pairs swapped.
+    first runs the ReLU and its backward on a quarter of the values (what that buys on CPU: docs/speed.md).
+    Only parameter-free modules move, so state-dict keys do not change. Pools with padding are left alone (their
+    -inf padding does not commute with ReLU). Returns the number of pairs swapped.
     """
     swapped = 0
     for seq in module.modules():
@@ -80,7 +80,7 @@ def pool_before_relu(module: nn.Module) -> int:
     return swapped
 
 
-# Products smaller than this many multiply-adds stay with torch: oneDNN's fixed cost (~10 us) outweighs its speed.
+# Products smaller than this many multiply-adds stay with torch: oneDNN's fixed cost per call outweighs its speed.
 ONEDNN_MIN_MACS = 1 << 21
 
 
@@ -118,7 +118,7 @@ def _exporting() -> bool:
 
 class OneDnnLinear(nn.Linear):
     """``nn.Linear`` whose fp32 CPU products run through oneDNN rather than torch's BLAS (see
-    ``cnnlab.runtime.linear_backend`` for when that pays: 2.3x per product on AMD CPUs). Same parameters and
+    ``cnnlab.runtime.linear_backend`` for when that pays, docs/speed.md for the figures). Same parameters and
     state dict; other dtypes, devices, autocast regions and tracing / export take ``nn.Linear``'s own path.
     """
 

@@ -1,5 +1,8 @@
 """The training loop: plain code, top to bottom. Resumes from the newest checkpoint in the model directory.
 
+`_fit` reads as the steps of a run: load the data, `prepare_model`, `resume`, `write_run_record`, then
+`train_loop` (the loop itself) and the final evaluation.
+
 An interrupted run (even SIGKILL) that is started again with the same command continues from its last
 checkpoint and ends with the same weights as an uninterrupted run: batch order and augmentation draws are
 functions of (seed, step), and the optimiser, step and RNG state come back from the checkpoint.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +48,57 @@ class FitResult:
     model_dir: Path
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint holds and the loop advances.
+
+    Attributes:
+        model: The model being trained (unwrapped: what is saved and evaluated).
+        optimizer: Its optimiser.
+        ema: The moving average of the weights, or None when ``config.ema`` is 0.
+        step: Optimisation steps done so far.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: torch.nn.Module | None
+    step: int = 0
+
+
 def build_model(config: TrainConfig, info) -> torch.nn.Module:
     """The model a config names, sized for the dataset (classes, channels)."""
     return create_model(config.model, num_classes=info.num_classes, in_chans=info.shape[0], **config.model_args)
+
+
+def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor, crop: tuple[int, int] | None = None) -> None:
+    """Let layers that set themselves from data (e.g. airbench's patch whitening) see some training images.
+
+    Runs on every start; a resumed run then overwrites these weights with the checkpoint's.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "init_from_data")]
+    if layers:
+        x = model_input(model, images_u8, crop)
+        for layer in layers:
+            layer.init_from_data(x)
+
+
+def prepare_model(config: TrainConfig, train_set: ArrayDataset, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """Build the model from the seed, apply the CPU rewrites, initialise from data and set the memory layout.
+
+    Returns:
+        The model on ``device`` and the fp32 dense-layer backend it uses ("torch" or "onednn").
+    """
+    torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
+    model = build_model(config, train_set.info).to(device)
+    crop = for_training(train_set.info, model.meta, config.random_crop).crop  # a size mismatch fails here
+    pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
+    # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py); compile and CUDA keep nn.Linear
+    fp32_linear = linear_backend() if device.type == "cpu" and not config.compile else "torch"
+    use_onednn_linear(model, fp32_linear)
+    init_from_data(model, train_set.images[:5000].to(device), crop)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, fp32_linear
 
 
 def _check_same_run(meta: dict, model: torch.nn.Module, config: TrainConfig, where: Path) -> None:
@@ -60,16 +112,100 @@ def _check_same_run(meta: dict, model: torch.nn.Module, config: TrainConfig, whe
                               "use another --model-dir")
 
 
-def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor, crop: tuple[int, int] | None = None) -> None:
-    """Let layers that set themselves from data (e.g. airbench's patch whitening) see some training images.
+def resume(state: TrainState, model_dir: Path, config: TrainConfig, dist: distributed.DistContext,
+           log: Callable[[str], None]) -> None:
+    """Restore ``state`` (weights, optimiser, EMA, RNG, step) from the newest checkpoint in ``model_dir``, if any."""
+    if dist.is_main:
+        ck.remove_stale_temps(model_dir)  # partial writes of a killed run; the checkpoints themselves are whole
+    last = ck.latest_checkpoint(model_dir)
+    if last is not None:
+        tensors, meta = ck.load_checkpoint(last)
+        _check_same_run(meta, state.model, config, last)
+        ck.load_state_strict(state.model, ck.section(tensors, "model"), str(last))
+        ck.restore_optimizer(state.optimizer, tensors, meta["optimizer"], str(last))
+        if state.ema is not None:
+            ema_state = ck.section(tensors, "ema")  # a run that turned EMA on late starts it from the weights
+            ck.load_state_strict(state.ema, ema_state or ck.section(tensors, "model"), str(last))
+        ck.restore_rng(tensors)
+        state.step = meta["step"]
+        log(f"resuming from {last.name} (step {state.step})")
+    dist.check_same(state.step, "step to resume from")
 
-    Runs on every start; a resumed run then overwrites these weights with the checkpoint's.
-    """
-    layers = [m for m in model.modules() if hasattr(m, "init_from_data")]
-    if layers:
-        x = model_input(model, images_u8, crop)
-        for layer in layers:
-            layer.init_from_data(x)
+
+def data_record(config: TrainConfig, info, model_meta) -> dict:
+    """What the run knows about its data, saved in config.json and in every checkpoint; ``preprocess`` is what
+    `cnnlab.infer` prepares inputs with."""
+    return {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape),
+            "preprocess": for_training(info, model_meta, config.random_crop).to_json()}
+
+
+def write_run_record(model_dir: Path, config: TrainConfig, state: TrainState, data_meta: dict, *, total: int,
+                     fp32_linear: str, dist: distributed.DistContext) -> None:
+    """Write config.json (the resolved config, model, data and machine) and cut metrics.jsonl back to the step."""
+    model = state.model
+    record = {"config": config.to_dict(), "model": {"name": model.meta.name, "args": model.meta.args},
+              "data": data_meta, "total_steps": total, "processes": dist.world_size, "fp32_linear": fp32_linear,
+              **run_info(dist.device, config)}
+    dist.on_main(ck.atomic_write_bytes, model_dir / "config.json", json.dumps(record, indent=2).encode())
+    dist.on_main(truncate_metrics, model_dir / "metrics.jsonl", state.step)
+
+
+def save_state(state: TrainState, model_dir: Path, config: TrainConfig, data_meta: dict) -> None:
+    """Checkpoint ``state`` and delete all but the newest ``config.keep_checkpoints``."""
+    path = ck.save_checkpoint(ck.checkpoint_path(model_dir, state.step), model=state.model,
+                              optimizer=state.optimizer, step=state.step, config=config.to_dict(), data=data_meta,
+                              ema=state.ema)
+    for old in ck.list_checkpoints(model_dir)[:-config.keep_checkpoints]:
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
+def _make_model_dir(model_dir: str | Path) -> Path:
+    model_dir = Path(model_dir)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create model directory {model_dir}: {e.strerror}") from None
+    return model_dir
+
+
+def _make_hooks(model_dir: Path, total: int, step: int, dist: distributed.DistContext, log, progress: bool | None,
+                extra: list | None) -> list:
+    bar = ProgressBar(total, step, progress if dist.is_main else False)
+    if not dist.is_main:
+        return [bar]  # other ranks neither print nor write
+    # Log lines go through the bar while it is shown (so they do not break it), else to `log`.
+    return [bar, ConsoleLog(bar.write if bar.shown else log, total), MetricsLog(model_dir / "metrics.jsonl"),
+            *(extra or [])]
+
+
+def _batch(images: torch.Tensor, sampler: EpochSampler, augment: Augment, step: int, config: TrainConfig,
+           dist: distributed.DistContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's indices and augmented float images of the global batch for ``step``."""
+    idx = sampler.indices(step).to(images.device)
+    x = augment(images[idx].float().div_(255.0), step_generator(config.seed, step))
+    idx, x = dist.shard(idx), dist.shard(x)  # this rank's rows of the global batch
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return idx, x
+
+
+def _check_finite(loss: torch.Tensor, step: int, last_good: Callable[[], Path | None]) -> None:
+    if not torch.isfinite(loss):
+        good = last_good()
+        raise TrainingDiverged(f"loss became {loss.item()} at step {step}; stopped without saving "
+                               f"(last good checkpoint: {good.name if good else 'none'}); try a lower lr")
+
+
+def _train_record(step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, *, lr: float,
+                  samples_per_s: float, elapsed: float, config: TrainConfig, dist: distributed.DistContext) -> dict:
+    """The log record of a training step: the global batch's loss and accuracy, lr and throughput."""
+    rec = {"kind": "train", "step": step, "loss": loss.item(),
+           "acc": dist.mean((logits.argmax(1) == labels).float().mean()).item(),
+           "lr": lr, "samples_per_s": samples_per_s, "time": round(elapsed, 3)}
+    if config.log_probs:
+        rec["probs"] = torch.softmax(logits[:config.log_probs].float(), 1).tolist()
+    return rec
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -108,121 +244,93 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
 def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistContext, *, data_dir, train_set,
          test_set, log, progress, hooks) -> FitResult:
     t0 = time.perf_counter()
-    model_dir = Path(model_dir)
-    try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot create model directory {model_dir}: {e.strerror}") from None
-    device = dist.device  # select_device(config.device), or cuda:LOCAL_RANK under torchrun
+    model_dir = _make_model_dir(model_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
     train_set = train_set or load_dataset(config.dataset, "train", data_dir=data_dir)
     test_set = test_set or load_dataset(config.dataset, "test", data_dir=data_dir)
-    info = train_set.info
 
-    torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
-    model = build_model(config, info).to(device)
-    preprocess = for_training(info, model.meta, config.random_crop)  # a size mismatch fails here, not silently
-    pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
-    # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py); compile and CUDA keep nn.Linear
-    fp32_linear = linear_backend() if device.type == "cpu" and not config.compile else "torch"
-    use_onednn_linear(model, fp32_linear)
-    init_from_data(model, train_set.images[:5000].to(device), preprocess.crop)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(config, model)
-    ema = copy.deepcopy(model).eval() if config.ema else None
-    step = 0
-    if dist.is_main:
-        ck.remove_stale_temps(model_dir)  # partial writes of a killed run; the checkpoints themselves are whole
-    last = ck.latest_checkpoint(model_dir)
-    if last is not None:
-        tensors, meta = ck.load_checkpoint(last)
-        _check_same_run(meta, model, config, last)
-        ck.load_state_strict(model, ck.section(tensors, "model"), str(last))
-        ck.restore_optimizer(optimizer, tensors, meta["optimizer"], str(last))
-        if ema is not None:
-            ema_state = ck.section(tensors, "ema")
-            ck.load_state_strict(ema, ema_state or ck.section(tensors, "model"), str(last))
-        ck.restore_rng(tensors)
-        step = meta["step"]
-        log(f"resuming from {last.name} (step {step})")
-    dist.check_same(step, "step to resume from")
+    model, fp32_linear = prepare_model(config, train_set, dist.device)
+    state = TrainState(model, make_optimizer(config, model), copy.deepcopy(model).eval() if config.ema else None)
+    resume(state, model_dir, config, dist, log)
     total = config.total_steps(len(train_set))
-    data_meta = {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape),
-                 "preprocess": preprocess.to_json()}
-    record = {"config": config.to_dict(), "model": {"name": model.meta.name, "args": model.meta.args},
-              "data": data_meta, "total_steps": total, "processes": dist.world_size, "fp32_linear": fp32_linear, **run_info(device, config)}
-    dist.on_main(ck.atomic_write_bytes, model_dir / "config.json", json.dumps(record, indent=2).encode())
-    dist.on_main(truncate_metrics, model_dir / "metrics.jsonl", step)
+    data_meta = data_record(config, train_set.info, model.meta)
+    write_run_record(model_dir, config, state, data_meta, total=total, fp32_linear=fp32_linear, dist=dist)
 
-    def save(at: int) -> None:
-        path = ck.save_checkpoint(ck.checkpoint_path(model_dir, at), model=model, optimizer=optimizer, step=at,
-                                  config=config.to_dict(), data=data_meta, ema=ema)
-        for old in ck.list_checkpoints(model_dir)[:-config.keep_checkpoints]:
-            if old != path:
-                old.unlink(missing_ok=True)
+    all_hooks = _make_hooks(model_dir, total, state.step, dist, log, progress, hooks)
+    try:
+        final, test = train_loop(state, config, train_set, test_set, total=total, dist=dist, t0=t0,
+                            emit=lambda rec: [h.on_record(rec) for h in all_hooks],
+                            save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
+                            last_good=lambda: ck.latest_checkpoint(model_dir))
+    finally:
+        for h in all_hooks:
+            h.close()
+    seconds = time.perf_counter() - t0
+    result = {"step": state.step, "test": test.as_dict(), "seconds": round(seconds, 3)}
+    dist.on_main(ck.atomic_write_bytes, model_dir / "results.json", json.dumps(result, indent=2).encode())
+    return FitResult(model=final, step=state.step, test=test, seconds=seconds, model_dir=model_dir)
 
+
+def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, test_set: ArrayDataset, *,
+               total: int, dist: distributed.DistContext, t0: float, emit: Callable[[dict], object],
+               save: Callable[[], None], last_good: Callable[[], Path | None]) -> tuple[torch.nn.Module, EvalResult]:
+    """Run the optimisation steps from ``state.step`` to ``total``, then evaluate on the test split.
+
+    Args:
+        state: Model, optimiser, EMA and step; advanced in place.
+        config: The run's settings.
+        train_set, test_set: The data.
+        total: The step to stop at.
+        dist: This process's place in a data-parallel run.
+        t0: When the run started (``time.perf_counter``), for the records' ``time``.
+        emit: Called with every train/eval record.
+        save: Checkpoints ``state`` (called at ``ckpt_every`` steps and at the end).
+        last_good: The newest checkpoint on disk, named when the loss diverges.
+
+    Returns:
+        The model to use (the EMA copy when EMA is on) and its test-set result.
+    """
+    device, model, optimizer, ema = dist.device, state.model, state.optimizer, state.ema
     images = train_set.images.to(device)  # the whole training set stays resident as uint8
     labels = train_set.labels.to(device)
     sampler = EpochSampler(len(train_set), config.batch_size, config.seed)
     augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
-    bar = ProgressBar(total, step, progress if dist.is_main else False)
-    # Log lines go through the bar while it is shown (so they do not break it), else to `log`.
-    hooks = [bar, ConsoleLog(bar.write if bar.shown else log, total), MetricsLog(model_dir / "metrics.jsonl"), *(hooks or [])] \
-        if dist.is_main else [bar]  # other ranks neither print nor write
-    emit = lambda rec: [h.on_record(rec) for h in hooks]  # noqa: E731
-    eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device,
-                   precision=config.precision, channels_last=config.channels_last, crop=preprocess.crop)
+    crop = for_training(train_set.info, model.meta, config.random_crop).crop  # the run's recorded centre crop
+    eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device, precision=config.precision,
+                   channels_last=config.channels_last, crop=crop)
     model.train()
     train_model = dist.wrap(model)  # DDP under torchrun (same parameters as `model`, which is what is saved)
     if config.compile:
         train_model = torch.compile(train_model)  # the first steps pay for the compilation
     seen, t_log = 0, time.perf_counter()
-    try:
-        while step < total:
-            idx = sampler.indices(step).to(device)
-            x = augment(images[idx].float().div_(255.0), step_generator(config.seed, step))
-            idx, x = dist.shard(idx), dist.shard(x)  # this rank's rows of the global batch
-            if config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(config.schedule, step, total, config.warmup)
-            loss, logits = train_step(train_model, optimizer, x, labels[idx], label_smoothing=config.label_smoothing,
-                                      precision=config.precision)
-            step += 1
-            seen += len(idx) * dist.world_size
-            if ema is not None:
-                _ema_update(ema, model, config.ema)
-            is_log, is_ckpt = step % config.log_every == 0 or step == total, step % config.ckpt_every == 0 or step == total
-            if is_log or is_ckpt:
-                loss = dist.mean(loss)  # the global batch's loss: every rank sees the same NaN
-            if (is_log or is_ckpt) and not torch.isfinite(loss):
-                good = ck.latest_checkpoint(model_dir)
-                raise TrainingDiverged(f"loss became {loss.item()} at step {step}; stopped without saving "
-                                       f"(last good checkpoint: {good.name if good else 'none'}); try a lower lr")
-            if is_log:
-                now = time.perf_counter()
-                rec = {"kind": "train", "step": step, "loss": loss.item(),
-                       "acc": dist.mean((logits.argmax(1) == labels[idx]).float().mean()).item(),
-                       "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen / max(now - t_log, 1e-9),
-                       "time": round(now - t0, 3)}
-                if config.log_probs:
-                    rec["probs"] = torch.softmax(logits[:config.log_probs].float(), 1).tolist()
-                emit(rec)
-                seen, t_log = 0, now
-            if is_ckpt:
-                dist.on_main(save, step)
-            if config.eval_every and step % config.eval_every == 0 and step < total:
-                res = dist.evaluate(ema or model, test_set.images, test_set.labels, **eval_kw)
-                emit({"kind": "eval", "split": "test", "step": step, **res.as_dict()})
-        final = ema or model
-        test = dist.evaluate(final, test_set.images, test_set.labels, **eval_kw)
-        emit({"kind": "eval", "split": "test", "step": step, **test.as_dict()})
-    finally:
-        for h in hooks:
-            h.close()
-    seconds = time.perf_counter() - t0
-    result = {"step": step, "test": test.as_dict(), "seconds": round(seconds, 3)}
-    dist.on_main(ck.atomic_write_bytes, model_dir / "results.json", json.dumps(result, indent=2).encode())
-    return FitResult(model=final, step=step, test=test, seconds=seconds, model_dir=model_dir)
+    while state.step < total:
+        step = state.step
+        idx, x = _batch(images, sampler, augment, step, config, dist)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(config.schedule, step, total, config.warmup)
+        loss, logits = train_step(train_model, optimizer, x, labels[idx], label_smoothing=config.label_smoothing,
+                                  precision=config.precision)
+        state.step = step = step + 1
+        seen += len(idx) * dist.world_size
+        if ema is not None:
+            _ema_update(ema, model, config.ema)
+        is_log, is_ckpt = step % config.log_every == 0 or step == total, step % config.ckpt_every == 0 or step == total
+        if is_log or is_ckpt:
+            loss = dist.mean(loss)  # the global batch's loss: every rank sees the same NaN
+            _check_finite(loss, step, last_good)
+        if is_log:
+            now = time.perf_counter()
+            emit(_train_record(step, loss, logits, labels[idx], lr=optimizer.param_groups[0]["lr"],
+                               samples_per_s=seen / max(now - t_log, 1e-9), elapsed=now - t0, config=config,
+                               dist=dist))
+            seen, t_log = 0, now
+        if is_ckpt:
+            save()
+        if config.eval_every and step % config.eval_every == 0 and step < total:
+            res = dist.evaluate(ema or model, test_set.images, test_set.labels, **eval_kw)
+            emit({"kind": "eval", "split": "test", "step": step, **res.as_dict()})
+    final = ema or model
+    test = dist.evaluate(final, test_set.images, test_set.labels, **eval_kw)
+    emit({"kind": "eval", "split": "test", "step": state.step, **test.as_dict()})
+    return final, test
