@@ -4,7 +4,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TORCH_SPEC ?= torch==2.13.0
+# torchvision must match torch exactly (timm imports it): 2.13.0's CPU wheel has no matching torchvision here.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Use ../shared/data (the team's copy of MNIST / CIFAR-10) when it is there; else the usual search + download.
 SHARED_DATA := $(abspath ../shared/data)
 export CNNLAB_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
@@ -14,7 +15,7 @@ export CNNLAB_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 $(BIN)/cnnlab: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

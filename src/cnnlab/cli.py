@@ -100,9 +100,12 @@ def cmd_predict(args, extra: list[str]) -> int:
     if args.json:
         print(json.dumps([{k: v for k, v in p.items() if k != "probabilities" or args.all_probs} for p in preds], indent=2))
     else:
+        from .labels import printable  # names from a checkpoint must not break or reorder these lines
+
         for p in preds:
-            top = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top_k"])
-            print(f"{p['file']}: {p['label']} ({p['probability']:.3f})   top-{len(p['top_k'])}: {top}")
+            top = ", ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in p["top_k"])
+            print(f"{printable(p['file'])}: {printable(p['label'])} ({p['probability']:.3f})   "
+                  f"top-{len(p['top_k'])}: {top}")
     return 0
 
 
@@ -117,6 +120,9 @@ def cmd_models(args, extra: list[str]) -> int:
     names = list_models(args.pattern)
     if not names:
         raise CnnlabError(f"no model matches {args.pattern!r}")
+    if ":" in args.pattern:  # a prefix's names (e.g. timm's, hundreds of them): listed, not built
+        print("\n".join(names))
+        return 0
     rows = []
     for n in names:
         m = create_model(n)
@@ -125,6 +131,8 @@ def cmd_models(args, extra: list[str]) -> int:
     print(f"{'model':<{w[0]}}  {'params':>{w[1]}}  {'input':<{w[2]}}  layers")
     for r in rows:
         print(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
+    print("\nany timm architecture: --model timm:NAME (pretrained: --model_args.pretrained=true); "
+          "list them: cnnlab models 'timm:resnet*'")
     return 0
 
 
@@ -229,15 +237,20 @@ def cmd_serve(args, extra: list[str]) -> int:
 
     require_serve()
     from .serve import create_app, is_loopback, serve_forever
+    from .serve.limits import Limits
+    from .serve.server import ConnectionLimits
 
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_images=args.max_batch_images,
+                    max_request_pixels=args.max_request_pixels, max_inflight_pixels=args.max_inflight_pixels)
     app = create_app(args.run_dir, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+                     limits=limits, read_timeout=args.body_timeout)
     t = app.state.trained
     if not is_loopback(args.host):
         print(f"cnnlab serve: warning: listening on {args.host}, reachable from other machines", file=sys.stderr)
     print(f"cnnlab serve: {t.model.meta.name} step {t.step} ({t.path}) on http://{args.host}:{args.port}/",
           flush=True)
-    serve_forever(app, args.host, args.port, log_level=args.log_level)
+    serve_forever(app, args.host, args.port, log_level=args.log_level,
+                  limits=ConnectionLimits(max_connections=args.max_connections, head_timeout=args.header_timeout))
     return 0
 
 
@@ -292,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", allow_abbrev=False, help="list models with parameter counts and input shapes")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'tf-*'")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'tf-*' or 'timm:resnet*' (timm's names)")
     p.add_argument("--describe", metavar="NAME",
                    help="print layer output shapes and parameter counts of a model or 'spec:conv32k5-pool2-fc10'")
     p.set_defaults(func=cmd_models)
@@ -345,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=POSITIVE, default=64, help="most images per forward pass")
     p.add_argument("--max-wait-ms", type=_number(float, 0), default=5.0, help="how long a request waits to share a batch")
     p.add_argument("--max-upload-mb", type=_number(float, 0, above=True), default=5.0, help="largest request body (413 above)")
+    p.add_argument("--max-batch-images", type=POSITIVE, default=256, help="most images in one JSON request (413 above)")
+    p.add_argument("--max-request-pixels", type=POSITIVE, default=50_000_000,
+                   help="most decoded pixels in one request, summed over its images, read from their headers (413 above)")
+    p.add_argument("--max-inflight-pixels", type=POSITIVE, default=100_000_000,
+                   help="most decoded pixels (and body bytes) held by all requests at once (503 + Retry-After above)")
+    p.add_argument("--max-connections", type=_number(int, 0), default=0,
+                   help="open connections at most; the oldest idle one is dropped for a new one (0: from the open-file limit)")
+    p.add_argument("--header-timeout", type=_number(float, 0, above=True), default=10.0,
+                   help="seconds a connection may take to send its request line and headers")
+    p.add_argument("--body-timeout", type=_number(float, 0, above=True), default=30.0,
+                   help="seconds a request may take to send its body (408 after)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
     return parser

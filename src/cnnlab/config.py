@@ -66,6 +66,12 @@ class TrainConfig:
     saturation: tuple[float, float] = opt((1.0, 1.0), "saturation factor range")
     cutout: int = opt(0, "side of a random square set to zero (0: off)")
     tta: str = opt("none", "test-time augmentation: none | flip | translate | flip-translate (averaged logits)")
+    # Fine-tuning (see cnnlab.train.finetune).
+    init_from: str = opt("", "start from the weights of this run directory or .safetensors checkpoint "
+                             "(the classifier starts afresh when the classes differ)")
+    freeze_steps: int = opt(0, "train only the head for this many steps, then unfreeze the backbone")
+    freeze_epochs: float = opt(0.0, "train only the head for this many epochs, then unfreeze the backbone")
+    backbone_lr_mult: float = opt(1.0, "the backbone's (features') learning rate as a multiple of lr")
     # Reproducibility and bookkeeping.
     seed: int = opt(0, "seed of the weights, batch order and augmentation draws")
     log_every: int = opt(100, "log a training line every this many steps")
@@ -122,6 +128,9 @@ def _validate(c: TrainConfig) -> None:
         (c.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {c.keep_checkpoints}"),
         (c.eval_every >= 0 and c.eval_batch_size > 0, "eval_every must be >= 0 and eval_batch_size > 0"),
         (c.log_probs >= 0 and c.threads >= 0 and c.seed >= 0, "log_probs, threads and seed must be >= 0"),
+        (c.freeze_steps >= 0 and c.freeze_epochs >= 0, "freeze_steps and freeze_epochs must be >= 0"),
+        (not (c.freeze_steps and c.freeze_epochs), "set freeze_steps or freeze_epochs, not both"),
+        (c.backbone_lr_mult > 0, f"backbone_lr_mult must be > 0, got {c.backbone_lr_mult}"),
         (c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
          f"device must be auto, cpu or cuda[:N], got {c.device!r}"),
     ]

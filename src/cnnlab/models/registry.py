@@ -28,6 +28,8 @@ class ModelMeta:
         description: One line shown by ``cnnlab models``.
         source: Where the architecture comes from (tutorial or paper).
         args: The keyword arguments the model was built with (saved in checkpoints to rebuild it).
+        flexible_size: The model takes any input size (global pooling before its classifier): it is built
+            for, and fed, the dataset's recorded size; other models need inputs of exactly ``input_size``.
     """
 
     name: str
@@ -36,6 +38,7 @@ class ModelMeta:
     description: str = ""
     source: str = ""
     args: dict = field(default_factory=dict)
+    flexible_size: bool = False
 
 
 class CnnModel(nn.Module):
@@ -58,9 +61,18 @@ class _Entry:
     description: str
 
 
+    flexible_size: bool = False  # built for the dataset's image size (see `create_model_for_data`)
+
+
 _REGISTRY: dict[str, _Entry] = {}
-# 'prefix' -> resolver(argument) -> (canonical name, factory, description), for names like 'spec:conv32k5-fc10'.
-_PREFIXES: dict[str, Callable[[str], tuple[str, Callable[..., CnnModel], str]]] = {}
+# 'prefix' -> resolver(argument) -> (canonical name, factory, description[, flexible_size]), for names like
+# 'spec:conv32k5-fc10'.
+_PREFIXES: dict[str, Callable[[str], tuple]] = {}
+# 'prefix' -> lister(pattern) -> names without the prefix, for `list_models('timm:resnet*')`.
+_LISTERS: dict[str, Callable[[str], list[str]]] = {}
+# Arguments that only choose the starting weights. They are not recorded in the model's args (so not in its
+# checkpoints): a trained model is rebuilt from its checkpoint without the weights file or the network.
+INIT_ONLY_ARGS = ("pretrained", "pretrained_file")
 
 
 def register_model(name: str, *, description: str = "") -> Callable:
@@ -75,25 +87,45 @@ def register_model(name: str, *, description: str = "") -> Callable:
     return wrap
 
 
-def register_model_prefix(prefix: str) -> Callable:
+def register_model_prefix(prefix: str, lister: Callable[[str], list[str]] | None = None) -> Callable:
     """Resolve every model name ``'<prefix>:<argument>'`` with the decorated ``resolver(argument)``.
 
-    The resolver returns ``(canonical name, factory, description)``; the canonical name is what the model's
-    ``meta.name`` (and so its checkpoints) records.
+    The resolver returns ``(canonical name, factory, description)`` and optionally a fourth item,
+    ``flexible_size``; the canonical name is what the model's ``meta.name`` (and so its checkpoints) records.
+
+    Args:
+        prefix: The name part before ``:``.
+        lister: ``lister(pattern)`` -> the arguments matching a shell-style pattern, for
+            ``list_models('<prefix>:<pattern>')``; without it such patterns match nothing.
     """
 
     def wrap(resolver: Callable) -> Callable:
         if not prefix or ":" in prefix or prefix in _PREFIXES:
             raise ValueError(f"bad or duplicate model prefix {prefix!r}")
         _PREFIXES[prefix] = resolver
+        if lister is not None:
+            _LISTERS[prefix] = lister
         return resolver
 
     return wrap
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style ``pattern`` (e.g. ``'tf-*'``), sorted."""
+    """Model names matching a shell-style ``pattern`` (e.g. ``'tf-*'``), sorted.
+
+    A pattern with a prefix (``'timm:resnet*'``) asks that prefix's lister; plain patterns list the registered
+    models only.
+    """
+    prefix, sep, rest = pattern.partition(":")
+    if sep and prefix.strip().lower() in _LISTERS:
+        p = prefix.strip().lower()
+        return sorted(f"{p}:{n}" for n in _LISTERS[p](rest or "*"))
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def model_prefixes() -> list[str]:
+    """The prefixes whose names can be listed (``list_models('<prefix>:*')``)."""
+    return sorted(_LISTERS)
 
 
 def model_entry(name: str) -> _Entry:
@@ -125,9 +157,27 @@ def create_model(name: str, **kwargs) -> CnnModel:
         model = entry.factory(**kwargs)
     except (TypeError, ValueError) as e:
         raise ModelError(f"cannot build model {name!r} with {kwargs}: {e}") from None
-    # Record the exact arguments so a checkpoint can rebuild the same model.
-    model.meta = replace(model.meta, name=entry.name, args=dict(kwargs))
+    # Record the exact arguments so a checkpoint can rebuild the same model; values the factory resolved
+    # itself (a timm model's input size and normalisation) are recorded too, so the rebuild needs nothing else.
+    args = {k: v for k, v in kwargs.items() if k not in INIT_ONLY_ARGS}
+    model.meta = replace(model.meta, name=entry.name, args={**args, **model.meta.args})
     return model
+
+
+def create_model_for_data(name: str, num_classes: int, shape: tuple[int, int, int], *, resuming: bool = False,
+                          **kwargs) -> CnnModel:
+    """Build a model for a dataset of ``num_classes`` classes and images of ``shape`` (C, H, W).
+
+    A model whose entry is flexible in size (e.g. ``timm:...``) is built for the dataset's image size, unless
+    ``img_size`` is given. When ``resuming``, the arguments that only choose starting weights (`INIT_ONLY_ARGS`)
+    are dropped: the checkpoint's weights replace them, and the weights file need not exist any more.
+    """
+    if resuming:
+        kwargs = {k: v for k, v in kwargs.items() if k not in INIT_ONLY_ARGS}
+    if model_entry(name).flexible_size and kwargs.get("img_size") is None:
+        h, w = shape[1:]
+        kwargs["img_size"] = h if h == w else [h, w]
+    return create_model(name, num_classes=num_classes, in_chans=shape[0], **kwargs)
 
 
 def count_params(model: nn.Module) -> int:

@@ -255,6 +255,8 @@ def classifier_width(spec: str) -> int:
     if m[2]:
         raise ModelError(f"bad model spec {spec!r}: the classifier {tokens[-1]!r} gives logits and takes no "
                          "activation")
+    if int(m[1]) < 1:
+        raise ModelError(f"bad model spec {spec!r}: the classifier {tokens[-1]!r} needs >= 1 output")
     return int(m[1])
 
 

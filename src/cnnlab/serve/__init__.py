@@ -32,5 +32,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'cnnlab.serve' has no attribute {name!r}")
 
 
-__all__ = ["BackgroundServer", "MAX_UPLOAD_BYTES", "background_server", "create_app", "is_loopback",
-           "require_serve", "serve_forever"]
+__all__ = [
+    "MAX_UPLOAD_BYTES",
+    "BackgroundServer",
+    "background_server",
+    "create_app",
+    "is_loopback",
+    "require_serve",
+    "serve_forever",
+]

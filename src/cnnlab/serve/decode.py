@@ -3,6 +3,11 @@
 Accepted: an image file's bytes (PNG, JPEG, and the other formats in ``FORMATS``), or a JSON batch
 ``{"images": [...]}`` whose items are base64 image files (a ``data:`` URL prefix is allowed) or nested arrays
 H x W (x C) of integers 0..255 or floats in [0, 1].
+
+Decoding is in two steps so that a request's cost is known before it is paid: ``plan_*`` reads only the image
+headers (PIL opens files lazily) and returns `Pending` images with their decoded pixel counts; the caller
+checks those against its budgets; ``decode`` then decodes the images one at a time, each shrunk to the
+model's input before the next is decoded, so a request never holds more than one full-size bitmap.
 """
 
 from __future__ import annotations
@@ -10,83 +15,139 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..data import images as image_lib
 from ..data.images import as_batch, image_to_tensor
 from ..errors import CnnlabError
+from .limits import BadRequest
 
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # only these decoders are ever tried on uploaded bytes
-MAX_PIXELS = 25_000_000  # per image; a small file can decode to a huge bitmap ("decompression bomb")
+# Pillow's WebP decoder fills an RGBA frame buffer of its own before the image is built from it, so a WebP
+# pixel holds about three times the memory of a PNG pixel while it decodes (benchmarks/serve_abuse.py).
+DECODE_WEIGHT = {"WEBP": 3}
+
+__all__ = ["FORMATS", "BadRequest", "Pending", "decode", "decode_file", "plan_file", "plan_json"]
 
 
-class BadRequest(CnnlabError):
-    """A client error: answered with ``status`` and the message, never a 500."""
+@dataclass
+class Pending:
+    """One image of a request whose header has been read but whose pixels have not been decoded.
 
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+    Attributes:
+        source: The image file's bytes, or an array image (already in memory: it came as JSON numbers).
+        pixels: Pixels its decoding allocates (after any JPEG draft scaling).
+        what: How error messages name it, e.g. 'upload' or 'images[3]'.
+        weight: Its decoder's memory per pixel relative to a PNG's (see `DECODE_WEIGHT`).
+    """
+
+    source: bytes | np.ndarray
+    pixels: int
+    what: str
+    weight: int = 1
+
+    @property
+    def cost(self) -> int:
+        """What decoding it takes from the in-flight budget (units of one PNG-decoded pixel)."""
+        return self.pixels * self.weight
 
 
-def open_upload(data: bytes, what: str = "upload") -> Image.Image:
-    """Decode an uploaded image file fully, or raise BadRequest (400) saying why."""
+def max_pixels() -> int:
+    """The per-image pixel cap: the one `cnnlab predict` and folder training use, read at call time."""
+    return image_lib.MAX_PIXELS
+
+
+def open_lazily(data: bytes, what: str = "upload") -> Image.Image:
+    """Read an image file's header only (no pixels), or raise BadRequest: 400 unreadable, 413 too large."""
     if not data:
         raise BadRequest(f"{what} is empty")
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise BadRequest(f"{what}: image too large ({im.width}x{im.height} pixels, at most "
-                                 f"{MAX_PIXELS:,})", 413)
-            im.load()
-            return im.copy()
-    except UnidentifiedImageError:
-        raise BadRequest(f"{what} is not an image in a supported format ({', '.join(FORMATS)})") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise BadRequest(f"{what} is not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = im.size
+    except Exception as e:  # noqa: BLE001 - PIL's format plugins raise many exception types on corrupt headers
+        raise _unreadable(what, e) from None
+    if width * height > max_pixels():
+        im.close()
+        raise BadRequest(f"{what}: image too large ({width}x{height} pixels, at most {max_pixels():,})", 413)
+    return im
 
 
-def image_file_batch(data: bytes, shape: tuple[int, int, int], invert: str, centre: bool = False) -> torch.Tensor:
-    """One image file -> uint8 [1, C, H, W] with ``shape`` = (C, H, W)."""
-    im = open_upload(data)
-    return image_to_tensor(im, shape[0], tuple(shape[1:]), invert, centre)[None]
+def _unreadable(what: str, e: Exception) -> BadRequest:
+    if isinstance(e, Image.UnidentifiedImageError):
+        return BadRequest(f"{what} is not an image in a supported format ({', '.join(FORMATS)})")
+    if isinstance(e, Image.DecompressionBombError):
+        return BadRequest(f"{what}: image too large ({str(e)[:100]})", 413)
+    return BadRequest(f"{what} is not a readable image ({type(e).__name__}: {str(e)[:100]})")
 
 
-def _array_image(item, index: int) -> np.ndarray:
+def _draft(im: Image.Image, size: tuple[int, int], centre: bool) -> None:
+    """Let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding (DCT scaling), keeping at least twice
+    the model's input size (H, W) so the final resampling still has detail to work with. Framing a digit
+    (``centre``) crops the ink first and needs the full resolution, so it is not drafted."""
+    if im.format != "JPEG" or centre:
+        return
+    try:
+        im.draft(None, (2 * size[1], 2 * size[0]))
+    except Exception:  # noqa: BLE001, S110 - a header draft cannot use: decode at full size (within budget)
+        pass
+
+
+def plan_file(data: bytes, shape: tuple[int, int, int], centre: bool = False, what: str = "upload") -> list[Pending]:
+    """One image file's bytes -> [Pending] (header read, pixels not decoded)."""
+    with open_lazily(data, what) as im:
+        _draft(im, tuple(shape[1:]), centre)  # the size it will decode at
+        return [Pending(data, im.width * im.height, what, DECODE_WEIGHT.get(im.format, 1))]
+
+
+def decode_file(data: bytes, size: tuple[int, int], centre: bool, what: str) -> Image.Image:
+    """Fully decode one image file (already priced by `plan_file`), JPEGs at their draft scale; the caller
+    closes it (no copy is made: a copy would double the memory of the largest bitmap)."""
+    im = open_lazily(data, what)
+    try:
+        _draft(im, size, centre)
+        im.load()
+        return im
+    except Exception as e:  # noqa: BLE001 - PIL's decoders raise many exception types on corrupt pixels
+        im.close()
+        raise _unreadable(what, e) from None
+
+
+def _array_image(item, what: str) -> np.ndarray:
     try:
         a = np.asarray(item)
-    except ValueError:
-        raise BadRequest(f"images[{index}]: rows of different lengths") from None
+    except (ValueError, TypeError, OverflowError):
+        raise BadRequest(f"{what}: rows of different lengths") from None
     if a.ndim not in (2, 3) or a.size == 0 or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
-        raise BadRequest(f"images[{index}]: an array image must be H x W or H x W x C (C 1, 3 or 4), "
+        raise BadRequest(f"{what}: an array image must be H x W or H x W x C (C 1, 3 or 4), "
                          f"got shape {list(a.shape)}")
-    if a.shape[0] * a.shape[1] > MAX_PIXELS:
-        raise BadRequest(f"images[{index}]: too many pixels", 413)
+    if a.shape[0] * a.shape[1] > max_pixels():
+        raise BadRequest(f"{what}: too many pixels", 413)
     if a.dtype.kind in "iu":
         if a.min() < 0 or a.max() > 255:
-            raise BadRequest(f"images[{index}]: integer pixels must be in 0..255")
+            raise BadRequest(f"{what}: integer pixels must be in 0..255")
         return a.astype(np.uint8)
     if a.dtype.kind == "f":
         if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
-            raise BadRequest(f"images[{index}]: float pixels must be in [0, 1]")
+            raise BadRequest(f"{what}: float pixels must be in [0, 1]")
         return a.astype(np.float32)
-    raise BadRequest(f"images[{index}]: pixels must be numbers")
+    raise BadRequest(f"{what}: pixels must be numbers")
 
 
-def _b64_image(item: str, index: int) -> Image.Image:
+def _b64_file(item: str, what: str) -> bytes:
     if item.startswith("data:"):
         item = item.partition(",")[2]
     try:
-        data = base64.b64decode(item, validate=True)
+        return base64.b64decode(item, validate=True)
     except (binascii.Error, ValueError):
-        raise BadRequest(f"images[{index}] is not valid base64") from None
-    return open_upload(data, f"images[{index}]")
+        raise BadRequest(f"{what} is not valid base64") from None
 
 
-def json_batch(payload, shape: tuple[int, int, int], invert: str, max_images: int,
-               centre: bool = False) -> torch.Tensor:
-    """A parsed JSON body ``{"images": [...]}`` -> uint8 [N, C, H, W]."""
+def plan_json(payload, shape: tuple[int, int, int], max_images: int, centre: bool = False) -> list[Pending]:
+    """A parsed JSON body ``{"images": [...]}`` -> its images as `Pending` (headers read, nothing decoded)."""
     if not isinstance(payload, dict) or "images" not in payload:
         raise BadRequest('JSON body must be an object {"images": [...]} (base64 image files or pixel arrays)')
     items = payload["images"]
@@ -94,15 +155,34 @@ def json_batch(payload, shape: tuple[int, int, int], invert: str, max_images: in
         raise BadRequest('"images" must be a non-empty list')
     if len(items) > max_images:
         raise BadRequest(f"too many images in one request ({len(items)}, at most {max_images})", 413)
-    decoded = []
+    pending: list[Pending] = []
     for i, item in enumerate(items):
+        what = f"images[{i}]"
         if isinstance(item, str):
-            decoded.append(_b64_image(item, i))
+            pending += plan_file(_b64_file(item, what), shape, centre, what)
         elif isinstance(item, list):
-            decoded.append(_array_image(item, i))
+            a = _array_image(item, what)
+            pending.append(Pending(a, a.shape[0] * a.shape[1], what))
         else:
-            raise BadRequest(f"images[{i}] must be a base64 string or a nested list of pixels")
-    try:
-        return as_batch(decoded, shape[0], tuple(shape[1:]), invert, centre)
-    except CnnlabError as e:
-        raise BadRequest(str(e)) from None
+            raise BadRequest(f"{what} must be a base64 string or a nested list of pixels")
+    return pending
+
+
+def decode(pending: list[Pending], shape: tuple[int, int, int], invert: str, centre: bool = False) -> torch.Tensor:
+    """Decode the planned images one by one into uint8 [N, C, H, W] with ``shape`` = (C, H, W)."""
+    size = tuple(shape[1:])
+    out = []
+    for p in pending:
+        # Each image is decoded and shrunk to the model's input before the next one is decoded.
+        image = p.source if isinstance(p.source, np.ndarray) else decode_file(p.source, size, centre, p.what)
+        try:
+            out.append(as_batch(image, shape[0], size, invert, centre)[0] if isinstance(image, np.ndarray)
+                       else image_to_tensor(image, shape[0], size, invert, centre))
+        except CnnlabError as e:
+            raise BadRequest(f"{p.what}: {e}") from None
+        except (ValueError, OSError) as e:  # a mode PIL cannot convert
+            raise _unreadable(p.what, e) from None
+        finally:
+            if isinstance(image, Image.Image):
+                image.close()  # frees the full-size bitmap now, not at the next garbage collection
+    return torch.stack(out)

@@ -1,8 +1,17 @@
-"""Running the app with uvicorn: in the foreground (``cnnlab serve``) or in a background thread (tests, benchmarks)."""
+"""Running the app with uvicorn: in the foreground (``cnnlab serve``) or in a background thread (tests, benchmarks).
+
+Connections are guarded against slow or idle clients (see `ConnectionLimits`): uvicorn times out idle
+keep-alive connections, but not a connection that never finishes sending a request head, and it accepts
+connections until the process runs out of file descriptors. `guarded_h11` adds a deadline for the request
+head and a connection cap that drops the longest-waiting connection without a complete head to make room,
+so a crowd of half-open connections cannot lock out real clients (or `/health`).
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import resource
 import socket
 import subprocess
 import sys
@@ -10,11 +19,160 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar
 
 from ..errors import ConfigError
+
+HEAD_TIMEOUT_S = 10.0  # a connection must send a complete request head within this (else it is closed)
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers; a larger head is a 400
+# asyncio accepts up to `backlog` connections per event-loop turn, and a connection closed to make room frees
+# its descriptor a turn or two later: keeping a few batches' worth of descriptors free (plus a margin for
+# logs, the listening socket and the model's files) means accept() never meets the open-file limit.
+ACCEPT_BATCH = 64  # uvicorn's backlog: the listen queue and the accepts per event-loop turn
+FD_RESERVE = 32 + 4 * ACCEPT_BATCH
+
+
+SERVE_MMAP_THRESHOLD = 1 << 20  # bytes: image buffers above this are mapped alone and unmapped when freed
+SERVE_TRIM_THRESHOLD = 32 << 20  # bytes of free heap top a malloc arena may keep
+
+
+def bound_allocator() -> bool:
+    """Make glibc malloc give large freed blocks back to the kernel, for a server whose memory must stay bounded.
+
+    The CLI's `tune_allocator` keeps freed memory for training's reuse; a server decodes images of any size in
+    several threads, and each thread's arena would keep its share. Fixed thresholds (which also switch off
+    glibc's adaptive mmap threshold) map each image buffer on its own and unmap it when freed. No-op (False) off
+    Linux/glibc or with ``CNNLAB_MALLOC=system``.
+    """
+    import ctypes
+
+    from ..runtime import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD
+
+    if os.environ.get("CNNLAB_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, SERVE_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD,
+                                                                                  SERVE_TRIM_THRESHOLD))
+
+
+def default_max_connections() -> int:
+    """At most 1000 connections, and fewer than this process may open files (so accept() never fails)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1000
+    return max(8, min(1000, soft - FD_RESERVE))
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How the server treats connections.
+
+    Attributes:
+        max_connections: Open connections at most; beyond it the oldest connection still waiting for its
+            request head is closed (or the new one, when every connection is busy with a request).
+        head_timeout: Seconds a connection may take to send a complete request head (from connecting, or
+            from the end of its previous response).
+        keep_alive: Seconds an idle keep-alive connection is kept.
+        max_head_bytes: Most bytes of a request head (request line and headers) buffered while it is still
+            incomplete (400 beyond; h11's limit).
+    """
+
+    max_connections: int = 0  # 0: `default_max_connections()`
+    head_timeout: float = HEAD_TIMEOUT_S
+    keep_alive: int = KEEP_ALIVE_S
+    max_head_bytes: int = MAX_HEAD_BYTES
+
+    def resolved(self) -> ConnectionLimits:
+        """These limits with the default connection cap filled in."""
+        if self.max_connections:
+            return self
+        return ConnectionLimits(default_max_connections(), self.head_timeout, self.keep_alive, self.max_head_bytes)
+
+
+def guarded_h11(limits: ConnectionLimits) -> type:
+    """uvicorn's h11 protocol with a request-head deadline and a connection cap (a new class per server, so
+    servers in one process do not share their list of waiting connections)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    limits = limits.resolved()
+
+    class GuardedH11Protocol(H11Protocol):
+        waiting: ClassVar[dict] = {}  # connections without a complete request head, oldest first (a dict keeps order)
+        dropped: ClassVar[int] = 0  # connections closed for being slow or to make room
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_timer = None
+            self._await_head()
+            if len(self.connections) > limits.max_connections:
+                self._make_room()
+
+        def _make_room(self) -> None:
+            oldest = next((c for c in self.waiting if c is not self), self)
+            type(self).dropped += 1
+            oldest._drop()
+
+        def _await_head(self) -> None:
+            self._cancel_head_timer()
+            self.waiting[self] = None
+            self._head_timer = self.loop.call_later(limits.head_timeout, self._head_timed_out)
+
+        def _head_received(self) -> None:
+            self._cancel_head_timer()
+            self.waiting.pop(self, None)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self in self.waiting:
+                type(self).dropped += 1
+                self._drop()
+
+        def _drop(self) -> None:
+            self._head_received()
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._head_received()
+
+        def on_response_complete(self) -> None:
+            if not self.transport.is_closing():
+                self._await_head()  # before super(): it may start a pipelined request at once
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._head_received()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def uvicorn_config(app, limits: ConnectionLimits | None = None, **kw):
+    """A uvicorn Config for ``app`` with the connection guards of ``limits`` (others: uvicorn's keywords)."""
+    import uvicorn
+
+    limits = (limits or ConnectionLimits()).resolved()
+    # limit_concurrency is left off on purpose: uvicorn counts idle connections towards it and would answer
+    # /health 503 while half-open connections wait for their deadline; the cap above evicts those instead.
+    return uvicorn.Config(app, http=guarded_h11(limits), timeout_keep_alive=limits.keep_alive,
+                          h11_max_incomplete_event_size=limits.max_head_bytes, backlog=ACCEPT_BATCH,
+                          access_log=False, **kw)
 
 
 def is_loopback(host: str) -> bool:
@@ -42,29 +200,31 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                  limits: ConnectionLimits | None = None) -> None:
     """Serve ``app`` until interrupted (Ctrl-C / SIGTERM)."""
     import uvicorn
 
+    bound_allocator()
     sock = bind_socket(host, port)
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, limits, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 
 
 class BackgroundServer:
     """A uvicorn server in a daemon thread; ``url`` is its base address (e.g. http://127.0.0.1:54321)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, limits: ConnectionLimits | None = None):
         import uvicorn
 
         self.sock = bind_socket(host, port)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2))
+        self.config = uvicorn_config(app, limits, log_level="warning", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="cnnlab-server", daemon=True)
 
-    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -80,9 +240,10 @@ class BackgroundServer:
 
 
 @contextmanager
-def background_server(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[BackgroundServer]:
+def background_server(app, host: str = "127.0.0.1", port: int = 0,
+                      limits: ConnectionLimits | None = None) -> Iterator[BackgroundServer]:
     """Run ``app`` on a free loopback port for the duration of a ``with`` block."""
-    server = BackgroundServer(app, host, port).start()
+    server = BackgroundServer(app, host, port, limits).start()
     try:
         yield server
     finally:

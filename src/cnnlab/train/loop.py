@@ -25,12 +25,12 @@ from ..data import ArrayDataset, load_dataset
 from ..data.augment import Augment
 from ..errors import CheckpointError, CnnlabError
 from ..infer import EvalResult, model_input, select_device
-from ..models import create_model
 from ..models.layers import pool_before_relu, use_onednn_linear
+from ..models.registry import create_model_for_data
 from ..preprocess import for_training
 from ..runinfo import run_info
 from ..runtime import linear_backend
-from . import distributed
+from . import distributed, finetune
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
 from .steps import EpochSampler, lr_factor, make_optimizer, step_generator, train_step
 
@@ -65,9 +65,13 @@ class TrainState:
     step: int = 0
 
 
-def build_model(config: TrainConfig, info) -> torch.nn.Module:
-    """The model a config names, sized for the dataset (classes, channels)."""
-    return create_model(config.model, num_classes=info.num_classes, in_chans=info.shape[0], **config.model_args)
+def build_model(config: TrainConfig, info, resuming: bool = False) -> torch.nn.Module:
+    """The model a config names, sized for the dataset (classes, channels; image size for flexible models).
+
+    When ``resuming``, arguments that only choose starting weights (a pretrained file) are not used.
+    """
+    return create_model_for_data(config.model, info.num_classes, tuple(info.shape), resuming=resuming,
+                                 **config.model_args)
 
 
 def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor, crop: tuple[int, int] | None = None) -> None:
@@ -82,14 +86,15 @@ def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor, crop: tuple[
             layer.init_from_data(x)
 
 
-def prepare_model(config: TrainConfig, train_set: ArrayDataset, device: torch.device) -> tuple[torch.nn.Module, str]:
+def prepare_model(config: TrainConfig, train_set: ArrayDataset, device: torch.device,
+                  resuming: bool = False) -> tuple[torch.nn.Module, str]:
     """Build the model from the seed, apply the CPU rewrites, initialise from data and set the memory layout.
 
     Returns:
         The model on ``device`` and the fp32 dense-layer backend it uses ("torch" or "onednn").
     """
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
-    model = build_model(config, train_set.info).to(device)
+    model = build_model(config, train_set.info, resuming).to(device)
     crop = for_training(train_set.info, model.meta, config.random_crop).crop  # a size mismatch fails here
     pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
     # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py); compile and CUDA keep nn.Linear
@@ -250,7 +255,10 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     train_set = train_set or load_dataset(config.dataset, "train", data_dir=data_dir)
     test_set = test_set or load_dataset(config.dataset, "test", data_dir=data_dir)
 
-    model, fp32_linear = prepare_model(config, train_set, dist.device)
+    resuming = ck.latest_checkpoint(model_dir) is not None
+    model, fp32_linear = prepare_model(config, train_set, dist.device, resuming)
+    if config.init_from and not resuming:
+        log(finetune.init_from(model, config.init_from, list(train_set.info.class_names)))
     state = TrainState(model, make_optimizer(config, model), copy.deepcopy(model).eval() if config.ema else None)
     resume(state, model_dir, config, dist, log)
     total = config.total_steps(len(train_set))
@@ -303,12 +311,14 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
     train_model = dist.wrap(model)  # DDP under torchrun (same parameters as `model`, which is what is saved)
     if config.compile:
         train_model = torch.compile(train_model)  # the first steps pay for the compilation
+    frozen_until = finetune.frozen_steps(config, len(train_set), dist.world_size)
     seen, t_log = 0, time.perf_counter()
     while state.step < total:
         step = state.step
         idx, x = _batch(images, sampler, augment, step, config, dist)
+        finetune.apply_freeze(model, step, frozen_until)
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(config.schedule, step, total, config.warmup)
+            group["lr"] = config.lr * group.get("lr_mult", 1.0) * lr_factor(config.schedule, step, total, config.warmup)
         loss, logits = train_step(train_model, optimizer, x, labels[idx], label_smoothing=config.label_smoothing,
                                   precision=config.precision)
         state.step = step = step + 1

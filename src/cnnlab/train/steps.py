@@ -20,13 +20,13 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..infer import autocast
+from .finetune import param_groups
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimiser a config names. Weight decay skips biases and norm parameters (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """The optimiser a config names. Weight decay skips biases and norm parameters (1-D tensors); the backbone's
+    groups carry ``lr_mult`` = ``backbone_lr_mult`` (see `finetune.param_groups`)."""
+    groups = param_groups(model, config)
     builders = {
         "sgd": lambda: torch.optim.SGD(groups, lr=config.lr),
         "momentum": lambda: torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum),

@@ -1,0 +1,254 @@
+"""The server under an abuse mix: does its memory stay bounded and does /health keep answering?
+
+    python benchmarks/serve_abuse.py                         # trains a tiny lenet5 run first (needs MNIST)
+    python benchmarks/serve_abuse.py --run-dir runs/lenet5-mnist --seconds 60
+
+`cnnlab serve` runs as its own process on 127.0.0.1 and a free port, with its default limits. While a probe
+thread asks /health every 0.2 s and a sampler reads the server's resident memory (/proc/PID/status) every
+0.05 s, clients send at once:
+  * pixel amplification: JSON bodies of 40 one-bit 5000x5000 PNGs (a few KB each), and single 25-megapixel
+    RGB PNGs and a 16383x1500 WebP that pass the per-request check and so test the in-flight budget;
+  * slow clients: 1,100 connections that send half a request head and then nothing;
+  * deep JSON: a body nested 200,000 levels.
+It prints the idle and peak RSS, the peak over idle, the /health latencies and failures, and the status codes
+each kind of request got. Client and server share this machine, so the figures are for both together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import hardware_line, run_cli_train
+
+from cnnlab.errors import CnnlabError
+from cnnlab.serve.server import free_port
+from cnnlab.infer import find_checkpoint
+
+HOST = "127.0.0.1"  # loopback only
+
+
+def ensure_run(run_dir: str | None, out: Path) -> Path:
+    """The given run, or a tiny lenet5 run (20 steps: accuracy does not matter here) trained once under ``out``."""
+    if run_dir:
+        return Path(run_dir)
+    run = out / "lenet5-tiny"
+    try:
+        find_checkpoint(run)
+        return run
+    except CnnlabError:
+        pass
+    run.mkdir(parents=True, exist_ok=True)
+    run_cli_train("lenet5-mnist", run, ["--steps=20", "--ckpt_every=20", "--log_every=10"], log_file=out / "train.log")
+    return run
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MB (0 once it has gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buf.getvalue()
+
+
+def post(port: int, body: bytes, kind: str, timeout: float) -> int:
+    """Status of one POST /predict, or 0 when the connection failed or timed out."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("POST", "/predict", body=body, headers={"Content-Type": kind})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    except (OSError, http.client.HTTPException):
+        return 0
+    finally:
+        conn.close()
+
+
+class Probe(threading.Thread):
+    """Asks /health every ``every`` s; keeps latencies (ms) and failures."""
+
+    def __init__(self, port: int, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.port, self.every, self.latencies, self.failures = port, every, [], 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            conn = http.client.HTTPConnection(HOST, self.port, timeout=5)
+            try:
+                conn.request("GET", "/health")
+                ok = conn.getresponse().status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+            finally:
+                conn.close()
+            if ok:
+                self.latencies.append((time.perf_counter() - t0) * 1000)
+            else:
+                self.failures += 1
+            self.stop.wait(self.every)
+
+
+class Sampler(threading.Thread):
+    """Samples the server's RSS every ``every`` s; keeps the peak."""
+
+    def __init__(self, pid: int, every: float = 0.05):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.peak = pid, every, 0.0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, rss_mb(self.pid))
+            self.stop.wait(self.every)
+
+
+def half_open(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections that each send half a request head and then nothing (the server may close them)."""
+    socks = []
+    for _ in range(n):
+        try:
+            s = socket.create_connection((HOST, port), timeout=5)
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n")
+            socks.append(s)
+        except OSError:
+            pass
+    return socks
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", help="trained run to serve (default: train a tiny lenet5 run first)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="how long the abuse lasts")
+    ap.add_argument("--clients", type=int, default=16, help="threads sending image requests")
+    ap.add_argument("--half-open", type=int, default=1100, help="slow connections held open")
+    ap.add_argument("--server-nofile", type=int, default=1024,
+                    help="the server's open-file limit (1024, a common default, is below --half-open)")
+    ap.add_argument("--out", default="bench-out/serve-abuse", help="where the tiny run is trained")
+    ap.add_argument("--data-dir", help="dataset root (else $CNNLAB_DATA, ~/.cache/cnnlab)")
+    args = ap.parse_args()
+    if args.data_dir:
+        os.environ["CNNLAB_DATA"] = args.data_dir
+
+    run = ensure_run(args.run_dir, Path(args.out))
+    bomb = base64.b64encode(encoded(Image.new("1", (5000, 5000)), "PNG")).decode()
+    payloads = {
+        "40 x 25 MP in one JSON": (json.dumps({"images": [bomb] * 40}).encode(), "application/json"),
+        "25 MP RGB PNG": (encoded(Image.new("RGB", (5000, 5000), (9, 9, 9)), "PNG"), "image/png"),
+        "16383x1500 WebP": (encoded(Image.new("RGB", (16383, 1500)), "WEBP"), "image/webp"),
+        "JSON 200,000 deep": (b"[" * 200_000 + b"]" * 200_000, "application/json"),
+    }
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run), "--host", HOST, "--port",
+                                 str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+        _limit_files(proc.pid, args.server_nofile)  # long before it listens: importing torch takes seconds
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    socket.create_connection((HOST, port), timeout=1).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        print(f"the server did not start: {log.read()[-2000:]}", file=sys.stderr)
+                        return 1
+                    time.sleep(0.2)
+            time.sleep(1.0)
+            idle = rss_mb(proc.pid)
+            probe, sampler = Probe(port), Sampler(proc.pid)
+            probe.start()
+            sampler.start()
+            statuses: dict[str, Counter] = {name: Counter() for name in payloads}
+            end = time.monotonic() + args.seconds
+
+            def client(i: int) -> None:
+                names = list(payloads)
+                k = i
+                while time.monotonic() < end:
+                    name = names[k % len(names)]
+                    k += 1
+                    statuses[name][post(port, *payloads[name], timeout=60)] += 1
+
+            socks = half_open(port, args.half_open)
+            with ThreadPoolExecutor(args.clients) as pool:
+                list(pool.map(client, range(args.clients)))
+            held = sum(1 for s in socks if _still_open(s))
+            for s in socks:
+                s.close()
+            probe.stop.set()
+            sampler.stop.set()
+            probe.join()
+            sampler.join()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.seek(0)
+            log_text = log.read()
+
+    lat = np.array(probe.latencies) if probe.latencies else np.array([float("nan")])
+    print(hardware_line())
+    print(f"server: cnnlab serve {run} (default limits, open-file limit {args.server_nofile}); {args.clients} client threads for {args.seconds:g} s, "
+          f"{len(socks)} half-open connections ({held} still open at the end); loopback, shared machine")
+    print(f"server RSS: idle {idle:.0f} MB, peak {sampler.peak:.0f} MB, peak over idle {sampler.peak - idle:.0f} MB")
+    print(f"/health: {len(probe.latencies)} answers, {probe.failures} failures; latency ms p50 "
+          f"{np.percentile(lat, 50):.1f}  max {lat.max():.1f}")
+    log_tail = log_text.count("Too many open files")
+    print(f"server log: {log_tail} 'Too many open files' lines")
+    for name, counts in statuses.items():
+        print(f"  {name:<24} " + "  ".join(f"{code or 'conn-error'}: {n}" for code, n in sorted(counts.items())))
+    return 0
+
+
+def _limit_files(pid: int, n: int) -> None:
+    """Process ``pid`` may open at most ``n`` files (its soft limit; Linux)."""
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
+
+
+def _still_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

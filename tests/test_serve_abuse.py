@@ -1,0 +1,406 @@
+"""The server under hostile or careless clients: pixel amplification, a full in-flight budget, deep JSON,
+slow and idle connections, malformed bodies (a fuzz), broken models and hostile class names.
+
+No test measures time or memory: budgets are checked through what the server decided (status, counters,
+whether the decoder ran), and the slow-client tests wait for an event (a closed socket, an answer) with a
+generous bound that only a hang would exceed.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+from runs import train_tiny_run
+
+from cnnlab.cli import main
+from cnnlab.errors import CheckpointError
+from cnnlab.labels import printable
+
+pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
+pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cnnlab.serve import app as app_module
+from cnnlab.serve import background_server, create_app
+from cnnlab.serve.decode import decode_file, plan_file
+from cnnlab.serve.limits import BadRequest, Limits, PixelBudget, json_depth
+from cnnlab.serve.server import ConnectionLimits, guarded_h11
+from cnnlab.infer import load_trained
+
+pytestmark = pytest.mark.robust
+WAIT_S = 30.0  # upper bound for events that must happen; reached only if the server hangs
+
+
+def request(url: str, method: str = "GET", body: bytes | None = None,
+            headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """One request; returns (status, headers, body)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=body,
+                     headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def settled(budget: PixelBudget) -> int:
+    """The budget in use once finished requests have given theirs back (a client can read its answer a
+    moment before the server's request task has finished)."""
+    deadline = time.monotonic() + WAIT_S
+    while budget.in_use and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return budget.in_use
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def post_json(url: str, payload) -> tuple[int, dict, bytes]:
+    return request(url + "/predict", "POST", json.dumps(payload).encode(), {"Content-Type": "application/json"})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return load_trained(train_tiny_run(tmp_path_factory.mktemp("abuse")))
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """A server with the default limits, except a small per-request pixel budget for the sum test."""
+    app = create_app(trained.path, trained=trained, max_wait_ms=1)
+    with background_server(app) as srv:
+        yield srv, app
+
+
+# ----------------------------------------------------------------------------- pixel amplification
+
+
+def test_many_large_tiny_byte_images_are_refused_from_their_headers(server, monkeypatch):
+    srv, app = server
+    decoded = []
+    monkeypatch.setattr(app_module, "decode", lambda *a, **k: decoded.append(a) or pytest.fail("decoded"))
+    bomb = png(Image.new("1", (5000, 5000)))  # 25 megapixels in a few kilobytes
+    assert len(bomb) < 10_000
+    status, _, body = post_json(srv.url, {"images": [base64.b64encode(bomb).decode()] * 40})
+    assert status == 413, body
+    assert "1,000,000,000 pixels" in json.loads(body)["error"]
+    assert decoded == []  # refused on the headers alone
+    assert settled(app.state.budget) == 0
+    assert request(srv.url + "/health")[0] == 200
+
+
+def test_request_pixel_budget_is_a_sum_over_images(trained):
+    app = create_app(trained.path, trained=trained, limits=Limits(max_request_pixels=100_000), max_wait_ms=1)
+    item = base64.b64encode(png(Image.new("L", (200, 200)))).decode()  # 40,000 pixels each
+    with background_server(app) as srv:
+        assert post_json(srv.url, {"images": [item, item]})[0] == 200
+        status, _, body = post_json(srv.url, {"images": [item] * 3})
+        assert status == 413 and "120,000 pixels" in json.loads(body)["error"]
+        status, _, _ = request(srv.url + "/predict", "POST", png(Image.new("L", (400, 300))),
+                               {"Content-Type": "image/png"})
+        assert status == 413
+
+
+def test_large_jpeg_is_priced_and_decoded_at_draft_size():
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (200, 30, 30)).save(buf, format="JPEG")
+    [p] = plan_file(buf.getvalue(), (3, 32, 32))
+    assert p.pixels == 200 * 150  # the decoder scales by 1/8 and keeps at least twice the input size
+    assert decode_file(p.source, (32, 32), False, "x").size == (200, 150)
+    assert decode_file(p.source, (32, 32), True, "x").size == (1600, 1200)  # framing a digit needs it all
+
+
+# ----------------------------------------------------------------------------- the in-flight budget
+
+
+def test_full_inflight_budget_answers_503_with_retry_after(trained):
+    body = png(Image.new("L", (28, 28)))
+    one = len(body) + 28 * 28  # a request holds its body's bytes and its decoded pixels
+    app = create_app(trained.path, trained=trained, limits=Limits(max_inflight_pixels=one + one // 2),
+                     max_wait_ms=1)
+    gate, forward = threading.Event(), app.state.batcher.forward
+    app.state.batcher.forward = lambda x: (gate.wait(WAIT_S), forward(x))[1]
+    budget: PixelBudget = app.state.budget
+    with background_server(app) as srv:
+        first: list = []
+        t = threading.Thread(target=lambda: first.append(
+            request(srv.url + "/predict", "POST", body, {"Content-Type": "image/png"})))
+        t.start()
+        deadline = time.monotonic() + WAIT_S
+        while budget.in_use < one and time.monotonic() < deadline:  # the first request is held in the batcher
+            time.sleep(0.01)
+        assert budget.in_use == one
+        status, headers, answer = request(srv.url + "/predict", "POST", body, {"Content-Type": "image/png"})
+        assert status == 503 and headers.get("retry-after") == "1"
+        assert "server busy" in json.loads(answer)["error"]
+        assert request(srv.url + "/health")[0] == 200  # costs nothing, so it still answers
+        gate.set()
+        t.join(WAIT_S)
+        assert first and first[0][0] == 200
+        assert settled(budget) == 0 and budget.refused == 1
+
+
+def test_pixel_budget_releases_on_error():
+    budget = PixelBudget(10)
+    with pytest.raises(ValueError), budget.hold(8):
+        raise ValueError("boom")
+    assert budget.in_use == 0
+    with budget.hold(10), pytest.raises(BadRequest) as e:
+        budget.take(1)
+    assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"} and budget.in_use == 0
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def test_deeply_nested_json_is_400_not_500(server):
+    srv, _ = server
+    for body in (b"[" * 200_000 + b"]" * 200_000, b'{"images": ' + b"[" * 40 + b"]" * 40 + b"}"):
+        status, _, answer = request(srv.url + "/predict", "POST", body, {"Content-Type": "application/json"})
+        assert status == 400 and "nested" in json.loads(answer)["error"]
+
+
+def test_json_depth_ignores_brackets_in_strings():
+    assert json_depth(b"") == 0 and json_depth(b"[[1], [2, [3]]]") == 3
+    assert json_depth(b'{"a": "[[[[{{"}') == 1
+    assert json_depth(b'["\\"[[[", "\\\\", [1]]') == 2  # an escaped quote does not end the string
+    nested = {"images": [[[[0]]]]}
+    assert json_depth(json.dumps(nested).encode()) == 5
+
+
+# ----------------------------------------------------------------------------- slow and idle clients
+
+
+def test_uvicorn_is_configured_with_the_connection_guards(server):
+    srv, _ = server
+    cfg = srv.config
+    assert cfg.timeout_keep_alive == 5 and cfg.h11_max_incomplete_event_size == 16 * 1024 and cfg.backlog == 64
+    assert cfg.http.__name__ == "GuardedH11Protocol"
+    assert cfg.limit_concurrency is None  # see uvicorn_config: it would count idle connections against /health
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closes ``sock`` (whatever it still sends first is read and dropped)."""
+    sock.settimeout(WAIT_S)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_half_open_request_head_is_dropped_and_health_answers(trained):
+    app = create_app(trained.path, trained=trained, max_wait_ms=1)
+    with background_server(app, limits=ConnectionLimits(head_timeout=0.2)) as srv:
+        port = urlsplit(srv.url).port
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Ty")  # and nothing more
+            assert _closed_by_server(s)
+        with socket.create_connection(("127.0.0.1", port)) as s:  # a keep-alive client that stalls later
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.settimeout(WAIT_S)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            s.sendall(b"GET /hea")  # (any rest of the first answer is read by _closed_by_server)
+            assert _closed_by_server(s)
+        assert request(srv.url + "/health")[0] == 200
+
+
+def test_connection_cap_drops_the_oldest_idle_connection_for_a_new_one(trained):
+    app = create_app(trained.path, trained=trained, max_wait_ms=1)
+    with background_server(app, limits=ConnectionLimits(max_connections=4, head_timeout=600)) as srv:
+        port = urlsplit(srv.url).port
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+        try:
+            assert request(srv.url + "/health")[0] == 200
+            assert all(_closed_by_server(s) for s in idle[:3])  # 7 connections for 4 places
+            idle[-1].setblocking(False)
+            with pytest.raises(BlockingIOError):  # the newest idle connection is still open
+                idle[-1].recv(1)
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_slow_body_is_408(trained):
+    app = create_app(trained.path, trained=trained, max_wait_ms=1, read_timeout=0.2)
+    with background_server(app) as srv:
+        with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                      b"Content-Length: 1000\r\n\r\n" + b"\x89PNG" * 4)
+            s.settimeout(WAIT_S)
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert "not received within" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert settled(app.state.budget) == 0
+
+
+def test_guarded_protocol_classes_do_not_share_waiting_lists():
+    a, b = guarded_h11(ConnectionLimits(8)), guarded_h11(ConnectionLimits(8))
+    assert a.waiting is not b.waiting
+
+
+# ----------------------------------------------------------------------------- fuzz: never a 500
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-300, 10**30) | st.floats(allow_nan=False)
+                     | st.text(max_size=20),
+                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=3),
+                     max_leaves=30)
+_VALID_PNG = png(Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)))
+
+
+@st.composite
+def _mutated_png(draw) -> bytes:
+    data = bytearray(_VALID_PNG)
+    for _ in range(draw(st.integers(1, 8))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    cut = draw(st.integers(8, len(data)))
+    return bytes(data[:cut])
+
+
+_BODIES = st.one_of(
+    st.tuples(st.just("application/json"), _JSON.map(lambda v: json.dumps(v).encode())),
+    st.tuples(st.just("application/json"), st.lists(_JSON | st.text(max_size=12).map(
+        lambda t: base64.b64encode(t.encode()).decode()), max_size=4).map(lambda v: json.dumps({"images": v}).encode())),
+    st.tuples(st.just("application/json"), _mutated_png().map(
+        lambda b: json.dumps({"images": [base64.b64encode(b).decode()]}).encode())),
+    st.tuples(st.sampled_from(["application/json", "image/png", "multipart/form-data; boundary=xx",
+                               "application/octet-stream", "text/plain", ""]), st.binary(max_size=300)),
+    st.tuples(st.sampled_from(["image/png", "image/jpeg"]), _mutated_png()),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_BODIES, query=st.sampled_from(["", "?top_k=2", "?invert=yes&centre=true", "?top_k=-1"]))
+def test_fuzzed_bodies_never_get_a_500(server, case, query):
+    srv, app = server
+    kind, body = case
+    status, _, answer = request(srv.url + "/predict" + query, "POST", body,
+                                {"Content-Type": kind} if kind else {})
+    assert status in (200, 400, 408, 413, 415, 422, 503), (status, answer[:200])
+    reply = json.loads(answer)
+    assert ("error" in reply) == (status != 200)
+    assert settled(app.state.budget) == 0
+
+
+# ----------------------------------------------------------------------------- broken models, hostile names
+
+
+def test_nan_weights_or_missing_class_names_fail_at_startup(trained):
+    broken = copy.deepcopy(trained)
+    next(broken.model.parameters()).data[0].fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="NaN"):
+        create_app(trained.path, trained=broken)
+    short = copy.copy(trained)
+    short.classes = trained.classes[:7]
+    with pytest.raises(CheckpointError, match="7 class names for 10 outputs"):
+        create_app(trained.path, trained=short)
+
+
+def _rewrite_checkpoint(src, dst, change) -> None:
+    from safetensors.torch import save_file
+
+    from cnnlab.checkpoint import load_checkpoint
+
+    tensors, meta = load_checkpoint(src)
+    change(tensors, meta)
+    save_file(tensors, str(dst), metadata={"cnnlab": json.dumps(meta)})
+
+
+def test_cli_serve_refuses_a_nan_checkpoint_in_one_line(trained, tmp_path, capsys):
+    bad = tmp_path / "ckpt-00000004.safetensors"
+
+    def poison(tensors, meta):
+        for k, v in tensors.items():
+            if k.startswith(("model/", "ema/")) and v.is_floating_point():
+                v.fill_(float("nan"))
+    _rewrite_checkpoint(trained.path, bad, poison)
+    assert main(["serve", str(bad), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cnnlab: error:") and len(err.splitlines()) == 1 and "NaN" in err
+
+
+HOSTILE = ["zero\nFAKE: 9 (1.000)", "\u202eevil", "esc\x1b[2J", "sep\u2028x"] + [f"c{i}" for i in range(6)]
+
+
+def test_hostile_class_names_are_escaped_in_serve_and_predict(trained, tmp_path, capsys):
+    named = copy.copy(trained)
+    named.classes = HOSTILE
+    with background_server(create_app(trained.path, trained=named, max_wait_ms=1)) as srv:
+        health = json.loads(request(srv.url + "/health")[2])
+        assert health["classes"][:4] == ["zero\\nFAKE: 9 (1.000)", "\\u202eevil", "esc\\x1b[2J", "sep\\u2028x"]
+        status, _, body = request(srv.url + "/predict?top_k=10", "POST", _VALID_PNG, {"Content-Type": "image/png"})
+        labels = [t["label"] for t in json.loads(body)["top_k"]]
+        assert status == 200 and sorted(labels) == sorted(printable(c) for c in HOSTILE)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _rewrite_checkpoint(trained.path, run / trained.path.name,
+                        lambda tensors, meta: meta["data"].__setitem__("classes", HOSTILE))
+    image = tmp_path / "digit.png"
+    image.write_bytes(_VALID_PNG)
+    assert main(["predict", str(run), str(image), "--top-k", "10"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1 and "\u202e" not in out and "\x1b" not in out
+    assert "zero\\nFAKE: 9 (1.000)" in out
+
+
+def test_printable_keeps_ordinary_text():
+    assert printable("chat noir") == "chat noir" and printable("猫 قطة") == "猫 قطة"
+    assert printable("a\tb\u200fc") == "a\\tb\\u200fc"
+
+
+def test_cli_serve_defaults_are_the_library_limits():
+    from cnnlab.cli import build_parser
+    from cnnlab.serve import limits
+
+    args = build_parser().parse_args(["serve", "run"])
+    assert (args.max_batch_images, args.max_request_pixels, args.max_inflight_pixels) == (
+        limits.MAX_IMAGES, limits.MAX_REQUEST_PIXELS, limits.MAX_INFLIGHT_PIXELS)
+    assert int(args.max_upload_mb * 1024 * 1024) == limits.MAX_UPLOAD_BYTES
+
+
+def test_server_allocator_setting_honours_the_opt_out(monkeypatch):
+    import sys as _sys
+
+    from cnnlab.serve.server import bound_allocator
+
+    monkeypatch.setenv("CNNLAB_MALLOC", "system")
+    assert bound_allocator() is False
+    monkeypatch.delenv("CNNLAB_MALLOC")
+    if _sys.platform.startswith("linux"):
+        assert bound_allocator() is True
+
+
+def test_request_head_growing_past_the_limit_is_refused(server):
+    srv, _ = server
+    with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 20_000)  # no end of head: it would grow
+        s.settimeout(WAIT_S)
+        assert s.recv(65536).startswith(b"HTTP/1.1 400")
+    assert request(srv.url + "/health")[0] == 200
