@@ -162,7 +162,10 @@ def for_training(info, model_meta, random_crop: bool) -> Preprocess:
     c, h, w = (int(v) for v in info.shape)
     if base is None:
         base = Preprocess(size=(h, w), channels=c, invert=default_invert(info.name))
-    mean, std = getattr(model_meta, "mean", None), getattr(model_meta, "std", None)
+    args = getattr(model_meta, "args", None) or {}
+    # For information: a model that normalises inside (timm's pretrained mean/std) names its values in its args.
+    mean = getattr(model_meta, "mean", None) or args.get("mean")
+    std = getattr(model_meta, "std", None) or args.get("std")
     mc, mh, mw = (int(v) for v in model_meta.input_size)
     crop = None
     if c == mc and (h, w) != (mh, mw) and not flexible_size(model_meta) and random_crop and h >= mh and w >= mw:
