@@ -106,7 +106,9 @@ def test_preprocess_json_round_trip_and_bad_records():
 
 
 def test_defaults_for_runs_saved_before_the_record():
-    info = lambda name, shape: SimpleNamespace(name=name, shape=shape)  # noqa: E731
+    def info(name: str, shape: tuple[int, int, int]) -> SimpleNamespace:
+        return SimpleNamespace(name=name, shape=shape)
+
     assert Preprocess.for_dataset(info("mnist", (1, 28, 28)), (1, 28, 28)).invert == "auto"
     assert Preprocess.for_dataset(info("fashion-mnist", (1, 28, 28)), (1, 28, 28)).invert == "auto"
     assert Preprocess.for_dataset(info("folder:/x", (1, 28, 28)), (1, 28, 28)).invert == "no"

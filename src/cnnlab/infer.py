@@ -205,8 +205,8 @@ class TrainedModel:
 
     def inference_kw(self, batch_size: int | None = None) -> dict:
         """The `predict_logits` keywords of this run: its TTA, precision, layout, crop and eval batch size."""
-        return dict(batch_size=batch_size or int(self.config.get("eval_batch_size") or 1000), tta=self.tta,
-                    precision=self.precision, channels_last=self.channels_last, crop=self.preprocess.crop)
+        return {"batch_size": batch_size or int(self.config.get("eval_batch_size") or 1000), "tta": self.tta,
+                "precision": self.precision, "channels_last": self.channels_last, "crop": self.preprocess.crop}
 
     def logits(self, images_u8: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Logits [N, K] on CPU of uint8 images [N,C,H,W] at the recorded size, computed as the run evaluates."""
