@@ -33,12 +33,12 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cnnlab.infer import load_trained
 from cnnlab.serve import app as app_module
 from cnnlab.serve import background_server, create_app
 from cnnlab.serve.decode import decode_file, plan_file
 from cnnlab.serve.limits import BadRequest, Limits, PixelBudget, json_depth
 from cnnlab.serve.server import ConnectionLimits, guarded_h11
-from cnnlab.infer import load_trained
 
 pytestmark = pytest.mark.robust
 WAIT_S = 30.0  # upper bound for events that must happen; reached only if the server hangs
