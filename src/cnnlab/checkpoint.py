@@ -22,6 +22,8 @@ from . import io
 from .errors import CheckpointError
 
 FORMAT_VERSION = 1
+BEST_NAME = "best.safetensors"  # the best evaluation's weights, kept beside the numbered checkpoints
+CHOICES = ("auto", "latest", "best")  # which checkpoint a command loads, or a checkpoint file's path
 _NAME = re.compile(r"^ckpt-(\d{8})\.safetensors$")
 
 
@@ -67,7 +69,8 @@ def _optimizer_from_flat(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    step: int, config: dict, data: dict, ema: torch.nn.Module | None = None) -> Path:
+                    step: int, config: dict, data: dict, ema: torch.nn.Module | None = None,
+                    extra: dict | None = None) -> Path:
     """Save everything needed to resume or serve: weights, optimiser, step, RNG states, model args, config.
 
     Args:
@@ -79,6 +82,7 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         data: Dataset facts the model needs at prediction time (name, class names, shape, and the
             ``preprocess`` record of `cnnlab.preprocess.Preprocess`).
         ema: Averaged copy of the model, if kept.
+        extra: Other JSON-able facts a resumed run needs (the best evaluation so far, the fp16 loss scale).
     """
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if ema is not None:
@@ -99,6 +103,7 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         "config": config,
         "data": data,
         "optimizer": optim_meta,
+        "extra": extra or {},
     }
     try:
         header = json.dumps(meta)
@@ -208,3 +213,39 @@ def restore_rng(tensors: dict) -> None:
         states = [tensors[k] for k in cuda_rng_keys(tensors)]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The run's best checkpoint (by its ``select_metric``), or None when none was kept."""
+    path = Path(run_dir) / BEST_NAME
+    return path if path.is_file() else None
+
+
+def choose_checkpoint(run: str | Path, which: str = "auto") -> Path:
+    """The checkpoint file to load from a run directory.
+
+    Args:
+        run: A run directory, or a checkpoint file (then returned as is, whatever ``which`` says).
+        which: ``auto`` (the best when the run kept one, else the newest), ``latest``, ``best``, or the
+            path of a checkpoint file.
+
+    Raises:
+        CheckpointError: No such directory or file, or no checkpoint of the kind asked for.
+    """
+    run = Path(run)
+    if run.is_file():
+        return run
+    if which not in CHOICES:
+        path = Path(which)
+        if not path.is_file():
+            raise CheckpointError(f"no such checkpoint file: {which} (use latest, best or a file's path)")
+        return path
+    if not run.is_dir():
+        raise CheckpointError(f"no such run directory or checkpoint: {run}")
+    best, latest = best_checkpoint(run), latest_checkpoint(run)
+    if which == "best" and best is None:
+        raise CheckpointError(f"{run} has no {BEST_NAME} (runs keep one when eval_every > 0); use --checkpoint latest")
+    found = latest if which == "latest" else (best or latest)
+    if found is None:
+        raise CheckpointError(f"no checkpoint in {run} (train first: cnnlab train --model-dir {run} ...)")
+    return found

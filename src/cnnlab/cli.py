@@ -40,6 +40,11 @@ def _number(kind: type, low: float, high: float | None = None, *, above: bool = 
 POSITIVE, NON_NEGATIVE = _number(int, 1), _number(int, 0)
 
 
+def _add_checkpoint_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="auto", metavar="latest|best|PATH",
+                   help="which checkpoint of the run: best, latest or a file (default: best when kept, else latest)")
+
+
 def _add_common_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="first place to look for dataset files (then $CNNLAB_DATA, ~/.cache/cnnlab)")
 
@@ -80,7 +85,7 @@ def cmd_train(args, extra: list[str]) -> int:
 def cmd_evaluate(args, extra: list[str]) -> int:
     from .train.classifier import Classifier
 
-    clf = Classifier(model_dir=args.run_dir, data_dir=args.data_dir)
+    clf = Classifier(model_dir=args.run_dir, data_dir=args.data_dir, checkpoint=args.checkpoint)
     res = clf.evaluate(args.split)
     if args.json:
         print(json.dumps(res))
@@ -225,7 +230,13 @@ def cmd_bench(args, extra: list[str]) -> int:
 def cmd_export(args, extra: list[str]) -> int:
     from .export import export_onnx
 
-    res = export_onnx(args.run_dir, args.out, tolerance=args.tolerance, opset=args.opset, data_dir=args.data_dir)
+    run, out = args.run_dir, args.out
+    if args.checkpoint != "auto":  # export that file, still to RUN_DIR/model.onnx by default
+        from .checkpoint import choose_checkpoint
+
+        run = choose_checkpoint(args.run_dir, args.checkpoint)
+        out = out or (Path(args.run_dir) / "model.onnx" if Path(args.run_dir).is_dir() else None)
+    res = export_onnx(run, out, tolerance=args.tolerance, opset=args.opset, data_dir=args.data_dir)
     print(f"wrote {res.path} ({res.path.stat().st_size:,} bytes, {res.seconds:.1f} s); parity with onnxruntime on "
           f"{res.n_samples} images, batch sizes {'/'.join(map(str, res.batch_sizes))}: max abs diff "
           f"{res.max_abs_diff:.2e} (tolerance {args.tolerance:g})")
@@ -242,8 +253,11 @@ def cmd_serve(args, extra: list[str]) -> int:
 
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_images=args.max_batch_images,
                     max_request_pixels=args.max_request_pixels, max_inflight_pixels=args.max_inflight_pixels)
+    from .infer import load_trained, select_device
+
+    trained = load_trained(args.run_dir, select_device(args.device), checkpoint=args.checkpoint)
     app = create_app(args.run_dir, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     limits=limits, read_timeout=args.body_timeout)
+                     limits=limits, read_timeout=args.body_timeout, trained=trained)
     t = app.state.trained
     if not is_loopback(args.host):
         print(f"cnnlab serve: warning: listening on {args.host}, reachable from other machines", file=sys.stderr)
@@ -276,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_checkpoint_choice(p)
     _add_common_data(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -342,16 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_data(p)
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("export", allow_abbrev=False, help="export a trained run to ONNX (checked against onnxruntime)")
-    p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
+    p.add_argument("run_dir", help="run directory (its best checkpoint, else the newest) or checkpoint file")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", help="output file (default RUN_DIR/model.onnx)")
     p.add_argument("--tolerance", type=_number(float, 0), default=1e-4, help="largest allowed max abs difference of logits")
     p.add_argument("--opset", type=_number(int, 7), default=18)
+    _add_checkpoint_choice(p)
     _add_common_data(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", allow_abbrev=False, help="serve a trained run: HTTP API and a web page to draw on")
-    p.add_argument("run_dir", help="run directory (newest checkpoint) or checkpoint file")
+    p.add_argument("run_dir", help="run directory (its best checkpoint, else the newest) or checkpoint file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=_number(int, 0, 65535), default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -370,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=_number(float, 0, above=True), default=30.0,
                    help="seconds a request may take to send its body (408 after)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_checkpoint_choice(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

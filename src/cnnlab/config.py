@@ -21,7 +21,10 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine", "linear", "triangle")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SELECT_METRICS = ("val_accuracy", "val_loss")
+CLASS_WEIGHTS = ("none", "balanced")
+SAMPLERS = ("shuffle", "balanced")
 TTA_MODES = ("none", "flip", "translate", "flip-translate")
 
 
@@ -78,14 +81,24 @@ class TrainConfig:
     log_probs: int = opt(0, "print the softmax probabilities of this many batch samples in each log line")
     ckpt_every: int = opt(1000, "save a checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = opt(3, "number of newest checkpoints kept in the model directory")
-    eval_every: int = opt(0, "evaluate on the test split every this many steps (0: only at the end)")
+    eval_every: int = opt(0, "evaluate on the validation split (else the test split) every this many steps and keep the best (0: only at the end)")
     eval_batch_size: int = opt(1000, "batch size for evaluation")
     # Execution.
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
-    precision: str = opt("fp32", "fp32 | bf16 (bf16 autocast of the model's forward pass; the loss stays fp32)")
+    precision: str = opt("fp32", "fp32 | bf16 | fp16 (autocast of the forward pass, loss in fp32; fp16 on CUDA only, with a GradScaler)")
     channels_last: bool = opt(True, "train and evaluate in channels-last memory layout")
     compile: bool = opt(False, "torch.compile the training model (the first steps pay for the compilation)")
+    # Training controls (train/controls.py).
+    select_metric: str = opt("val_accuracy", "evaluation metric that picks best.safetensors: val_accuracy or val_loss")
+    patience: int = opt(0, "stop after this many evaluations without improving select_metric (0: off)")
+    min_delta: float = opt(0.0, "smallest change of select_metric that counts as an improvement")
+    class_weights: str = opt("none", "none | balanced: weight the loss by n / (classes * count of the class)")
+    sampler: str = opt("shuffle", "shuffle (epochs) | balanced: every class drawn equally often, with replacement")
+    clip_grad_norm: float = opt(0.0, "clip the global gradient norm to this value (0: off)")
+    accumulate: int = opt(1, "split each batch_size batch into this many micro-batches (same step, less memory)")
+    mixup: float = opt(0.0, "MixUp Beta(alpha, alpha) parameter (0: off)")
+    cutmix: float = opt(0.0, "CutMix Beta(alpha, alpha) parameter (0: off; with mixup, half the samples each)")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -128,6 +141,19 @@ def _validate(c: TrainConfig) -> None:
         (c.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {c.keep_checkpoints}"),
         (c.eval_every >= 0 and c.eval_batch_size > 0, "eval_every must be >= 0 and eval_batch_size > 0"),
         (c.log_probs >= 0 and c.threads >= 0 and c.seed >= 0, "log_probs, threads and seed must be >= 0"),
+        (c.select_metric in SELECT_METRICS,
+         f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {c.select_metric!r}"),
+        (c.patience >= 0 and c.min_delta >= 0, "patience and min_delta must be >= 0"),
+        (c.patience == 0 or c.eval_every > 0, "patience needs eval_every > 0 (early stopping counts evaluations)"),
+        (c.class_weights in CLASS_WEIGHTS,
+         f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {c.class_weights!r}"),
+        (c.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {c.sampler!r}"),
+        (c.class_weights == "none" or c.sampler == "shuffle",
+         "use class_weights=balanced or sampler=balanced, not both (each alone corrects the imbalance)"),
+        (c.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0, got {c.clip_grad_norm}"),
+        (1 <= c.accumulate <= c.batch_size,
+         f"accumulate must be in [1, batch_size={c.batch_size}], got {c.accumulate}"),
+        (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix must be >= 0"),
         (c.freeze_steps >= 0 and c.freeze_epochs >= 0, "freeze_steps and freeze_epochs must be >= 0"),
         (not (c.freeze_steps and c.freeze_epochs), "set freeze_steps or freeze_epochs, not both"),
         (c.backbone_lr_mult > 0, f"backbone_lr_mult must be > 0, got {c.backbone_lr_mult}"),

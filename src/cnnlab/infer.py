@@ -45,9 +45,9 @@ def select_device(spec: str = "auto") -> torch.device:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast context when asked for, else a no-op."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 or fp16 autocast context when asked for, else a no-op."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 
@@ -112,7 +112,7 @@ def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int
     """Logits [N, num_classes] on CPU for uint8 images [N,C,H,W], in eval mode (the mode is restored after).
 
     Keywords are the run's recorded settings (`TrainedModel.inference_kw` gives them for a loaded run):
-    test-time augmentation, precision ('fp32' or 'bf16' autocast), layout and centre crop (see `to_input`).
+    test-time augmentation, precision ('fp32', or 'bf16' / 'fp16' autocast), layout and centre crop (see `to_input`).
     """
     device = device or next(model.parameters()).device
     out = []
@@ -256,32 +256,27 @@ class TrainedModel:
         return describe_predictions(self.predict_proba(images, invert, centre), self.classes, top_k)
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if it is a file, else the newest checkpoint in that run directory."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"no such run directory or checkpoint: {path}")
-    found = ck.latest_checkpoint(path)
-    if found is None:
-        raise CheckpointError(f"no checkpoint in {path} (train first: cnnlab train --model-dir {path} ...)")
-    return found
+def find_checkpoint(path: str | Path, which: str = "auto") -> Path:
+    """``path`` itself if it is a file, else the run's best checkpoint when it kept one, else its newest
+    (``which``: auto, latest, best or a file; see `cnnlab.checkpoint.choose_checkpoint`)."""
+    return ck.choose_checkpoint(path, which)
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu", prefer_ema: bool = True) -> TrainedModel:
-    """Load the newest checkpoint of a run (or a given checkpoint file) in eval mode, as the run recorded it.
+def load_trained(path: str | Path, device: str | torch.device = "cpu", prefer_ema: bool = True,
+                 checkpoint: str = "auto") -> TrainedModel:
+    """Load a run's best checkpoint (else its newest; or a given checkpoint file) in eval mode, as the run
+    recorded it.
 
     The architecture is rebuilt from the name and arguments stored in the checkpoint; weights must match it
-    exactly. With ``prefer_ema`` the averaged weights are used when the run kept them. The model is put in
-    channels_last layout when the run trained so; its preprocessing is checked against the model here, so a
-    server fails before it opens a port.
+    exactly. With ``prefer_ema`` the averaged weights are used when the run kept them. ``checkpoint`` chooses
+    another one of the run's: latest, best or a file. The model is put in channels_last layout when the run
+    trained so; its preprocessing is checked against the model here, so a server fails before it opens a port.
 
     Raises:
         CheckpointError: No checkpoint, a corrupt one, or one whose model cannot be rebuilt.
         ModelError: The recorded preprocessing does not give the model's input size.
     """
-    file = find_checkpoint(path)
+    file = find_checkpoint(path, checkpoint)
     tensors, meta = ck.load_checkpoint(file)
     try:
         m = meta["model"]

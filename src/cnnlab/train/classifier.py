@@ -1,7 +1,7 @@
 """An Estimator-like API: ``Classifier(model="lenet5", model_dir="runs/x").train().evaluate().predict(...)``.
 
 Like tf.estimator, a Classifier is tied to a model directory: ``train`` resumes from the newest checkpoint
-there, and ``evaluate`` / ``predict`` use the newest checkpoint.
+there, and ``evaluate`` / ``predict`` use the best checkpoint when the run kept one (else the newest).
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ class Classifier:
         recipe: A recipe name or TOML path to start from.
         dataset: Dataset name (mnist, fashion-mnist, cifar10, ...).
         data_dir: First place to look for dataset files.
+        checkpoint: Which checkpoint evaluate/predict load: auto (best, else newest), latest, best or a file.
         **overrides: Any other TrainConfig field (lr=..., batch_size=..., steps=...).
     """
 
     def __init__(self, model: str | None = None, model_dir: str | Path | None = None, *, recipe: str | None = None,
-                 dataset: str | None = None, data_dir: str | None = None, **overrides):
+                 dataset: str | None = None, data_dir: str | None = None, checkpoint: str = "auto", **overrides):
         given = {k: v for k, v in dict(model=model, dataset=dataset, **overrides).items() if v is not None}
         config_file = Path(model_dir) / "config.json" if model_dir else None
         saved = json.loads(config_file.read_text())["config"] if config_file and config_file.is_file() else None
@@ -45,6 +46,7 @@ class Classifier:
             self.config = resolve_config(recipe, given)
         self.model_dir = Path(model_dir or Path("runs") / self.config.model)
         self.data_dir = data_dir
+        self.checkpoint = checkpoint
         self._trained: TrainedModel | None = None
 
     def train(self, steps: int | None = None, progress: bool | None = None, log=print) -> dict:
@@ -61,12 +63,12 @@ class Classifier:
     @property
     def trained(self) -> TrainedModel:
         if self._trained is None:
-            self._trained = load_trained(self.model_dir, select_device(self.config.device))
+            self._trained = load_trained(self.model_dir, select_device(self.config.device), checkpoint=self.checkpoint)
         return self._trained
 
     def evaluate(self, split: str = "test") -> dict:
-        """Accuracy and loss of the newest checkpoint on a split of the run's dataset, computed as the training
-        loop's own evaluation (recorded precision, layout, TTA and crop)."""
+        """Accuracy and loss of the chosen checkpoint (see ``checkpoint``) on a split of the run's dataset,
+        computed as the training loop's own evaluation (recorded precision, layout, TTA and crop)."""
         res = self.trained.evaluate_split(split, self.data_dir)
         return {**res.as_dict(), "split": split, "step": self.trained.step}
 

@@ -30,9 +30,9 @@ from ..models.registry import create_model_for_data
 from ..preprocess import for_training
 from ..runinfo import run_info
 from ..runtime import linear_backend
-from . import distributed, finetune
+from . import controls, distributed, finetune
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
-from .steps import EpochSampler, lr_factor, make_optimizer, step_generator, train_step
+from .steps import lr_factor, make_optimizer, step_generator, train_step
 
 
 class TrainingDiverged(CnnlabError):
@@ -63,6 +63,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     ema: torch.nn.Module | None
     step: int = 0
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale (disabled otherwise)
 
 
 def build_model(config: TrainConfig, info, resuming: bool = False) -> torch.nn.Module:
@@ -132,6 +133,7 @@ def resume(state: TrainState, model_dir: Path, config: TrainConfig, dist: distri
             ema_state = ck.section(tensors, "ema")  # a run that turned EMA on late starts it from the weights
             ck.load_state_strict(state.ema, ema_state or ck.section(tensors, "model"), str(last))
         ck.restore_rng(tensors)
+        controls.restore_scaler(state.scaler, meta)
         state.step = meta["step"]
         log(f"resuming from {last.name} (step {state.step})")
     dist.check_same(state.step, "step to resume from")
@@ -159,7 +161,7 @@ def save_state(state: TrainState, model_dir: Path, config: TrainConfig, data_met
     """Checkpoint ``state`` and delete all but the newest ``config.keep_checkpoints``."""
     path = ck.save_checkpoint(ck.checkpoint_path(model_dir, state.step), model=state.model,
                               optimizer=state.optimizer, step=state.step, config=config.to_dict(), data=data_meta,
-                              ema=state.ema)
+                              ema=state.ema, extra={"grad_scaler": controls.scaler_state(state.scaler)})
     for old in ck.list_checkpoints(model_dir)[:-config.keep_checkpoints]:
         if old != path:
             old.unlink(missing_ok=True)
@@ -184,15 +186,19 @@ def _make_hooks(model_dir: Path, total: int, step: int, dist: distributed.DistCo
             *(extra or [])]
 
 
-def _batch(images: torch.Tensor, sampler: EpochSampler, augment: Augment, step: int, config: TrainConfig,
-           dist: distributed.DistContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's indices and augmented float images of the global batch for ``step``."""
+def _batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, sampler, augment: Augment, step: int,
+           config: TrainConfig, dist: distributed.DistContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's indices, augmented float images and targets (class indices, or MixUp/CutMix soft targets
+    [N, K]) of the global batch for ``step``."""
     idx = sampler.indices(step).to(images.device)
-    x = augment(images[idx].float().div_(255.0), step_generator(config.seed, step))
-    idx, x = dist.shard(idx), dist.shard(x)  # this rank's rows of the global batch
+    gen = step_generator(config.seed, step)
+    x, y = augment(images[idx].float().div_(255.0), gen), labels[idx]
+    if config.mixup or config.cutmix:  # drawn after augment's draws, from the same stream
+        x, y = controls.mix_batch(x, y, num_classes, gen, mixup=config.mixup, cutmix=config.cutmix)
+    idx, x, y = dist.shard(idx), dist.shard(x), dist.shard(y)  # this rank's rows of the global batch
     if config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return idx, x
+    return idx, x, y
 
 
 def _check_finite(loss: torch.Tensor, step: int, last_good: Callable[[], Path | None]) -> None:
@@ -213,6 +219,11 @@ def _train_record(step: int, loss: torch.Tensor, logits: torch.Tensor, labels: t
     return rec
 
 
+def _saved_at(path: Path | None, step: int) -> bool:
+    """Whether ``path`` (the newest checkpoint, or None) is the checkpoint of ``step``."""
+    return path is not None and path == ck.checkpoint_path(path.parent, step)
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
@@ -224,7 +235,8 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = None,
         train_set: ArrayDataset | None = None, test_set: ArrayDataset | None = None,
-        log=print, progress: bool | None = None, hooks: list | None = None) -> FitResult:
+        log=print, progress: bool | None = None, hooks: list | None = None,
+        val_set: ArrayDataset | None = None) -> FitResult:
     """Train (or resume training) ``config`` in ``model_dir``; evaluate on the test split at the end.
 
     Args:
@@ -236,31 +248,37 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
         progress: Show a progress bar (None: when stderr is a terminal).
         hooks: Extra hooks (objects with ``on_record(rec)`` and ``close()``, e.g. a TensorBoard writer);
             they see every train/eval record after the built-in ones.
+        val_set: The split evaluated every ``eval_every`` steps, which picks ``best.safetensors`` and stops
+            early (default: the test split).
 
     Under ``torchrun --nproc-per-node N`` the same call trains data-parallel (see `distributed`): the
     global batch ``config.batch_size`` is split over the N processes, and only rank 0 logs and writes.
     """
     with distributed.session(select_device(config.device)) as dist:
         dist.check_batch_size(config.batch_size)
-        return _fit(config, model_dir, dist, data_dir=data_dir, train_set=train_set, test_set=test_set,
+        return _fit(config, model_dir, dist, data_dir=data_dir, train_set=train_set, test_set=test_set, val_set=val_set,
                     log=log if dist.is_main else (lambda *a: None), progress=progress, hooks=hooks)
 
 
 def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistContext, *, data_dir, train_set,
-         test_set, log, progress, hooks) -> FitResult:
+         test_set, val_set, log, progress, hooks) -> FitResult:
     t0 = time.perf_counter()
+    controls.check_precision(config.precision, dist.device)
     model_dir = _make_model_dir(model_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
     train_set = train_set or load_dataset(config.dataset, "train", data_dir=data_dir)
     test_set = test_set or load_dataset(config.dataset, "test", data_dir=data_dir)
+    val_set = val_set or test_set
 
     resuming = ck.latest_checkpoint(model_dir) is not None
     model, fp32_linear = prepare_model(config, train_set, dist.device, resuming)
     if config.init_from and not resuming:
         log(finetune.init_from(model, config.init_from, list(train_set.info.class_names)))
-    state = TrainState(model, make_optimizer(config, model), copy.deepcopy(model).eval() if config.ema else None)
+    state = TrainState(model, make_optimizer(config, model), copy.deepcopy(model).eval() if config.ema else None,
+                       scaler=controls.make_scaler(config.precision, dist.device))
     resume(state, model_dir, config, dist, log)
+    selection = controls.resume_selection(config, model_dir, state.step, dist.is_main)
     total = config.total_steps(len(train_set))
     data_meta = data_record(config, train_set.info, model.meta)
     write_run_record(model_dir, config, state, data_meta, total=total, fp32_linear=fp32_linear, dist=dist)
@@ -270,20 +288,28 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
         final, test = train_loop(state, config, train_set, test_set, total=total, dist=dist, t0=t0,
                             emit=lambda rec: [h.on_record(rec) for h in all_hooks],
                             save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
-                            last_good=lambda: ck.latest_checkpoint(model_dir))
+                            last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set, selection=selection,
+                            save_best=lambda: dist.on_main(controls.save_best, model_dir, state.model, state.ema,
+                                                           state.step, config.to_dict(), data_meta, selection))
     finally:
         for h in all_hooks:
             h.close()
+    if state.step < total:
+        log(selection.stop_message(state.step))
     seconds = time.perf_counter() - t0
-    result = {"step": state.step, "test": test.as_dict(), "seconds": round(seconds, 3)}
+    result = {"step": state.step, "test": test.as_dict(), "seconds": round(seconds, 3),
+              **controls.results_record(selection, state.step, total)}
     dist.on_main(ck.atomic_write_bytes, model_dir / "results.json", json.dumps(result, indent=2).encode())
     return FitResult(model=final, step=state.step, test=test, seconds=seconds, model_dir=model_dir)
 
 
 def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, test_set: ArrayDataset, *,
                total: int, dist: distributed.DistContext, t0: float, emit: Callable[[dict], object],
-               save: Callable[[], None], last_good: Callable[[], Path | None]) -> tuple[torch.nn.Module, EvalResult]:
-    """Run the optimisation steps from ``state.step`` to ``total``, then evaluate on the test split.
+               save: Callable[[], None], last_good: Callable[[], Path | None], val_set: ArrayDataset | None = None,
+               selection: controls.Selection | None = None,
+               save_best: Callable[[], None] = lambda: None) -> tuple[torch.nn.Module, EvalResult]:
+    """Run the optimisation steps from ``state.step`` to ``total`` (or an early stop), then evaluate on the
+    test split.
 
     Args:
         state: Model, optimiser, EMA and step; advanced in place.
@@ -295,6 +321,9 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         emit: Called with every train/eval record.
         save: Checkpoints ``state`` (called at ``ckpt_every`` steps and at the end).
         last_good: The newest checkpoint on disk, named when the loss diverges.
+        val_set: Evaluated every ``eval_every`` steps (default: the test split).
+        selection: Tracks the best evaluation and decides an early stop (default: from ``config``).
+        save_best: Writes ``best.safetensors`` (called after an evaluation that improved).
 
     Returns:
         The model to use (the EMA copy when EMA is on) and its test-set result.
@@ -302,7 +331,11 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
     device, model, optimizer, ema = dist.device, state.model, state.optimizer, state.ema
     images = train_set.images.to(device)  # the whole training set stays resident as uint8
     labels = train_set.labels.to(device)
-    sampler = EpochSampler(len(train_set), config.batch_size, config.seed)
+    val_set = val_set or test_set
+    selection = selection or controls.Selection.from_config(config)
+    sampler = controls.make_sampler(config, train_set.labels)
+    class_weight = controls.class_weights(train_set.labels, train_set.info.num_classes, config.class_weights)
+    class_weight = class_weight.to(device) if class_weight is not None else None
     augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
     crop = for_training(train_set.info, model.meta, config.random_crop).crop  # the run's recorded centre crop
     eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device, precision=config.precision,
@@ -313,14 +346,17 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         train_model = torch.compile(train_model)  # the first steps pay for the compilation
     frozen_until = finetune.frozen_steps(config, len(train_set), dist.world_size)
     seen, t_log = 0, time.perf_counter()
-    while state.step < total:
+    last_eval: tuple[int, EvalResult | None] = (-1, None)
+    while state.step < total and not selection.should_stop(state.step):
         step = state.step
-        idx, x = _batch(images, sampler, augment, step, config, dist)
+        idx, x, y = _batch(images, labels, train_set.info.num_classes, sampler, augment, step, config, dist)
         finetune.apply_freeze(model, step, frozen_until)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * group.get("lr_mult", 1.0) * lr_factor(config.schedule, step, total, config.warmup)
-        loss, logits = train_step(train_model, optimizer, x, labels[idx], label_smoothing=config.label_smoothing,
-                                  precision=config.precision)
+        loss, logits = train_step(train_model, optimizer, x, y, label_smoothing=config.label_smoothing,
+                                  precision=config.precision, class_weight=class_weight,
+                                  clip_grad_norm=config.clip_grad_norm, accumulate=config.accumulate,
+                                  scaler=state.scaler)
         state.step = step = step + 1
         seen += len(idx) * dist.world_size
         if ema is not None:
@@ -337,10 +373,21 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
             seen, t_log = 0, now
         if is_ckpt:
             save()
-        if config.eval_every and step % config.eval_every == 0 and step < total:
-            res = dist.evaluate(ema or model, test_set.images, test_set.labels, **eval_kw)
-            emit({"kind": "eval", "split": "test", "step": step, **res.as_dict()})
+        # at the last step the test evaluation below doubles as the validation when they are one split
+        if config.eval_every and (step % config.eval_every == 0 or step == total) \
+                and (step < total or val_set is not test_set):
+            res = dist.evaluate(ema or model, val_set.images, val_set.labels, **eval_kw)
+            last_eval = (step, res)
+            emit({"kind": "eval", "split": val_set.split, "step": step, **res.as_dict()})
+            if selection.update(res.as_dict(), step):
+                save_best()
+    if state.step < total and not _saved_at(last_good(), state.step):
+        save()  # stopped early: keep the weights it stopped with, so a rerun stops there too
     final = ema or model
+    if val_set is test_set and last_eval[0] == state.step:  # stopped right after evaluating the test split
+        return final, last_eval[1]
     test = dist.evaluate(final, test_set.images, test_set.labels, **eval_kw)
     emit({"kind": "eval", "split": "test", "step": state.step, **test.as_dict()})
+    if config.eval_every and val_set is test_set and selection.update(test.as_dict(), state.step):
+        save_best()
     return final, test

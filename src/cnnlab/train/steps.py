@@ -12,6 +12,7 @@ For people who write their own loop::
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -91,13 +92,82 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7919 + 17)
 
 
+def loss_terms(logits: torch.Tensor, y: torch.Tensor, *, weight: torch.Tensor | None = None,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, denominator) of a batch; the mean loss is their ratio.
+
+    Split so that micro-batches (``accumulate``) add their sums and divide by the whole batch's
+    denominator, which gives the gradient of the whole batch's mean. The denominator is the batch size, or
+    the summed weight of the targets with class weights (as ``F.cross_entropy``'s weighted mean).
+
+    Args:
+        logits: [N, K], float.
+        y: Class indices [N], or soft targets [N, K] (MixUp/CutMix) whose rows sum to 1.
+        weight: Per-class loss weights [K], or None.
+        label_smoothing: As ``F.cross_entropy``'s: targets become ``(1 - e) * t + e / K``.
+    """
+    if y.ndim == 1:
+        total = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing, reduction="sum")
+        return total, loss_denominator(y, weight)
+    t = y.float()
+    smooth = t * (1 - label_smoothing) + label_smoothing / t.shape[1]
+    w = weight if weight is not None else torch.ones(t.shape[1], device=logits.device)
+    return -(smooth * w * F.log_softmax(logits, 1)).sum(), loss_denominator(y, weight)
+
+
+def loss_denominator(y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """What a batch's summed loss is divided by: its size, or its targets' summed class weight."""
+    if y.ndim == 1:
+        return weight[y].sum() if weight is not None else torch.tensor(float(len(y)), device=y.device)
+    w = weight if weight is not None else torch.ones(y.shape[1], device=y.device)
+    return (y.float() * w).sum()
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-               label_smoothing: float = 0.0, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a batch. Returns (mean loss, logits), both detached."""
-    with autocast(x.device, precision):
-        logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+               label_smoothing: float = 0.0, precision: str = "fp32", class_weight: torch.Tensor | None = None,
+               clip_grad_norm: float = 0.0, accumulate: int = 1,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch. Returns (mean loss, logits), both detached.
+
+    Args:
+        model, optimizer: What to train.
+        x: Images [N, C, H, W].
+        y: Class indices [N], or soft targets [N, K] (MixUp/CutMix).
+        label_smoothing: As ``F.cross_entropy``'s.
+        precision: fp32, bf16 or fp16 (autocast; fp16 wants ``scaler``).
+        class_weight: Per-class loss weights [K], or None.
+        clip_grad_norm: Clip the global gradient norm to this (0: off).
+        accumulate: Split the batch into this many micro-batches and sum their gradients: the step is the
+            one of the whole batch (exactly, for models without batch statistics or dropout), with the
+            activation memory of a micro-batch.
+        scaler: A `torch.amp.GradScaler` (fp16); gradients are unscaled before clipping.
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), logits.detach()
+    kw = {"weight": class_weight, "label_smoothing": label_smoothing}
+    xs, ys = x.chunk(accumulate), y.chunk(accumulate)
+    denom = loss_denominator(y, class_weight)  # the whole batch's, shared by its micro-batches
+    losses, outs = [], []
+    for i, (xc, yc) in enumerate(zip(xs, ys)):
+        last = i == len(xs) - 1
+        # DDP: reduce gradients once, after the last micro-batch
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(x.device, precision):
+                logits = model(xc)
+                if accumulate == 1 and yc.ndim == 1:  # the plain mean, as before accumulation existed
+                    loss = F.cross_entropy(logits.float(), yc, **kw)
+                else:
+                    loss = loss_terms(logits.float(), yc, **kw)[0] / denom
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        losses.append(loss.detach())
+        outs.append(logits.detach())
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if clip_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    return torch.stack(losses).sum(), torch.cat(outs)
