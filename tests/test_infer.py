@@ -162,7 +162,6 @@ def test_preprocess_is_recorded_in_checkpoint_and_config(tiny_data, tmp_path):
             "mean": None, "std": None, "crop": [24, 24]}  # random 24x24 crops in training, the centre one after
     assert header["data"]["preprocess"] == want
     assert json.loads((run / "config.json").read_text())["data"]["preprocess"] == want
-    assert "extra" not in header
     assert load_trained(run).preprocess.crop == (24, 24)
 
 
