@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
+from test_images import png_header_only
 
 from cnnlab.cli import main
 from cnnlab.data import dataset_info, load_dataset
+from cnnlab.data import folder as folder_mod
+from cnnlab.data.cache import decoded_dir
+from cnnlab.data.loader import BatchSource
 from cnnlab.errors import DataError
+from cnnlab.train.steps import EpochSampler
 
 COLOURS = {"blue": (30, 40, 220), "green": (30, 190, 40), "red": (220, 30, 30)}
 SHAPES = {"blue": "ellipse", "green": "rectangle", "red": "polygon"}
@@ -57,8 +67,8 @@ def folder(tmp_path, data_env) -> Path:
 def test_layout_classes_labels_and_size(folder):
     info = dataset_info(f"folder:{folder}")
     assert info.class_names == ("blue", "green", "red") and info.num_classes == 3
-    assert info.shape == (3, 32, 32)  # RGB; the first training image's size (blue0.jpg is 32x32)
-    train = load_dataset(f"folder:{folder}", "train")
+    assert info.shape == (3, 224, 224)  # RGB; DEFAULT_SIZE, never the images' own size
+    train = load_dataset(f"folder:{folder}?size=32", "train")
     test = load_dataset(f"folder:{folder}?size=20x24", "test")
     assert train.images.shape == (24, 3, 32, 32) and train.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
     assert test.images.shape == (6, 3, 20, 24) and test.labels.tolist() == [0, 0, 1, 1, 2, 2]
@@ -84,8 +94,12 @@ def test_split_fraction_is_stratified_and_deterministic(tmp_path, data_env):
     assert not any((flat_tr == img.reshape(-1)).all(1).any() for img in te.images)
     other = load_dataset(f"{name}&seed=5", "test")
     assert len(other) == 9 and not (other.images == te.images).all()
-    assert len(load_dataset(f"folder:{root}", "test")) == 6  # default val=0.2
-    assert len(load_dataset(f"folder:{root}?val=0", "test")) == 0
+    assert len(load_dataset(f"folder:{root}?size=28", "test")) == 6  # default val=0.2
+    assert (load_dataset(name, "val").images == te.images).all()  # no test/ folder: test is the val split
+    with pytest.raises(DataError, match="the test split is empty") as e:  # never a NaN accuracy
+        load_dataset(f"folder:{root}?val=0", "test")
+    assert "\n" not in str(e.value)
+    assert len(load_dataset(f"folder:{root}?val=0&size=28", "train")) == 30
 
 
 def test_modes_grayscale_alpha_and_16_bit(tmp_path, data_env):
@@ -96,14 +110,14 @@ def test_modes_grayscale_alpha_and_16_bit(tmp_path, data_env):
     Image.fromarray(np.full((10, 10), 40000, np.uint16)).save(root / "a" / "i16.png")  # 16-bit grayscale
     Image.new("1", (10, 10), 1).save(root / "b" / "bw.png")
     Image.new("LA", (10, 10), (0, 0)).save(root / "b" / "transparent.png")
-    ds = load_dataset(f"folder:{root}?val=0", "train")
+    ds = load_dataset(f"folder:{root}?val=0&size=10", "train")
     assert ds.info.shape == (1, 10, 10)  # all grayscale -> one channel
     by_file = dict(zip(["i16", "l", "bw", "transparent"], ds.images[:, 0, 5, 5].tolist()))
     assert by_file == {"i16": round(40000 / 65535 * 255), "l": 200, "bw": 255, "transparent": 255}
     # One colour image makes the whole set RGB; channels=1 forces grayscale.
     Image.new("RGB", (10, 10), (255, 0, 0)).save(root / "b" / "red.png")
-    assert dataset_info(f"folder:{root}?val=0").shape == (3, 10, 10)
-    assert load_dataset(f"folder:{root}?val=0&channels=1", "train").images.shape == (5, 1, 10, 10)
+    assert dataset_info(f"folder:{root}?val=0&size=10").shape == (3, 10, 10)
+    assert load_dataset(f"folder:{root}?val=0&channels=1&size=10", "train").images.shape == (5, 1, 10, 10)
 
 
 def test_train_on_folder_then_predict_its_files(folder, tmp_path, capsys):
@@ -139,6 +153,11 @@ def test_train_on_folder_then_predict_its_files(folder, tmp_path, capsys):
     (lambda r: make_folder(r, 2, 1), "?size=0", "bad size='0'"),
     (lambda r: make_folder(r, 2, 1), "?val=1.5", "bad val='1.5'"),
     (lambda r: make_folder(r, 2, 1), "?colour=1", "unknown option 'colour'"),
+    (lambda r: make_folder(r, 2, 1), "?size=100000", "bad size='100000'"),
+    (lambda r: make_folder(r, 2, 1), "?resize=squash", "bad resize='squash'"),
+    (lambda r: (make_folder(r, 2, 1), (r / "train" / "red" / "huge.png").write_bytes(png_header_only(20000, 20000))),
+     "", "huge.png: image too large"),
+    (lambda r: (make_folder(r, 2, 1), (r / "test" / "red").mkdir(parents=True)), "", "test: no images"),
 ])
 def test_bad_folders_fail_with_one_line(tmp_path, data_env, capsys, setup, option, needle):
     root = tmp_path / "ds"
@@ -161,3 +180,191 @@ def test_unreadable_pixels_name_the_file(tmp_path, data_env):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(DataError, match="blue1.png"):
         load_dataset(f"folder:{root}", "train")
+
+
+@pytest.mark.robust
+def test_a_big_file_in_the_middle_is_named_when_decoding(tmp_path, data_env):
+    """A 48-megapixel header passes the scan (only 400 MP bombs fail there) and is refused, by name, on decoding."""
+    root = tmp_path / "ds"
+    make_folder(root, 2, 1)
+    (root / "train" / "red" / "big.png").write_bytes(png_header_only(8000, 6000))
+    with pytest.raises(DataError, match="big.png: image too large") as e:
+        load_dataset(f"folder:{root}?size=16", "train")
+    assert "\n" not in str(e.value)
+
+
+def test_train_val_test_folders_are_three_splits(tmp_path, data_env):
+    root = tmp_path / "ds"
+    make_folder(root, per_class=4, val=2)  # train/ and val/
+    for name in COLOURS:
+        (root / "test" / name).mkdir(parents=True)
+        draw(name, 9, (32, 32)).save(root / "test" / name / "t.png")
+    sizes = {s: len(load_dataset(f"folder:{root}?size=16", s)) for s in ("train", "val", "test")}
+    assert sizes == {"train": 12, "val": 6, "test": 3}
+    # test/ without val/: val is held out of train only when asked, else it is the test split.
+    (root / "val").rename(tmp_path / "val-aside")
+    assert len(load_dataset(f"folder:{root}?size=16", "val")) == 3
+    assert len(load_dataset(f"folder:{root}?size=16&val=0.25", "val")) == 3  # one of each class's 4
+    assert len(load_dataset(f"folder:{root}?size=16&val=0.25", "train")) == 9
+
+
+def count_decodes(monkeypatch) -> dict:
+    calls = {"n": 0}
+    real = folder_mod.open_image
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(folder_mod, "open_image", counted)
+    return calls
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(folder, data_env, monkeypatch):
+    calls = count_decodes(monkeypatch)
+    name = f"folder:{folder}?size=16"
+    first = load_dataset(name, "train")
+    assert calls["n"] == 24
+    again = load_dataset(name, "train")
+    assert calls["n"] == 24 and again.images.equal(first.images)  # mapped from the cache, nothing decoded
+    cached = list(decoded_dir().glob("*.npy"))
+    assert len(cached) == 1 and not list(decoded_dir().glob("*.tmp-*"))
+    # Another size is another cache entry; touching one file decodes its split again.
+    load_dataset(f"folder:{folder}?size=8", "train")
+    assert calls["n"] == 48
+    path = folder / "train" / "red" / "red1.png"
+    draw("blue", 1, (32, 32)).save(path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    changed = load_dataset(name, "train")
+    assert calls["n"] == 72 and not changed.images.equal(first.images)
+    # cache=0 decodes into memory and writes nothing.
+    before = sorted(decoded_dir().iterdir())
+    load_dataset(f"folder:{folder}?size=12&cache=0", "train")
+    assert calls["n"] == 96 and sorted(decoded_dir().iterdir()) == before
+
+
+def test_concurrent_loads_decode_once(folder, data_env, monkeypatch):
+    """Two loaders at once (as two torchrun ranks): one decodes, the other waits and maps its file."""
+    calls = count_decodes(monkeypatch)
+    name = f"folder:{folder}?size=16&workers=2"
+    out = [None, None]
+
+    def load(i):
+        out[i] = load_dataset(name, "train").images
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls["n"] == 24 and out[0].equal(out[1])
+
+
+def test_a_truncated_cache_file_is_decoded_again(folder, data_env, monkeypatch):
+    calls = count_decodes(monkeypatch)
+    name = f"folder:{folder}?size=16"
+    first = load_dataset(name, "train").images.clone()
+    (cache,) = decoded_dir().glob("*.npy")
+    cache.write_bytes(cache.read_bytes()[:1000])
+    assert load_dataset(name, "train").images.equal(first) and calls["n"] == 48
+
+
+def test_streaming_gives_the_same_batches_as_resident(folder, data_env):
+    ds = load_dataset(f"folder:{folder}?size=16", "train")
+    resident = BatchSource(ds.images, ds.labels, torch.device("cpu"))
+    streamed = BatchSource(ds.images, ds.labels, torch.device("cpu"), memory_gb=1e-6)  # ~1 KB budget
+    assert not resident.streaming and streamed.streaming
+    sampler = EpochSampler(len(ds), 10, seed=3)
+    for step in range(8):  # crosses epoch boundaries
+        idx = sampler.indices(step)
+        (a, ya), (b, yb) = resident.take(idx), streamed.take(idx)
+        assert a.equal(b) and ya.equal(yb) and a.equal(ds.images[idx])
+
+
+def train_args(run: Path, folder: Path, steps: int, *extra) -> list[str]:
+    return ["train", "--model-dir", str(run), f"--dataset=folder:{folder}?size=28",
+            "--model=spec:in3x28x28-conv8k3-pool2-conv16k3-pool2-fc3", "--optimizer=adam", "--lr=0.01",
+            f"--steps={steps}", "--batch_size=6", "--log_every=2", "--ckpt_every=2", "--eval_batch_size=16",
+            "--no-report", "--threads=1", "--random_resized_crop=0.3,1.0", "--flip=true", *extra]
+
+
+def test_random_resized_crop_run_resumes_bit_identically(folder, tmp_path, capsys):
+    assert main(train_args(tmp_path / "a", folder, 6)) == 0
+    assert main(train_args(tmp_path / "b", folder, 2)) == 0
+    assert main(train_args(tmp_path / "b", folder, 6)) == 0
+    assert "resuming from" in capsys.readouterr().out
+    from safetensors.torch import load_file
+    a, b = (load_file(max((tmp_path / r).glob("ckpt-*.safetensors"))) for r in "ab")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_random_resized_crop_draws_crops_from_the_step_generator():
+    from cnnlab.data.augment import random_resized_crop
+    from cnnlab.train.steps import step_generator
+    x = torch.rand(5, 3, 40, 30)
+    a = random_resized_crop(x, (16, 16), (0.2, 1.0), step_generator(0, 7))
+    b = random_resized_crop(x, (16, 16), (0.2, 1.0), step_generator(0, 7))
+    c = random_resized_crop(x, (16, 16), (0.2, 1.0), step_generator(0, 8))
+    assert a.shape == (5, 3, 16, 16) and a.equal(b) and not a.equal(c)
+    whole = random_resized_crop(x, (40, 30), (1.0, 1.0), step_generator(0, 7), ratio=(0.75, 0.75))
+    assert torch.allclose(whole, x, atol=1e-5)  # the whole image at its own size and aspect: unchanged
+
+
+def test_predict_a_directory_as_csv_and_jsonl(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(run, folder, 2)) == 0
+    capsys.readouterr()
+    (folder / "val" / "red" / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(run), str(folder / "val"), "--format", "csv", "--out", str(out), "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and "broken.png" in err
+    rows = list(csv.DictReader(out.open()))
+    expected = sorted(p for p in (folder / "val").rglob("*.*") if p.name != "broken.png")
+    assert [Path(r["file"]) for r in rows] == expected
+    assert all(r["label"] in COLOURS and 0 <= float(r["probability"]) <= 1 and r["top_k"].count(":") == 3 for r in rows)
+    assert main(["predict", str(run), str(folder / "val"), "--format", "jsonl", "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(expected) and all(len(json.loads(line)["top_k"]) == 2 for line in lines)
+    assert main(["predict", str(run), str(tmp_path / "run")]) == 2  # no images there: one-line error
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_streamed_run_ends_with_the_resident_runs_weights(folder, tmp_path, capsys):
+    """data_memory_gb below the split's size streams batches from the cache: same batches, same weights."""
+    assert main(train_args(tmp_path / "resident", folder, 4)) == 0
+    assert main(train_args(tmp_path / "streamed", folder, 4, "--data_memory_gb=0.000001")) == 0
+    from safetensors.torch import load_file
+    a, b = (load_file(max((tmp_path / r).glob("ckpt-*.safetensors"))) for r in ("resident", "streamed"))
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_an_unwritable_cache_folder_decodes_into_memory(folder, tmp_path, monkeypatch, data_env):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    ds = load_dataset(f"folder:{folder}?size=16", "train")
+    assert ds.images.shape == (24, 3, 16, 16) and ds.images.float().mean() > 0
+
+
+def test_sized_for_model_adds_a_size_only_to_folder_names_without_one():
+    assert folder_mod.sized_for_model("folder:/d", (28, 28)) == "folder:/d?size=28x28"
+    assert folder_mod.sized_for_model("folder:/d?val=0.1", (32, 24)) == "folder:/d?val=0.1&size=32x24"
+    assert folder_mod.sized_for_model("folder:/d?size=64", (28, 28)) == "folder:/d?size=64"
+    assert folder_mod.sized_for_model("mnist", (28, 28)) == "mnist"
+
+
+def test_old_unused_cache_files_are_pruned_when_a_new_one_is_written(folder, data_env):
+    load_dataset(f"folder:{folder}?size=16", "train")
+    (old,) = decoded_dir().glob("*.npy")
+    month_ago = time.time() - 31 * 86400
+    os.utime(old, (month_ago, month_ago))
+    leftover = decoded_dir() / "abc.tmp-99999.npy"  # a killed writer's
+    leftover.write_bytes(b"partial")
+    os.utime(leftover, (month_ago, month_ago))
+    load_dataset(f"folder:{folder}?size=16", "train")  # a use touches it: not old any more
+    load_dataset(f"folder:{folder}?size=8", "train")  # writing another prunes only what is unused
+    assert old.exists() and not leftover.exists()
+    os.utime(old, (month_ago, month_ago))
+    load_dataset(f"folder:{folder}?size=12", "train")
+    assert not old.exists() and len(list(decoded_dir().glob("*.npy"))) == 2

@@ -1,12 +1,30 @@
-"""Image preprocessing for prediction: MNIST-style framing of a digit (`centre`)."""
+"""Image preprocessing: MNIST-style framing of a digit (`centre`); the one opener's pixel values (16-bit, float,
+palette, EXIF), shared by training and prediction; resize modes, JPEG draft, refusals."""
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from cnnlab.data.images import as_batch, centre_digit, image_to_tensor
+from cnnlab.data import load_dataset
+from cnnlab.data.folder import parse_folder_name, scan_folder
+from cnnlab.data.images import (
+    ImageTooLarge,
+    as_batch,
+    centre_digit,
+    image_to_tensor,
+    open_image,
+)
+from cnnlab.errors import DataError
+from cnnlab.serve import decode as serve_decode
 
 
 def centre_of_mass(a: np.ndarray) -> tuple[float, float]:
@@ -78,3 +96,174 @@ def test_other_output_sizes_scale_the_box(size):
     img[0:64, 30:34] = 255
     h, _ = ink_box(centre_digit(img, size))
     assert h == round(20 / 28 * size[0])
+
+
+# ----------------------------------------------------------------------------- one opener: pixel values
+
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` grayscale pixels but holds almost no data (a decompression bomb's
+    header: refused before anything is decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def exif_rotated_jpeg(path: Path) -> None:
+    """A 40 wide x 20 tall JPEG, left half dark, right half light, tagged 'rotate 90 degrees clockwise to view'
+    (orientation 6): viewed, it is 20 wide x 40 tall with the dark half on top."""
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, 20:] = 230
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(path, exif=exif, quality=95)
+
+
+def palette_png(path: Path, transparent: bool = False) -> None:
+    im = Image.new("P", (6, 6), 1)
+    im.putpalette([0, 0, 0, 200, 10, 30] + [0] * 762)
+    im.save(path, transparency=1) if transparent else im.save(path)
+
+
+@pytest.fixture
+def odd_files(tmp_path):
+    """Files whose pixels PIL's plain conversions get wrong, each with the 8-bit value the model must see."""
+    d = tmp_path / "odd"
+    d.mkdir()
+    Image.fromarray(np.full((6, 6), 30000, np.uint16)).save(d / "gray16.png")  # 30000 / 65535 * 255 = 116.7
+    Image.fromarray(np.full((6, 6), 0.8, np.float32)).save(d / "float.tiff")  # 0.8 * 255 = 204
+    palette_png(d / "palette.png")
+    palette_png(d / "palette_clear.png", transparent=True)
+    exif_rotated_jpeg(d / "rotated.jpg")
+    return d
+
+
+def test_16_bit_and_float_are_scaled_not_clipped(odd_files):
+    assert np.asarray(open_image(odd_files / "gray16.png")).tolist() == [[117] * 6] * 6
+    assert np.asarray(open_image(odd_files / "float.tiff")).tolist() == [[204] * 6] * 6
+    # The same bytes through the server's path (bytes, not a path) give the same pixels.
+    assert np.asarray(open_image((odd_files / "gray16.png").read_bytes())).max() == 117
+
+
+def test_palette_images_keep_their_colours_and_transparency_is_white(odd_files):
+    assert open_image(odd_files / "palette.png").getpixel((2, 2)) == (200, 10, 30)
+    t = image_to_tensor(open_image(odd_files / "palette_clear.png"), 3, (6, 6), invert="no")
+    assert t[:, 2, 2].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied(odd_files):
+    im = open_image(odd_files / "rotated.jpg")
+    assert im.size == (20, 40)  # W x H as viewed
+    a = np.asarray(im.convert("L"), dtype=int)
+    assert a[:18].mean() < 20 and a[22:].mean() > 210  # the dark half is on top
+    # Drafted decoding (a target size given, H 8 x W 4) honours the orientation too: a 1/4 scale covers it.
+    assert open_image(odd_files / "rotated.jpg", size=(8, 4)).size == (5, 10)
+
+
+def test_training_and_prediction_see_the_same_arrays(odd_files, tmp_path, data_env):
+    """Folder training and `as_batch` (predict, serve) read a file through one opener: identical uint8 rows."""
+    root = tmp_path / "ds"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+    for i, f in enumerate(sorted(odd_files.iterdir())):
+        (root / "ab"[i % 2] / f.name).write_bytes(f.read_bytes())
+    for resize in ("shorter-crop", "stretch"):
+        ds = load_dataset(f"folder:{root}?val=0.5&size=12x10&channels=3&resize={resize}", "train")
+        val = load_dataset(f"folder:{root}?val=0.5&size=12x10&channels=3&resize={resize}", "val")
+        scan = scan_folder(parse_folder_name(f"{root}?val=0.5&size=12x10&channels=3&resize={resize}"))
+        for split, data in (("train", ds), ("val", val)):
+            paths = [p for p, _ in scan.splits[split]]
+            predicted = as_batch(paths, 3, (12, 10), invert="no", resize=resize)
+            assert predicted.equal(data.images), (split, resize)
+            if resize == "stretch":  # the server's path: header priced first, then decoded by the same opener
+                shape = (3, 12, 10)
+                for p, row in zip(paths, data.images):
+                    if p.suffix != ".tiff":  # not among the formats the server accepts
+                        served = serve_decode.decode(serve_decode.plan_file(p.read_bytes(), shape), shape, "no")
+                        assert served[0].equal(row), (split, p.name)
+        rows = {p.name: row for s, d in (("train", ds), ("val", val)) for (p, _), row in zip(scan.splits[s], d.images)}
+        assert rows["gray16.png"][:, 6, 5].tolist() == [117] * 3 and rows["float.tiff"][:, 6, 5].tolist() == [204] * 3
+
+
+def test_shorter_side_resize_keeps_the_centre():
+    a = np.zeros((20, 60), np.uint8)
+    a[:, 20:40] = 255  # a light middle third
+    t = image_to_tensor(Image.fromarray(a), 1, (10, 10), invert="no", resize="shorter-crop")
+    assert t.shape == (1, 10, 10) and (t[0, :, 1:-1] == 255).all()  # only the middle third is kept
+    assert t.float().mean() > 240  # (the outer columns see a little of the filter's reach beyond the crop)
+    s = image_to_tensor(Image.fromarray(a), 1, (10, 10), invert="no", resize="stretch")
+    assert 60 < s.float().mean() < 110  # the whole picture squeezed: a third of it light
+
+
+def test_jpeg_draft_decodes_near_the_target_size(tmp_path):
+    path = tmp_path / "photo.jpg"
+    y, x = np.mgrid[0:1200, 0:1600]
+    Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(path, quality=90)
+    small = open_image(path, size=(64, 64), resize="shorter-crop")
+    assert small.size == (200, 150)  # 1/8 scale still covers 64 px on the shorter side
+    full = open_image(path)
+    assert full.size == (1600, 1200)
+    a = image_to_tensor(small, 3, (64, 64), invert="no", resize="shorter-crop").float()
+    b = image_to_tensor(full, 3, (64, 64), invert="no", resize="shorter-crop").float()
+    assert (a - b).abs().mean() < 12  # the same picture at the same size
+
+
+@pytest.mark.robust
+def test_huge_and_broken_images_are_one_line_errors(tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(png_header_only(8000, 6000))  # 48 MP
+    with pytest.raises(ImageTooLarge) as e:
+        open_image(big)
+    assert "too large" in str(e.value) and "\n" not in str(e.value)
+    bomb = png_header_only(20000, 20000)  # 400 MP: PIL itself refuses it while opening
+    with pytest.raises(ImageTooLarge):
+        open_image(bomb)
+    with pytest.raises(DataError, match="not an image in a supported format"):
+        open_image(b"hello", formats=("PNG",))
+    with pytest.raises(DataError, match="image not found"):
+        open_image(tmp_path / "missing.png")
+
+
+def _valid_files() -> list[bytes]:
+    out = []
+    for fmt, mode in (("PNG", "L"), ("PNG", "P"), ("JPEG", "RGB"), ("GIF", "P"), ("BMP", "RGB"), ("WEBP", "RGB"), ("TIFF", "F")):
+        buf = io.BytesIO()
+        a = (np.arange(64 * 48) % 251).reshape(48, 64)
+        im = Image.fromarray(a.astype(np.float32) / 251, "F") if mode == "F" else Image.fromarray(a.astype(np.uint8)).convert(mode)
+        im.save(buf, format=fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+VALID = _valid_files()
+
+
+@pytest.mark.robust
+@settings(max_examples=150, deadline=None)
+@given(which=st.integers(0, len(VALID) - 1), edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+       cut=st.integers(0, 10**6))
+def test_mutated_image_files_give_an_image_or_a_clean_error(which, edits, cut):
+    """Random byte edits and truncations of valid files: `open_image` returns an 8-bit image or raises DataError."""
+    data = bytearray(VALID[which])
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    data = bytes(data[:max(1, cut % (len(data) + 1))])
+    try:
+        im = open_image(data, size=(16, 16))
+    except DataError as e:
+        assert "\n" not in str(e)
+        return
+    assert im.mode in ("L", "LA", "RGB", "RGBA")
+    assert image_to_tensor(im, 3, (16, 16), invert="no", resize="shorter-crop").shape == (3, 16, 16)
+
+
+@pytest.mark.robust
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_random_bytes_give_a_clean_error(data):
+    try:
+        open_image(data)
+    except DataError:
+        pass

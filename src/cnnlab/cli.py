@@ -96,21 +96,25 @@ def cmd_evaluate(args, extra: list[str]) -> int:
 
 
 def cmd_predict(args, extra: list[str]) -> int:
+    from .predict_files import PredictionWriter, image_files, predictions
     from .train.classifier import Classifier
 
     clf = Classifier(model_dir=args.run_dir)
-    preds = clf.predict(args.images, top_k=args.top_k, invert=args.invert, centre=args.centre)
-    for path, p in zip(args.images, preds):
-        p["file"] = str(path)
-    if args.json:
-        print(json.dumps([{k: v for k, v in p.items() if k != "probabilities" or args.all_probs} for p in preds], indent=2))
-    else:
-        from .labels import printable  # names from a checkpoint must not break or reorder these lines
-
-        for p in preds:
-            top = ", ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in p["top_k"])
-            print(f"{printable(p['file'])}: {printable(p['label'])} ({p['probability']:.3f})   "
-                  f"top-{len(p['top_k'])}: {top}")
+    files = image_files(args.images)
+    results = predictions(lambda batch: clf.predict(batch, top_k=args.top_k, invert=args.invert, centre=args.centre),
+                          files, args.batch_size)
+    if args.json:  # one JSON document (kept for scripts written against it); --format jsonl streams instead
+        print(json.dumps([{"file": str(path), **{k: v for k, v in p.items() if k != "probabilities" or args.all_probs}}
+                          for path, p in results], indent=2))
+        return 0
+    out = open(args.out, "w", encoding="utf-8", newline="") if args.out else sys.stdout  # noqa: SIM115
+    try:
+        writer = PredictionWriter(args.format, out)
+        for path, p in results:
+            writer.write(path, p)
+    finally:
+        if out is not sys.stdout:
+            out.close()
     return 0
 
 
@@ -294,9 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_data(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", allow_abbrev=False, help="classify image files (PNG/JPG)")
+    p = sub.add_parser("predict", allow_abbrev=False, help="classify image files (PNG/JPG) and folders of them")
     p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, or folders searched recursively")
+    p.add_argument("--format", choices=["text", "csv", "jsonl"], default="text",
+                   help="one line per file: text, CSV (file,label,probability,top_k) or JSON lines")
+    p.add_argument("--out", help="write the lines to this file instead of stdout")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images predicted at once")
     p.add_argument("--top-k", type=POSITIVE, default=3)
     p.add_argument("--invert", choices=["auto", "yes", "no"], default=None,
                    help="invert grayscale images (auto: when the border is light, e.g. a dark digit on paper; "

@@ -68,6 +68,9 @@ class TrainConfig:
     contrast: tuple[float, float] = opt((1.0, 1.0), "contrast factor range, as tf.image.random_contrast")
     saturation: tuple[float, float] = opt((1.0, 1.0), "saturation factor range")
     cutout: int = opt(0, "side of a random square set to zero (0: off)")
+    random_resized_crop: tuple[float, float] = opt(
+        (0.0, 0.0), "RandomResizedCrop area range, e.g. 0.35,1: crop that fraction of the image (aspect 3/4..4/3), "
+        "resized to the model input; 0,0: off")
     tta: str = opt("none", "test-time augmentation: none | flip | translate | flip-translate (averaged logits)")
     # Fine-tuning (see cnnlab.train.finetune).
     init_from: str = opt("", "start from the weights of this run directory or .safetensors checkpoint "
@@ -99,6 +102,8 @@ class TrainConfig:
     accumulate: int = opt(1, "split each batch_size batch into this many micro-batches (same step, less memory)")
     mixup: float = opt(0.0, "MixUp Beta(alpha, alpha) parameter (0: off)")
     cutmix: float = opt(0.0, "CutMix Beta(alpha, alpha) parameter (0: off; with mixup, half the samples each)")
+    data_memory_gb: float = opt(0.0, "memory budget for the training images in GiB: a larger split (an image folder) "
+                                     "streams from its on-disk cache; 0: always resident")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -134,6 +139,9 @@ def _validate(c: TrainConfig) -> None:
         (0 <= c.ema < 1, f"ema must be in [0, 1), got {c.ema}"),
         (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
         (0 <= c.hue <= 0.5, f"hue must be in [0, 0.5], got {c.hue}"),
+        (c.random_resized_crop == (0.0, 0.0) or 0 < c.random_resized_crop[0] <= c.random_resized_crop[1] <= 1,
+         f"random_resized_crop must be (0, 0) or (lower, upper) with 0 < lower <= upper <= 1, got {c.random_resized_crop}"),
+        (c.data_memory_gb >= 0, f"data_memory_gb must be >= 0, got {c.data_memory_gb}"),
         (c.brightness >= 0, f"brightness must be >= 0, got {c.brightness}"),
         (0 <= c.contrast[0] <= c.contrast[1], f"contrast must be (lower, upper) with 0 <= lower <= upper, got {c.contrast}"),
         (0 <= c.saturation[0] <= c.saturation[1], f"saturation must be (lower, upper) with 0 <= lower <= upper, got {c.saturation}"),

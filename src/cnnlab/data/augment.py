@@ -6,6 +6,7 @@ step alone (resume needs no augmentation state). Colour transforms follow ``tf.i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,32 @@ def random_crop(x: torch.Tensor, size: tuple[int, int], gen: torch.Generator) ->
     top = torch.randint(0, h - size[0] + 1, (n,), generator=gen).to(x.device)
     left = torch.randint(0, w - size[1] + 1, (n,), generator=gen).to(x.device)
     return _crop_at(x, top, left, size)
+
+
+def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale: tuple[float, float], gen: torch.Generator,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's RandomResizedCrop, batched: from each sample a crop of a random fraction ``scale`` of its
+    area and aspect ratio (log-uniform in ``ratio``), at a random place, resized (bilinear) to ``size``.
+
+    Where torchvision retries draws that do not fit, the crop's sides are clipped to the image's, so the
+    number of generator draws is fixed (four per sample) and a step's crops depend only on its generator.
+    """
+    n, _, h, w = x.shape
+    area = _uniform(n, *scale, gen) * h * w
+    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), gen)
+    r = torch.exp(log_r)
+    cw = torch.sqrt(area * r).clamp(1, w)
+    ch = torch.sqrt(area / r).clamp(1, h)
+    left = torch.rand(n, generator=gen) * (w - cw)
+    top = torch.rand(n, generator=gen) * (h - ch)
+    # An affine grid per sample mapping the output onto its crop, in grid_sample's [-1, 1] coordinates.
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = cw / w
+    theta[:, 1, 1] = ch / h
+    theta[:, 0, 2] = (left + cw / 2) / w * 2 - 1
+    theta[:, 1, 2] = (top + ch / 2) / h * 2 - 1
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [n, x.shape[1], *size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def translate(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
@@ -112,7 +139,7 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
 @dataclass(frozen=True)
 class Augment:
     """The training-time transform a config asks for, applied in the CIFAR tutorial's order:
-    crop, flip, hue, contrast, brightness, saturation, clip; then translate and cutout."""
+    crop (or random-resized crop), flip, hue, contrast, brightness, saturation, clip; then translate and cutout."""
 
     size: tuple[int, int]  # model input (H, W)
     random_crop: bool = False
@@ -123,16 +150,23 @@ class Augment:
     contrast: tuple[float, float] = (1.0, 1.0)
     saturation: tuple[float, float] = (1.0, 1.0)
     cutout: int = 0
+    resized_crop: tuple[float, float] = (0.0, 0.0)  # RandomResizedCrop's area range; (0, 0): off
 
     @classmethod
-    def from_config(cls, config, size: tuple[int, int]) -> "Augment":
+    def from_config(cls, config, size: tuple[int, int]) -> Augment:
         return cls(size=size, random_crop=config.random_crop, translate=config.translate, flip=config.flip,
                    hue=config.hue, brightness=config.brightness, contrast=tuple(config.contrast),
-                   saturation=tuple(config.saturation), cutout=config.cutout)
+                   saturation=tuple(config.saturation), cutout=config.cutout,
+                   resized_crop=tuple(getattr(config, "random_resized_crop", (0.0, 0.0))))
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n = x.shape[0]
-        x = random_crop(x, self.size, gen) if self.random_crop else fit_to_size(x, self.size)
+        if self.resized_crop != (0.0, 0.0):
+            x = random_resized_crop(x, self.size, self.resized_crop, gen)
+        elif self.random_crop:
+            x = random_crop(x, self.size, gen)
+        else:
+            x = fit_to_size(x, self.size)
         if self.flip:
             x = flip(x, gen)
         colour = x.shape[1] == 3
@@ -157,5 +191,5 @@ class Augment:
     @property
     def active(self) -> bool:
         """True when any random transform is on."""
-        return bool(self.random_crop or self.translate or self.flip or self.hue or self.brightness
+        return bool(self.random_crop or self.resized_crop != (0.0, 0.0) or self.translate or self.flip or self.hue or self.brightness
                     or self.contrast != (1.0, 1.0) or self.saturation != (1.0, 1.0) or self.cutout)

@@ -1,44 +1,65 @@
-"""Image-folder datasets: ``--dataset 'folder:PATH[?val=0.2&size=64&channels=3&seed=0]'``.
+"""Image-folder datasets: ``--dataset 'folder:PATH[?size=224&val=0.2&channels=3&resize=shorter-crop&seed=0]'``.
 
 Layout (class names are the sub-folder names, sorted; label i is the i-th name)::
 
     PATH/train/<class>/*.png|jpg|...     the training split
-    PATH/test/<class>/...  or  PATH/val/<class>/...   the held-out split (test/ wins if both exist)
+    PATH/val/<class>/...                 optional: the validation split (model selection)
+    PATH/test/<class>/...                optional: the test split (evaluated once, at the end)
 
 or simply ``PATH/<class>/*`` when there is no ``train/`` folder. Files are looked for recursively inside
 each class folder; hidden files and files that are not images by extension are skipped.
 
+Splits ``train``, ``val`` and ``test``:
+
+* ``val`` is ``val/`` when present; else a stratified, deterministic fraction ``val=F`` of each class held out
+  of ``train`` (default 0.2; with a ``test/`` folder and no ``val=``, nothing is held out and ``val`` is the
+  test split).
+* ``test`` is ``test/`` when present, else the same files as ``val`` (then there is no separate test set).
+* Loading an empty split (e.g. ``val=0`` without a ``test/`` folder) is an error, never a NaN accuracy.
+
 Options after ``?`` (joined by ``&``):
 
-* ``val=F``: hold out a fraction F of each class as the ``test`` split (stratified, deterministic: the
-  same files for the same folder and ``seed``). Default 0.2 when the folder has no ``test/`` or ``val/``;
-  not allowed when it has one. ``val=0`` gives an empty test split.
-* ``size=N`` or ``size=HxW``: every image is resized (stretched) to this size. Default: the size of the
-  first training image (in sorted order). Pick the model's input size, e.g. ``size=28`` for the MNIST
-  models; images of another size than the model's are centre-cropped / padded when fed to it.
+* ``size=N`` or ``size=HxW``: the size images are brought to; default 224 (``DEFAULT_SIZE``). It is never read
+  from the images: pass the model's input size, e.g. ``size=28`` for the MNIST models (`sized_for_model` adds
+  it to a name that has none).
+* ``resize=shorter-crop|stretch``: scale the shorter side to ``size`` and keep the centre (default, as
+  torchvision and Keras' ``crop_to_aspect_ratio`` do), or stretch the whole picture to ``size``.
 * ``channels=1|3``: grayscale or RGB. Default: 1 if every image is grayscale, else 3. Transparent pixels
-  become white; 16-bit and float images are scaled to 8 bits.
-* ``seed=N``: seed of the held-out draw (default 0).
+  become white; 16-bit and float images are scaled to 8 bits; EXIF orientation is applied.
+* ``val=F``: the held-out fraction above. ``seed=N``: seed of the held-out draw (default 0).
+* ``workers=N``: decoding threads (default: the usable CPUs, at most 8). ``cache=0``: decode into memory
+  instead of the on-disk cache.
 
-The whole split is decoded into one uint8 tensor [N, C, H, W]. ``mean``/``std`` in the dataset info are
-nominal (0.5), not measured: that would mean decoding every image just to describe the set.
+Each split is decoded once, in parallel (PIL releases the GIL while decoding; JPEGs are decoded near the
+target size with ``draft``), into a uint8 [N, C, H, W] ``.npy`` under the cache folder (`cnnlab.data.cache`)
+that every later command maps instead of decoding again. ``mean``/``std`` in the dataset info are nominal
+(0.5), not measured: that would mean decoding every image just to describe the set.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from ..errors import DataError
-from .images import image_to_tensor, open_image
+from .cache import cache_key, cached_array, cached_json
+from .images import MAX_PIXELS, RESIZES, image_to_tensor, open_image
 from .sources import DatasetInfo, DatasetSpec, register_dataset_prefix
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 DEFAULT_VAL = 0.2
+DEFAULT_SIZE = (224, 224)  # the common ImageNet-model input; the images' own sizes are never used
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -47,10 +68,13 @@ class FolderOptions:
 
     Attributes:
         path: The dataset root.
-        val: Fraction of each class held out as the test split (None: the default rule).
-        size: (H, W) every image is resized to (None: the first training image's size).
+        val: Fraction of each class held out as the val split (None: the default rule).
+        size: (H, W) every image is brought to (None: ``DEFAULT_SIZE``).
         channels: 1 or 3 (None: 1 if every image is grayscale, else 3).
         seed: Seed of the held-out draw.
+        resize: 'shorter-crop' or 'stretch'.
+        workers: Decoding threads (None: the usable CPUs, at most 8).
+        cache: Keep decoded splits on disk (else decode into memory each time).
     """
 
     path: Path
@@ -58,12 +82,15 @@ class FolderOptions:
     size: tuple[int, int] | None = None
     channels: int | None = None
     seed: int = 0
+    resize: str = "shorter-crop"
+    workers: int | None = None
+    cache: bool = True
 
 
 def _positive_size(text: str) -> tuple[int, int]:
     h, _, w = text.lower().partition("x")
     size = (int(h), int(w or h))
-    if min(size) < 1:
+    if min(size) < 1 or size[0] * size[1] > MAX_PIXELS:
         raise ValueError
     return size
 
@@ -81,12 +108,34 @@ def _channels(text: str) -> int:
     return int(text)
 
 
+def _resize(text: str) -> str:
+    if text not in RESIZES:
+        raise ValueError
+    return text
+
+
+def _workers(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 256:
+        raise ValueError
+    return n
+
+
+def _flag(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError
+    return text == "1"
+
+
 # Option name -> (field, parser, what a good value looks like).
 _OPTIONS = {
     "val": ("val", _fraction, "a fraction in [0, 1), e.g. val=0.2"),
-    "size": ("size", _positive_size, "N or HxW, e.g. size=64"),
+    "size": ("size", _positive_size, f"N or HxW with at most {MAX_PIXELS:,} pixels, e.g. size=224"),
     "channels": ("channels", _channels, "1 or 3"),
     "seed": ("seed", int, "an integer"),
+    "resize": ("resize", _resize, " or ".join(RESIZES)),
+    "workers": ("workers", _workers, "an integer from 1 to 256"),
+    "cache": ("cache", _flag, "0 or 1"),
 }
 
 
@@ -94,7 +143,7 @@ def parse_folder_name(argument: str) -> FolderOptions:
     """``'PATH?val=0.2&size=64'`` (the text after ``folder:``) -> `FolderOptions`; bad options raise DataError."""
     path, _, query = argument.strip().partition("?")
     if not path:
-        raise DataError("folder dataset needs a path: folder:PATH[?val=0.2&size=64&channels=3]")
+        raise DataError("folder dataset needs a path: folder:PATH[?size=224&val=0.2&channels=3]")
     values: dict = {}
     for item in filter(None, query.split("&")):
         key, _, text = item.partition("=")
@@ -108,6 +157,20 @@ def parse_folder_name(argument: str) -> FolderOptions:
     return FolderOptions(path=Path(path).expanduser(), **values)
 
 
+def sized_for_model(name: str, input_size: tuple[int, int]) -> str:
+    """``name`` with ``size=HxW`` added when it is a ``folder:`` name without one; other names unchanged.
+
+    For code that builds the model before loading the data: the folder is then decoded at the model's input
+    size instead of ``DEFAULT_SIZE``.
+    """
+    if not name.strip().lower().startswith("folder:"):
+        return name
+    path, _, query = name.partition("?")
+    if any(item.partition("=")[0] == "size" for item in query.split("&")):
+        return name
+    return f"{path}?{query + '&' if query else ''}size={input_size[0]}x{input_size[1]}"
+
+
 def _images_in(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted), skipping hidden files and other extensions."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
@@ -118,97 +181,198 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+Files = list[tuple[Path, int]]
+
+
 @dataclass(frozen=True)
 class FolderScan:
-    """The files of each split with their labels, and the shape every image is brought to."""
+    """The files of each split with their labels, and how every image is decoded.
+
+    Attributes:
+        empty_reason: Split -> why it has no files (only for empty splits), for the error on loading it.
+    """
 
     classes: tuple[str, ...]
-    splits: dict[str, list[tuple[Path, int]]]
+    splits: dict[str, Files]
     shape: tuple[int, int, int]
+    resize: str
+    empty_reason: dict[str, str]
 
 
-def _held_out(files: list[tuple[Path, int]], frac: float, seed: int, num_classes: int):
+def _held_out(files: Files, frac: float, seed: int, num_classes: int) -> tuple[Files, Files]:
     """Split (file, label) pairs per class: round(frac * n) of each class (at least 1, at most n - 1 when
-    frac > 0 and n >= 2) go to the test split, drawn with a generator seeded by (seed, class)."""
-    train, test = [], []
+    frac > 0 and n >= 2) go to the held-out split, drawn with a generator seeded by (seed, class)."""
+    train, held = [], []
     for label in range(num_classes):
         group = [f for f in files if f[1] == label]
         k = min(max(round(frac * len(group)), 1 if frac > 0 else 0), max(len(group) - 1, 0))
         chosen = set(np.random.default_rng([seed, label]).permutation(len(group))[:k].tolist())
         for i, f in enumerate(group):
-            (test if i in chosen else train).append(f)
-    return train, test
+            (held if i in chosen else train).append(f)
+    return train, held
 
 
-def _header(path: Path) -> tuple[str, tuple[int, int]]:
-    """(mode, (H, W)) read from the file header only; unreadable files raise DataError naming them."""
+def _header_mode(path: Path) -> str:
+    """The image mode read from the file header only; unreadable files raise DataError naming them."""
     try:
         with Image.open(path) as im:
-            return im.mode, (im.height, im.width)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            return im.mode
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: image too large (at most {MAX_PIXELS:,} pixels)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
 
 
+def _labelled_split(split_dir: Path, classes: tuple[str, ...], train_dir: Path) -> Files:
+    """(file, label) pairs of a val/ or test/ folder whose class folders must be among ``classes``."""
+    unknown = sorted({d.name for d in _class_dirs(split_dir)} - set(classes))
+    if unknown:
+        raise DataError(f"{split_dir}: class folder(s) {', '.join(unknown)} not in {train_dir} ({', '.join(classes)})")
+    files = [(p, classes.index(d.name)) for d in _class_dirs(split_dir) for p in _images_in(d)]
+    if not files:
+        raise DataError(f"{split_dir}: no images in its class folders")
+    return files
+
+
+def _workers_for(opts: FolderOptions) -> int:
+    return opts.workers or min(8, len(os.sched_getaffinity(0)))
+
+
 def scan_folder(opts: FolderOptions) -> FolderScan:
-    """Find classes and files, decide the held-out split, channels and size. Reads headers, not pixels."""
+    """Find classes and files, decide the splits, channels and size. Reads headers (once; cached), not pixels."""
     root = opts.path
     if not root.is_dir():
         raise DataError(f"image folder not found: {root} (expected {root}/train/<class>/*.png|jpg)")
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    test_dir = next((root / n for n in ("test", "val") if train_dir != root and (root / n).is_dir()), None)
+    nested = (root / "train").is_dir()
+    train_dir = root / "train" if nested else root
+    val_dir, test_dir = ((root / n if nested and (root / n).is_dir() else None) for n in ("val", "test"))
     classes = tuple(d.name for d in _class_dirs(train_dir))
     if not classes:
         raise DataError(f"{train_dir}: no class folders (expected {train_dir}/<class>/*.png|jpg)")
-    train = []
+    train: Files = []
     for label, name in enumerate(classes):
         found = _images_in(train_dir / name)
         if not found:
             raise DataError(f"{train_dir / name}: no images ({', '.join(EXTENSIONS)}) in class folder {name!r}")
         train += [(p, label) for p in found]
-    if test_dir is not None:
+    test = _labelled_split(test_dir, classes, train_dir) if test_dir else None
+    reason = {}
+    if val_dir is not None:
         if opts.val is not None:
-            raise DataError(f"{root} has a {test_dir.name}/ folder; drop val={opts.val} (it is the held-out split)")
-        unknown = sorted(set(d.name for d in _class_dirs(test_dir)) - set(classes))
-        if unknown:
-            raise DataError(f"{test_dir}: class folder(s) {', '.join(unknown)} not in {train_dir} "
-                            f"({', '.join(classes)})")
-        test = [(p, classes.index(d.name)) for d in _class_dirs(test_dir) for p in _images_in(d)]
-        if not test:
-            raise DataError(f"{test_dir}: no images in its class folders")
+            raise DataError(f"{root} has a val/ folder; drop val={opts.val} (it is the validation split)")
+        val = _labelled_split(val_dir, classes, train_dir)
+    elif opts.val is not None or test is None:
+        frac = DEFAULT_VAL if opts.val is None else opts.val
+        train, val = _held_out(train, frac, opts.seed, len(classes))
+        reason["val"] = f"val={frac} holds out no image and there is no {root}/val/ folder"
     else:
-        train, test = _held_out(train, DEFAULT_VAL if opts.val is None else opts.val, opts.seed, len(classes))
-    headers = {p: _header(p) for p, _ in train + test}
-    channels = opts.channels or (1 if all(m in GRAY_MODES for m, _ in headers.values()) else 3)
-    size = opts.size or headers[train[0][0]][1]
-    return FolderScan(classes=classes, splits={"train": train, "test": test}, shape=(channels, *size))
+        val = test
+    if test is None:
+        test = val
+        reason["test"] = reason.get("val", "") + f"; with no {root}/test/ folder, test is the val split"
+    channels = opts.channels or _default_channels([p for p, _ in train + val + test], opts)
+    size = opts.size or DEFAULT_SIZE
+    return FolderScan(classes=classes, splits={"train": train, "val": val, "test": test},
+                      shape=(channels, *size), resize=opts.resize,
+                      empty_reason={k: v for k, v in reason.items() if v})
 
 
-def _eight_bit(im: Image.Image) -> Image.Image:
-    """16-bit / 32-bit / float grayscale -> 8-bit 'L' by scaling (PIL's own conversion clips at 255)."""
-    if im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        return im
-    a = np.asarray(im, dtype=np.float64)
-    top = 1.0 if im.mode == "F" and a.max(initial=0) <= 1.0 else (255.0 if a.max(initial=0) <= 255 else 65535.0)
-    return Image.fromarray(np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8), "L")
+def _default_channels(files: list[Path], opts: FolderOptions) -> int:
+    """1 when every file's header says grayscale, else 3; remembered per file list (headers cost a file open)."""
+    unique = sorted(set(files))
+    key = cache_key(unique, {"what": "grayscale"})
+    if not opts.cache:
+        return _all_gray(unique, opts)
+    return 1 if cached_json(key, lambda: _all_gray(unique, opts) == 1) else 3
 
 
-def read_images(files: list[tuple[Path, int]], shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Decode (file, label) pairs into images uint8 [N, C, H, W] and labels int64 [N]."""
-    images = np.empty((len(files), *shape), dtype=np.uint8)
-    for i, (path, _) in enumerate(files):
-        images[i] = image_to_tensor(_eight_bit(open_image(path)), shape[0], shape[1:], invert="no").numpy()
-    return images, np.array([label for _, label in files], dtype=np.int64)
+def _all_gray(files: list[Path], opts: FolderOptions) -> int:
+    with ThreadPoolExecutor(_workers_for(opts)) as pool:
+        modes = list(pool.map(_header_mode, files))
+    return 1 if all(m in GRAY_MODES for m in modes) else 3
+
+
+def decode_file(path: Path, shape: tuple[int, int, int], resize: str) -> np.ndarray:
+    """One file as uint8 [C, H, W], exactly as ``predict`` reads it (`open_image` then `image_to_tensor`)."""
+    im = open_image(path, size=shape[1:], resize=resize)
+    return image_to_tensor(im, shape[0], shape[1:], invert="no", resize=resize).numpy()
+
+
+def _decode_all(files: list[Path], shape: tuple[int, int, int], resize: str, workers: int,
+                write_row: Callable[[int, np.ndarray], None], what: str) -> None:
+    """Decode ``files`` into rows ``write_row(i, image)`` with a thread pool; the first error stops the rest."""
+    bar = tqdm(total=len(files), unit="img", desc=f"decoding {what}", leave=False, dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+
+    def one(i: int) -> None:
+        write_row(i, decode_file(files[i], shape, resize))
+
+    pool = ThreadPoolExecutor(workers)
+    try:
+        for _ in pool.map(one, range(len(files))):
+            bar.update()
+    finally:
+        pool.shutdown(cancel_futures=True)
+        bar.close()
+
+
+def read_images(files: Files, shape: tuple[int, int, int], resize: str = "shorter-crop", *,
+                workers: int = 1, cache: bool = True, what: str = "images") -> tuple[np.ndarray, np.ndarray]:
+    """Decode (file, label) pairs into images uint8 [N, C, H, W] and labels int64 [N].
+
+    With ``cache`` the images come memory-mapped from the on-disk cache (decoded into it on a miss).
+    """
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    paths = [p for p, _ in files]
+    full = (len(files), *shape)
+    if not cache or not files:
+        images = np.empty(full, dtype=np.uint8)
+        _decode_all(paths, shape, resize, workers, images.__setitem__, what)
+        return images, labels
+    options = {"shape": list(shape), "resize": resize, "interpolation": "bilinear", "pil": PIL.__version__}
+    key = cache_key(paths, options)
+    images = cached_array(key, full, lambda write: _decode_all(paths, shape, resize, workers, write, what))
+    if images is None:  # no usable cache folder: decode into memory, as with cache=0
+        return read_images(files, shape, resize, workers=workers, cache=False, what=what)
+    return images, labels
+
+
+@dataclass(frozen=True)
+class FolderInfo(DatasetInfo):
+    """A folder's `DatasetInfo` plus how its files were prepared (``preprocess``: size, channels, polarity,
+    resize, interpolation), which a run records so that predicting a file prepares it the same way."""
+
+    preprocess: object = None
+
+
+def _preprocess_record(shape: tuple[int, int, int], resize: str):
+    """The `cnnlab.preprocess.Preprocess` of a folder (a look-alike record where that module is absent)."""
+    fields = {"size": tuple(shape[1:]), "channels": shape[0], "invert": "no", "resize": resize,
+              "interpolation": "bilinear"}
+    try:
+        from ..preprocess import Preprocess
+    except ImportError:
+        from types import SimpleNamespace
+        return SimpleNamespace(**fields, mean=None, std=None, crop=None)
+    return Preprocess(**fields)
 
 
 @register_dataset_prefix("folder")
 def resolve_folder(argument: str) -> DatasetSpec:
     """The `DatasetSpec` of ``folder:<argument>`` (see the module docstring for the syntax)."""
-    scan = scan_folder(parse_folder_name(argument))
+    opts = parse_folder_name(argument)
+    scan = scan_folder(opts)
     c = scan.shape[0]
-    info = DatasetInfo(name=f"folder:{argument}", num_classes=len(scan.classes), class_names=scan.classes,
-                       shape=scan.shape, mean=(0.5,) * c, std=(0.5,) * c)
+    info = FolderInfo(name=f"folder:{argument}", num_classes=len(scan.classes), class_names=scan.classes,
+                      shape=scan.shape, mean=(0.5,) * c, std=(0.5,) * c,
+                      preprocess=_preprocess_record(scan.shape, scan.resize))
 
     def load(split: str, data_dir, download: bool) -> tuple[np.ndarray, np.ndarray]:
-        return read_images(scan.splits[split], scan.shape)
+        files = scan.splits[split]
+        if not files:
+            raise DataError(f"folder:{argument}: the {split} split is empty ({scan.empty_reason.get(split, '')}); "
+                            f"use val>0 or add {opts.path}/{split}/<class>/ folders")
+        return read_images(files, scan.shape, scan.resize, workers=_workers_for(opts), cache=opts.cache,
+                           what=f"{opts.path.name}/{split}")
 
-    return DatasetSpec(info=info, load=load, splits=("train", "test"))
+    return DatasetSpec(info=info, load=load, splits=SPLITS)

@@ -1,31 +1,139 @@
-"""Image files and in-memory images -> uint8 tensors [C, H, W] of the size and channels a model expects."""
+"""Image files and in-memory images -> uint8 tensors [C, H, W] of the size and channels a model expects.
+
+One opener, `open_image`, is used by folder training, ``predict`` and the server, so a file reaches the model as
+the same pixels whichever command reads it: EXIF orientation applied, palette and odd modes converted, 16-bit
+and float images scaled (not clipped) to 8 bits, JPEGs decoded at a reduced scale (``draft``) when the target
+size allows it.
+"""
 
 from __future__ import annotations
 
+import io
+import math
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
 
-MAX_PIXELS = 40_000_000  # refuse decompression bombs (~40 MP) with a clear error
+# Refuse decompression bombs before decoding: a few KB of PNG can claim gigapixels. One cap for every command.
+MAX_PIXELS = 40_000_000
+RESIZES = ("stretch", "shorter-crop")
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                  "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_ORIENTATION = 0x0112  # EXIF tag; values 5..8 swap width and height
+_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, or raise DataError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
+# Images past PIL's own threshold are refused by MAX_PIXELS before decoding, so PIL's multi-line warning about
+# them is noise on stderr (and names absolute paths).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class ImageTooLarge(DataError):
+    """An image whose header claims more pixels than the cap; refused before decoding."""
+
+
+def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, *, size: tuple[int, int] | None = None,
+               resize: str = "stretch", formats: tuple[str, ...] | None = None, what: str | None = None) -> Image.Image:
+    """Open and fully decode an image file or file bytes, ready for `image_to_tensor`.
+
+    Args:
+        source: A path, or the bytes of an image file.
+        max_pixels: Images whose header claims more pixels are refused (ImageTooLarge) before decoding.
+        size: The (H, W) the image will be brought to: a JPEG is then decoded at the smallest DCT scale
+            (1/2, 1/4, 1/8) that still covers it, so a phone photo costs a fraction of a full decode.
+        resize: How it will be brought to ``size`` ('stretch' or 'shorter-crop'); decides what "covers" means.
+        formats: Only these PIL decoders are tried (None: all).
+        what: How to name the image in errors (default: the path, or 'image').
+
+    Returns:
+        An image in mode 'L', 'LA', 'RGB' or 'RGBA', EXIF orientation applied, 8 bits per channel.
+
+    Raises:
+        DataError: Missing or unreadable file (ImageTooLarge: over ``max_pixels``); one line naming it.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        what, stream = what or "image", io.BytesIO(bytes(source))
+    else:
+        path = Path(source)
+        what, stream = what or str(path), path
+        if not path.is_file():
+            raise DataError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise DataError(f"{path}: image too large ({im.width}x{im.height})")
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
+        im = Image.open(stream, formats=formats)
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"{what}: image too large (at most {max_pixels:,} pixels)") from None
+    except UnidentifiedImageError:
+        kinds = ", ".join(formats) if formats else "a format PIL reads"
+        raise DataError(f"{what}: not an image in a supported format ({kinds})") from None
+    except _ERRORS as e:
+        raise DataError(f"{what}: not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
+    # Not a `with` block: closing would free the decoded bitmap, and a copy would double the largest one.
+    try:
+        if im.width * im.height > max_pixels:
+            raise ImageTooLarge(f"{what}: image too large ({im.width}x{im.height} pixels, at most {max_pixels:,})")
+        if size is not None and im.format == "JPEG":
+            im.draft(im.mode, _draft_request(im, size, resize))
+        im.load()
+        ImageOps.exif_transpose(im, in_place=True)
+        return _eight_bit(im)
+    except ImageTooLarge:
+        im.close()
+        raise
+    except _ERRORS as e:
+        im.close()
+        raise DataError(f"{what}: not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def _draft_request(im: Image.Image, size: tuple[int, int], resize: str) -> tuple[int, int]:
+    """The (W, H) a JPEG draft must keep at least, in the file's own (un-rotated) orientation."""
+    h, w = size
+    try:
+        turned = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+    except (AttributeError, TypeError, ValueError, OSError, SyntaxError, struct.error):  # a broken EXIF block only costs the draft
+        turned = False
+    iw, ih = (im.height, im.width) if turned else (im.width, im.height)
+    if resize == "shorter-crop":  # the shorter side scales to cover size: both sides at least that scale
+        k = max(h / ih, w / iw)
+        need = (math.ceil(iw * k), math.ceil(ih * k))
+    else:
+        need = (w, h)
+    return (need[1], need[0]) if turned else need
+
+
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """Any mode -> 'L', 'LA', 'RGB' or 'RGBA' with 8 bits per channel.
+
+    16-bit images are scaled by 255/65535 and float images by 255 when their values lie in [0, 1] (else as
+    16-bit or 8-bit ranges, whichever holds them): PIL's own conversion clips, so a 16-bit 30000 would be 255.
+    """
+    if im.mode in ("L", "LA", "RGB", "RGBA"):
+        return im
+    if im.mode in _WIDE_MODES:
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = float(a.max(initial=0))
+        if im.mode == "F":
+            full = 1.0 if top <= 1.0 else 255.0 if top <= 255 else 65535.0
+        elif im.mode.startswith("I;16"):
+            full = 65535.0
+        else:  # 32-bit integer: PNG and TIFF 16-bit data may open as 'I'
+            full = max(65535.0, top)
+        return Image.fromarray(np.clip(a / full * 255.0, 0, 255).round().astype(np.uint8), "L")
+    if im.mode in ("PA",) or (im.mode == "P" and "transparency" in im.info):
+        return im.convert("RGBA")
+    if im.mode == "1":
+        return im.convert("L")
+    if im.mode == "La":
+        return im.convert("LA")
+    if im.mode == "RGBa":
+        return im.convert("RGBA")
+    return im.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV, RGBX
 
 
 def _to_mode(im: Image.Image, channels: int) -> Image.Image:
@@ -38,10 +146,13 @@ def _to_mode(im: Image.Image, channels: int) -> Image.Image:
 
 
 def image_to_tensor(im: Image.Image, channels: int, size: tuple[int, int], invert: str = "auto",
-                    centre: bool = False) -> torch.Tensor:
+                    centre: bool = False, resize: str = "stretch", interpolation: str = "bilinear") -> torch.Tensor:
     """A PIL image as uint8 [channels, H, W], resized to ``size`` (H, W).
 
     Args:
+        resize: 'stretch' resizes the whole picture to ``size``; 'shorter-crop' scales it so that it covers
+            ``size`` keeping its aspect ratio (the shorter side fits) and keeps the centre.
+        interpolation: 'bilinear', 'bicubic', 'lanczos' or 'nearest' (PIL's, antialiased when shrinking).
         invert: 'auto' inverts grayscale images whose border is light (a dark digit on paper), so they look
             like MNIST (light digit on black); 'yes' always inverts, 'no' never.
         centre: grayscale only: frame the ink as MNIST frames its digits (``centre_digit``) instead of
@@ -51,14 +162,34 @@ def image_to_tensor(im: Image.Image, channels: int, size: tuple[int, int], inver
     if centre and channels == 1:
         arr = np.asarray(im, dtype=np.uint8)
         return torch.from_numpy(centre_digit(255 - arr if _inverts(arr, invert) else arr, size))[None]
-    if im.size != (size[1], size[0]):
-        im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS if min(im.size) > max(size) else Image.Resampling.BILINEAR)
+    im = _resized(im, size, resize, interpolation)
     arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if invert == "yes" or (channels == 1 and _inverts(arr, invert)):
         arr = 255 - arr
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def _resized(im: Image.Image, size: tuple[int, int], resize: str, interpolation: str) -> Image.Image:
+    """``im`` brought to ``size`` (H, W) by ``resize`` ('stretch' | 'shorter-crop')."""
+    if resize not in RESIZES:
+        raise DataError(f"unknown resize {resize!r}; expected one of: {', '.join(RESIZES)}")
+    if interpolation not in INTERPOLATIONS:
+        raise DataError(f"unknown interpolation {interpolation!r}; expected one of: {', '.join(INTERPOLATIONS)}")
+    h, w = size
+    if im.size == (w, h):
+        return im
+    box = None
+    if resize == "shorter-crop":  # the centred region of the output's aspect ratio, in source pixels
+        iw, ih = im.size
+        if iw * h > ih * w:
+            cw = ih * w / h
+            box = ((iw - cw) / 2, 0.0, (iw + cw) / 2, float(ih))
+        else:
+            ch = iw * h / w
+            box = (0.0, (ih - ch) / 2, float(iw), (ih + ch) / 2)
+    return im.resize((w, h), INTERPOLATIONS[interpolation], box=box)
 
 
 def centre_digit(arr: np.ndarray, size: tuple[int, int] = (28, 28), box: float = 20 / 28) -> np.ndarray:
@@ -103,11 +234,12 @@ def _border_mean(arr: np.ndarray) -> float:
 
 
 def as_batch(images, channels: int, size: tuple[int, int], invert: str = "auto",
-             centre: bool = False) -> torch.Tensor:
+             centre: bool = False, resize: str = "stretch", interpolation: str = "bilinear") -> torch.Tensor:
     """Paths, PIL images, numpy arrays (H,W[,C]; uint8 or float in [0,1]) or a tensor -> uint8 [N,C,H,W].
 
-    A uint8 tensor [N,C,H,W] is taken as is; a float tensor is taken as values in [0, 1]. ``invert`` and
-    ``centre`` are those of ``image_to_tensor`` and apply to images, not to tensors.
+    A uint8 tensor [N,C,H,W] is taken as is; a float tensor is taken as values in [0, 1]. ``invert``,
+    ``centre``, ``resize`` and ``interpolation`` are those of ``image_to_tensor`` and apply to images, not to
+    tensors. Paths go through `open_image` exactly as folder training reads them.
     """
     if isinstance(images, torch.Tensor):
         t = images if images.ndim == 4 else images[None]
@@ -119,17 +251,19 @@ def as_batch(images, channels: int, size: tuple[int, int], invert: str = "auto",
     out = []
     for item in images:
         if isinstance(item, (str, Path)):
-            item = open_image(item)
+            item = open_image(item, size=None if centre else size, resize=resize)
         elif isinstance(item, np.ndarray):
             a = item if item.dtype == np.uint8 else (np.clip(item, 0, 1) * 255).round().astype(np.uint8)
             if a.ndim == 3 and a.shape[2] == 1:
                 a = a[:, :, 0]
             if a.ndim not in (2, 3):
                 raise DataError(f"an image array must be HxW or HxWxC, got shape {item.shape}")
-            item = Image.fromarray(a)
-        elif not isinstance(item, Image.Image):
+            item = _eight_bit(Image.fromarray(a))
+        elif isinstance(item, Image.Image):
+            item = _eight_bit(ImageOps.exif_transpose(item))
+        else:
             raise DataError(f"cannot use {type(item).__name__} as an image")
-        out.append(image_to_tensor(item, channels, size, invert, centre))
+        out.append(image_to_tensor(item, channels, size, invert, centre, resize, interpolation))
     if not out:
         raise DataError("no images given")
     return torch.stack(out)

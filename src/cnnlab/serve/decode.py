@@ -103,17 +103,18 @@ def plan_file(data: bytes, shape: tuple[int, int, int], centre: bool = False, wh
         return [Pending(data, im.width * im.height, what, DECODE_WEIGHT.get(im.format, 1))]
 
 
-def decode_file(data: bytes, size: tuple[int, int], centre: bool, what: str) -> Image.Image:
-    """Fully decode one image file (already priced by `plan_file`), JPEGs at their draft scale; the caller
-    closes it (no copy is made: a copy would double the memory of the largest bitmap)."""
-    im = open_lazily(data, what)
+def decode_file(data: bytes, size: tuple[int, int], centre: bool, what: str, resize: str = "stretch") -> Image.Image:
+    """Fully decode one image file (already priced by `plan_file`) with the opener folder training and
+    ``cnnlab predict`` use, so the server sees the same pixels: EXIF orientation applied, 16-bit and float images
+    scaled, JPEGs drafted to the scale that covers ``size`` by ``resize`` (at most the planned pixels). The
+    caller closes it (no copy is made: a copy would double the memory of the largest bitmap)."""
     try:
-        _draft(im, size, centre)
-        im.load()
-        return im
-    except Exception as e:  # noqa: BLE001 - PIL's decoders raise many exception types on corrupt pixels
-        im.close()
-        raise _unreadable(what, e) from None
+        return image_lib.open_image(data, max_pixels(), size=None if centre else size, resize=resize,
+                                    formats=FORMATS, what=what)
+    except image_lib.ImageTooLarge as e:
+        raise BadRequest(str(e), 413) from None
+    except CnnlabError as e:
+        raise BadRequest(str(e)) from None
 
 
 def _array_image(item, what: str) -> np.ndarray:

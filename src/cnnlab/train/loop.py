@@ -23,6 +23,7 @@ from .. import checkpoint as ck
 from ..config import TrainConfig
 from ..data import ArrayDataset, load_dataset
 from ..data.augment import Augment
+from ..data.loader import BatchSource
 from ..errors import CheckpointError, CnnlabError
 from ..infer import EvalResult, model_input, select_device
 from ..models.layers import pool_before_relu, use_onednn_linear
@@ -186,13 +187,15 @@ def _make_hooks(model_dir: Path, total: int, step: int, dist: distributed.DistCo
             *(extra or [])]
 
 
-def _batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, sampler, augment: Augment, step: int,
-           config: TrainConfig, dist: distributed.DistContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(batches: BatchSource, num_classes: int, sampler, augment: Augment, step: int, config: TrainConfig,
+           dist: distributed.DistContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's indices, augmented float images and targets (class indices, or MixUp/CutMix soft targets
     [N, K]) of the global batch for ``step``."""
-    idx = sampler.indices(step).to(images.device)
+    idx = sampler.indices(step)
+    images_u8, y = batches.take(idx)  # resident, or gathered from the decoded cache (data_memory_gb)
+    idx = idx.to(batches.device)
     gen = step_generator(config.seed, step)
-    x, y = augment(images[idx].float().div_(255.0), gen), labels[idx]
+    x = augment(images_u8.float().div_(255.0), gen)
     if config.mixup or config.cutmix:  # drawn after augment's draws, from the same stream
         x, y = controls.mix_batch(x, y, num_classes, gen, mixup=config.mixup, cutmix=config.cutmix)
     idx, x, y = dist.shard(idx), dist.shard(x), dist.shard(y)  # this rank's rows of the global batch
@@ -329,8 +332,8 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         The model to use (the EMA copy when EMA is on) and its test-set result.
     """
     device, model, optimizer, ema = dist.device, state.model, state.optimizer, state.ema
-    images = train_set.images.to(device)  # the whole training set stays resident as uint8
-    labels = train_set.labels.to(device)
+    batches = BatchSource(train_set.images, train_set.labels, device, config.data_memory_gb)
+    labels = batches.labels
     val_set = val_set or test_set
     selection = selection or controls.Selection.from_config(config)
     sampler = controls.make_sampler(config, train_set.labels)
@@ -349,7 +352,7 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
     last_eval: tuple[int, EvalResult | None] = (-1, None)
     while state.step < total and not selection.should_stop(state.step):
         step = state.step
-        idx, x, y = _batch(images, labels, train_set.info.num_classes, sampler, augment, step, config, dist)
+        idx, x, y = _batch(batches, train_set.info.num_classes, sampler, augment, step, config, dist)
         finetune.apply_freeze(model, step, frozen_until)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * group.get("lr_mult", 1.0) * lr_factor(config.schedule, step, total, config.warmup)

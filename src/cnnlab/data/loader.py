@@ -1,0 +1,95 @@
+"""Training batches from a split: resident (one uint8 tensor in memory or on the device) or streamed.
+
+MNIST and CIFAR-10 stay resident: every batch is one gather from a tensor already on the device. A folder's
+images come memory-mapped from the decoded cache (`cnnlab.data.cache`); when they fit the memory budget
+(``data_memory_gb``) they are copied in once and used the same way, else each batch is gathered from the
+mapping and its pages are handed back to the kernel every so often, so the process's memory stays near the
+budget however large the folder is. Both paths take the same rows for the same indices, so a run's batches
+depend only on (seed, step), as `cnnlab.train.steps.EpochSampler` orders them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import torch
+
+MADV_DONTNEED = 4  # Linux: drop the pages of a range; file-backed pages are read again on the next access
+
+
+def _mapping_of(address: int) -> str | None:
+    """The file a process address is mapped from ('' for anonymous memory), or None when not known."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= address < hi:
+                    return fields[5].strip() if len(fields) > 5 else ""
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def file_backed(t: torch.Tensor) -> bool:
+    """Whether a CPU tensor's memory is a mapping of a file (a memory-mapped cache), not private memory."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return False
+    where = _mapping_of(t.data_ptr())
+    return bool(where) and not where.startswith("[")  # [heap], [stack], [anon:...] are private memory
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """Let the kernel take back the resident pages of a file-backed tensor (they stay in the page cache)."""
+    page = mmap.PAGESIZE
+    start = t.data_ptr() // page * page
+    length = t.data_ptr() + t.numel() * t.element_size() - start
+    ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_DONTNEED)
+
+
+class BatchSource:
+    """Rows of a split by index, as uint8 [B, C, H, W] on ``device``.
+
+    Args:
+        images: uint8 [N, C, H, W] (possibly a memory-mapped cache).
+        labels: int64 [N].
+        device: Where batches go.
+        memory_gb: The budget: a split larger than this streams (None or <= 0: always resident).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 memory_gb: float | None = None):
+        nbytes = images.numel() * images.element_size()
+        self.device = torch.device(device)
+        self.streaming = bool(memory_gb and memory_gb > 0 and nbytes > memory_gb * 2**30)
+        self.labels = labels.to(self.device)
+        if self.streaming:
+            self.images = images
+            self._mapped = file_backed(images)
+            # Hand pages back once about half the budget has been read since the last time.
+            self._drop_every = max(1, int(memory_gb * 2**30 / 2))
+            self._read = 0
+        elif self.device.type == "cpu" and file_backed(images):
+            self.images = images.clone()  # resident: one private copy, no page faults during training
+        else:
+            self.images = images.to(self.device)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images uint8 [B, C, H, W], labels [B]) of rows ``idx``, both on the device."""
+        if not self.streaming:
+            idx = idx.to(self.device)
+            return self.images[idx], self.labels[idx]
+        cpu_idx = idx.cpu()
+        order = torch.argsort(cpu_idx)  # read the file in ascending offsets, then restore the sampler's order
+        rows = torch.empty((len(cpu_idx), *self.images.shape[1:]), dtype=self.images.dtype)
+        rows[order] = self.images[cpu_idx[order]]
+        if self._mapped:
+            self._read += rows.numel()
+            if self._read >= self._drop_every:
+                _drop_pages(self.images)
+                self._read = 0
+        return rows.to(self.device), self.labels[idx.to(self.device)]

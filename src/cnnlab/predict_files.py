@@ -1,0 +1,110 @@
+"""``cnnlab predict RUN DIR``: every image under a folder, in batches, one output line per file.
+
+Directories are walked recursively (image extensions only, hidden entries skipped, sorted); files are
+predicted in batches through the run's own preparation (whatever ``predict_batch`` does with paths); a file
+that cannot be read is reported on stderr and skipped instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .data.folder import EXTENSIONS
+from .errors import CnnlabError, DataError
+from .labels import printable  # names from a checkpoint must not break or reorder lines
+
+FORMATS = ("text", "csv", "jsonl")
+
+
+def image_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, and the image files under each directory (recursive, sorted, hidden ones skipped)."""
+    out: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            out += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
+                          and not any(part.startswith(".") for part in p.relative_to(item).parts))
+        else:
+            out.append(item)
+    if not out:
+        raise DataError(f"no image files ({', '.join(EXTENSIONS)}) in {', '.join(map(str, inputs))}")
+    return out
+
+
+def predict_stream(predict_batch: Callable[[list[Path]], list[dict]], files: list[Path], batch_size: int,
+                   progress: bool | None = None) -> Iterator[tuple[Path, dict | None, str | None]]:
+    """(file, prediction, None) or (file, None, why it was skipped) for each file, in order.
+
+    A batch that fails is retried file by file, so one unreadable file costs only itself.
+    """
+    bar = tqdm(total=len(files), unit="img", leave=False, dynamic_ncols=True,
+               disable=not (sys.stderr.isatty() if progress is None else progress))
+    try:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            try:
+                results = list(zip(chunk, predict_batch(chunk), [None] * len(chunk)))
+            except CnnlabError:
+                results = [_one(predict_batch, f) for f in chunk]
+            yield from results
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+def predictions(predict_batch: Callable[[list[Path]], list[dict]], files: list[Path],
+                batch_size: int) -> Iterator[tuple[Path, dict]]:
+    """(file, prediction) for each readable file; the others are reported on stderr and skipped.
+
+    Raises:
+        DataError: The only file given cannot be read (its own error), or none of them can.
+    """
+    done = skipped = 0
+    for path, p, why in predict_stream(predict_batch, files, batch_size):
+        if p is None and len(files) == 1:
+            raise DataError(why)  # a single file: its error is the command's one line
+        if p is None:
+            skipped += 1
+            print(f"cnnlab: skipped {printable(str(path))}: {why}", file=sys.stderr)
+            continue
+        done += 1
+        yield path, p
+    if not done:
+        raise DataError(f"none of the {len(files)} files could be read")
+    if skipped:
+        print(f"cnnlab: {done} file(s) predicted, {skipped} skipped", file=sys.stderr)
+
+
+def _one(predict_batch, path: Path) -> tuple[Path, dict | None, str | None]:
+    try:
+        return path, predict_batch([path])[0], None
+    except CnnlabError as e:
+        return path, None, str(e)
+
+
+class PredictionWriter:
+    """Writes one line per prediction as text, CSV (file,label,probability,top_k) or JSON lines."""
+
+    def __init__(self, fmt: str, stream):
+        self.fmt, self.stream = fmt, stream
+        if fmt == "csv":
+            self.csv = csv.writer(stream, lineterminator="\n")
+            self.csv.writerow(["file", "label", "probability", "top_k"])
+
+    def write(self, path: Path, p: dict) -> None:
+        top = [{"label": t["label"], "probability": round(t["probability"], 6)} for t in p["top_k"]]
+        if self.fmt == "jsonl":
+            self.stream.write(json.dumps({"file": str(path), "label": p["label"],
+                                          "probability": round(p["probability"], 6), "top_k": top}) + "\n")
+        elif self.fmt == "csv":
+            self.csv.writerow([str(path), p["label"], f"{p['probability']:.6f}",
+                               ";".join(f"{t['label']}:{t['probability']:.6f}" for t in top)])
+        else:
+            text = ", ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in top)
+            self.stream.write(f"{printable(str(path))}: {printable(p['label'])} ({p['probability']:.3f})   "
+                              f"top-{len(top)}: {text}\n")
