@@ -210,7 +210,7 @@ def _gray_folder(root: Path) -> Path:
 def test_folder_run_predicts_with_its_recorded_polarity(data_env, tmp_path, capsys):
     root = _gray_folder(tmp_path / "shapes")
     run = tmp_path / "run"
-    assert main(["train", "--model-dir", str(run), f"--dataset=folder:{root}", "--lr=0.01",
+    assert main(["train", "--model-dir", str(run), f"--dataset=folder:{root}?size=16", "--lr=0.01",
                  "--model=spec:in1x16x16-conv4k3-pool2-fc2", "--steps=2", "--batch_size=4", "--eval_batch_size=4",
                  *QUIET]) == 0
     trained = load_trained(run)
@@ -235,3 +235,26 @@ def test_classifier_refuses_another_model_for_an_existing_run(tiny_data, tmp_pat
     assert Classifier(model="lenet5", model_dir=run).config.model == "lenet5"
     with pytest.raises(cnnlab.errors.ConfigError, match="holds a lenet5 run, not tf2-convnet"):
         Classifier(model="tf2-convnet", model_dir=run)
+
+
+def test_server_decodes_as_the_run_recorded(data_env, tmp_path):
+    pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
+    from cnnlab.serve.decode import decode, plan_file
+
+    root = _gray_folder(tmp_path / "shapes")
+    run = tmp_path / "run"
+    assert main(["train", "--model-dir", str(run), f"--dataset=folder:{root}?size=16", "--lr=0.01",
+                 "--model=spec:in1x16x16-conv4k3-pool2-fc2", "--steps=1", "--batch_size=4", "--eval_batch_size=4",
+                 *QUIET]) == 0
+    trained = load_trained(run)
+    assert trained.preprocess.resize == "shorter-crop"  # the folder default: a wide photo is not squashed
+    wide = np.tile(np.linspace(0, 255, 24, dtype=np.uint8), (16, 1))
+    wide[:, :4] = 0  # left edge dark: a stretch and a centre crop differ
+    file = tmp_path / "wide.png"
+    Image.fromarray(wide, "L").save(file)
+    p = trained.preprocess
+    served = decode(plan_file(file.read_bytes(), trained.data_shape, False), trained.data_shape, p.invert, False,
+                    p.resize)
+    assert torch.equal(served, trained.prepare(file))
+    stretched = decode(plan_file(file.read_bytes(), trained.data_shape, False), trained.data_shape, p.invert, False)
+    assert not torch.equal(served, stretched)  # what the server did before it read the record

@@ -210,7 +210,7 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
         # Priced from the headers alone: nothing is decoded unless the request fits both budgets.
         check_request_pixels([p.pixels for p in pending], limits.max_request_pixels)
         with budget.hold(sum(p.cost for p in pending)):
-            images = await run_in_threadpool(decode, pending, shape, invert, centre)
+            images = await run_in_threadpool(decode, pending, shape, invert, centre, trained.preprocess.resize)
             try:
                 probs = await batcher.submit(images)
             except RuntimeError as e:  # shutting down
