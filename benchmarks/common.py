@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cnnlab.runinfo import cpu_name, code_version
+from cnnlab.runinfo import code_version, cpu_name
 
 
 def hardware_line() -> str:

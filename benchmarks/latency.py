@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_worker_json, value_range  # noqa: E402
+from common import hardware_line, print_table, run_worker_json, value_range
 
 WORKER = textwrap.dedent("""
     import json, sys, time, torch

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_cli_train  # noqa: E402
+from common import hardware_line, print_table, run_cli_train
 
 # (recipe, accuracy target, seconds target)
 TARGETS = {

@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_worker_json, value_range  # noqa: E402
+from common import hardware_line, print_table, run_worker_json, value_range
 
-from cnnlab.runtime import GLIBC_ENV  # noqa: E402  (the malloc tuning the cnnlab command applies)
+from cnnlab.runtime import GLIBC_ENV  # the malloc tuning the cnnlab command applies
 
 KERAS_WORKER = textwrap.dedent("""
     import json, os, sys, time
@@ -98,7 +98,8 @@ def main() -> int:
         kscript, cscript = Path(tmp) / "keras_worker.py", Path(tmp) / "cnnlab_worker.py"
         kscript.write_text(KERAS_WORKER)
         cscript.write_text(CNNLAB_WORKER)
-        names = ["keras fp32", "keras bf16"] + ([] if args.no_keras_malloc else ["keras-malloc fp32", "keras-malloc bf16"])
+        names = ["keras fp32", "keras bf16"]
+        names += [] if args.no_keras_malloc else ["keras-malloc fp32", "keras-malloc bf16"]
         runs: dict[str, list[dict]] = {k: [] for k in names + ["cnnlab fp32", "cnnlab bf16"]}
         for r in range(args.rounds):
             for prec in ("fp32", "bf16"):
@@ -135,9 +136,10 @@ def main() -> int:
     print(f"tf-estimator-cnn, batch 100, SGD; median of {args.rounds} rounds x {args.steps} steps; "
           f"{runs['cnnlab fp32'][0]['flops_per_sample'] / 1e6:.1f} MFLOP per training sample; CPU peak here: "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s ({probes['bf16']['probe']}), fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
-    print("peak probes, GFLOP/s: " + "; ".join(f"{prec} " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p["probes"].items())
-                                             for prec, p in probes.items()))
-    print_table(["framework", "samples/s", "range", "vs Keras fp32", "vs Keras same precision", "FLOP/s", "threads"], rows)
+    print("peak probes, GFLOP/s: " + "; ".join(
+        f"{prec} " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p["probes"].items()) for prec, p in probes.items()))
+    print_table(["framework", "samples/s", "range", "vs Keras fp32", "vs Keras same precision", "FLOP/s", "threads"],
+                rows)
     return 0
 
 

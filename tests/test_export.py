@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runs import train_tiny_run
+from runs import copy_run
 
 from cnnlab import Classifier, create_model, list_models, load_dataset
 from cnnlab import export as export_mod
@@ -23,11 +23,10 @@ ort = pytest.importorskip("onnxruntime", reason="the 'export' extra is not insta
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, Path]:
-    """(run directory, data root): lenet5 trained for 4 steps on tiny MNIST."""
-    root = tmp_path_factory.mktemp("export")
-    run = train_tiny_run(root)
-    return run, root / "data"
+def run(tiny_run, tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, data root): this module's copy of the session's tiny run (export writes into it)."""
+    copy = copy_run(tiny_run, tmp_path_factory.mktemp("export") / "run")
+    return copy.path, copy.data
 
 
 def test_cli_export_metadata_dynamic_batch_and_same_predictions(run, capsys):

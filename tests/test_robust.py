@@ -24,9 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab.cli import main
 from cnnlab import checkpoint as ck
-from runs import train_tiny_run
+from cnnlab.cli import main
 
 pytestmark = pytest.mark.robust
 
@@ -48,16 +47,10 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
         assert n in err, err
 
 
-@pytest.fixture(scope="module")
-def trained_template(tmp_path_factory):
-    """A tiny lenet5 run with checkpoints at steps 2 and 4, trained once per module."""
-    return train_tiny_run(tmp_path_factory.mktemp("template"), ckpt_every=2)
-
-
 @pytest.fixture
-def trained(tiny_data, trained_template, tmp_path):
-    """A private copy of the template run (tests may damage it)."""
-    return Path(shutil.copytree(trained_template, tmp_path / "lenet"))
+def trained(tiny_data, tiny_run_copy):
+    """A private copy of the session's tiny lenet5 run, checkpoints at steps 2 and 4 (tests may damage it)."""
+    return tiny_run_copy.path
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -188,7 +188,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dic
     sd = _optimizer_from_flat(tensors, meta)
     current = optimizer.state_dict()["param_groups"]
     if len(current) != len(sd["param_groups"]):
-        raise CheckpointError(f"{where}: optimiser has {len(current)} parameter groups, checkpoint {len(sd['param_groups'])}")
+        raise CheckpointError(f"{where}: optimiser has {len(current)} parameter groups, "
+                              f"checkpoint {len(sd['param_groups'])}")
     for cur, saved in zip(current, sd["param_groups"]):
         for k, v in list(saved.items()):
             if isinstance(cur.get(k), tuple) and isinstance(v, list):

@@ -8,9 +8,9 @@ from those results. The CLI's ``plot`` and ``report`` use it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 

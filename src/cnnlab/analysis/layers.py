@@ -42,7 +42,8 @@ def conv_layer(model: nn.Module, layer: int) -> tuple[str, nn.Conv2d]:
     if not convs:
         raise ModelError("the model has no Conv2d layer in .features")
     if not -len(convs) <= layer < len(convs):
-        raise ModelError(f"conv layer {layer} out of range: the model has {len(convs)} conv layers (0..{len(convs) - 1})")
+        raise ModelError(f"conv layer {layer} out of range: the model has {len(convs)} conv layers "
+                         f"(0..{len(convs) - 1})")
     return convs[layer]
 
 

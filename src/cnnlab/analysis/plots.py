@@ -8,8 +8,8 @@ with the Agg renderer. Images are uint8 tensors [C, H, W] (C = 1 or 3) as the da
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

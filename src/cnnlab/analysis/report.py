@@ -12,8 +12,8 @@ import datetime
 import html
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
@@ -33,11 +33,12 @@ SECTIONS = [("run", "Run"), ("curves", "Training curves"), ("metrics", "Metrics"
 MAX_LAYERS = 4  # filter / activation plots per report (the first conv layers)
 
 _CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:0 20px 40px;
-color:#212121;line-height:1.45}
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0 auto;max-width:1100px;
+padding:0 20px 40px;color:#212121;line-height:1.45}
 h1{margin:24px 0 4px}h2{border-bottom:2px solid #e0e0e0;padding-bottom:4px;margin-top:36px}
 nav a{margin-right:12px;font-size:14px}.sub{color:#616161;margin:0 0 12px}
-table{border-collapse:collapse;font-size:14px;margin:8px 0}td,th{border:1px solid #e0e0e0;padding:3px 9px;text-align:left}
+table{border-collapse:collapse;font-size:14px;margin:8px 0}
+td,th{border:1px solid #e0e0e0;padding:3px 9px;text-align:left}
 th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto;display:block;margin:8px 0;border:1px solid #eeeeee}
 pre{background:#fafafa;border:1px solid #eeeeee;padding:8px;overflow-x:auto;font-size:13px}
@@ -225,7 +226,8 @@ def render_report(a: Analysis) -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_e(title)}</title>'
             f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"
-            f'<p class="sub">{_e(a.trained.model.meta.name)} on {_e(a.trained.dataset)}, step {a.trained.step}{_e(acc)}; '
+            f'<p class="sub">{_e(a.trained.model.meta.name)} on {_e(a.trained.dataset)}, '
+            f"step {a.trained.step}{_e(acc)}; "
             f"{_e(str(a.run_dir))}; written {_e(when)} in {time.perf_counter() - t0:.1f} s</p><nav>{nav}</nav>"
             + "".join(body) + "</body></html>\n")
 

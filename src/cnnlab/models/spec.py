@@ -291,8 +291,7 @@ def build_from_spec(spec: str, num_classes: int | None = None, in_chans: int | N
     b.add(last, nn.Linear(b.shape[0], num_classes or width))
     if not b.features:
         raise ModelError(f"bad model spec {spec!r}: it has no layer before the first fc (features would be empty)")
-    meta = ModelMeta(name=f"{PREFIX}:{spec}", input_size=size, num_classes=num_classes or width,
-                     description=f"declarative model {spec}", source="model spec")
+    meta = ModelMeta(name=f"{PREFIX}:{spec}", input_size=size, num_classes=num_classes or width)
     return tf_init_(CnnModel(nn.Sequential(*b.features), nn.Sequential(*b.head), meta))
 
 

@@ -117,8 +117,9 @@ def page_html(trained: TrainedModel) -> str:
     """The web page with the model's facts filled in (JSON in a script tag; '<' escaped so no text in class
     names can close the tag)."""
     page = resources.files("cnnlab.serve").joinpath("page.html").read_text(encoding="utf-8")
-    facts = {"model": trained.model.meta.name, "classes": [printable(c) for c in trained.classes], "data_shape": list(trained.data_shape),
-             "step": trained.step, "dataset": trained.dataset, "draw": trained.data_shape[0] == 1}
+    facts = {"model": trained.model.meta.name, "classes": [printable(c) for c in trained.classes],
+             "data_shape": list(trained.data_shape), "step": trained.step, "dataset": trained.dataset,
+             "draw": trained.data_shape[0] == 1}
     return page.replace("/*CNNLAB_FACTS*/{}", json.dumps(facts).replace("<", "\\u003c"))
 
 

@@ -90,4 +90,4 @@ def truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut by a crash
             continue
-    path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

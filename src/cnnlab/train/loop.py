@@ -265,6 +265,7 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
 
 def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistContext, *, data_dir, train_set,
          test_set, val_set, log, progress, hooks) -> FitResult:
+    """`fit` in one process of a (possibly one-process) run: data, model, resume, run record, loop, results."""
     t0 = time.perf_counter()
     controls.check_precision(config.precision, dist.device)
     model_dir = _make_model_dir(model_dir)
@@ -290,10 +291,11 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     try:
         final, test = train_loop(state, config, train_set, test_set, total=total, dist=dist, t0=t0,
                             emit=lambda rec: [h.on_record(rec) for h in all_hooks],
-                            save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
-                            last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set, selection=selection,
-                            save_best=lambda: dist.on_main(controls.save_best, model_dir, state.model, state.ema,
-                                                           state.step, config.to_dict(), data_meta, selection))
+                                 save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
+                                 last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set,
+                                 selection=selection,
+                                 save_best=lambda: dist.on_main(controls.save_best, model_dir, state.model, state.ema,
+                                                                state.step, config.to_dict(), data_meta, selection))
     finally:
         for h in all_hooks:
             h.close()
