@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware_line, run_cli_train
 
 from cnnlab.errors import CnnlabError
+from cnnlab.infer import find_checkpoint
 from cnnlab.serve.server import serve_subprocess
-from cnnlab.train.restore import find_checkpoint
 
 HOST = "127.0.0.1"  # loopback only: a load test never targets another machine
 

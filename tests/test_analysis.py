@@ -16,6 +16,7 @@ import torch
 from fakedata import CIFAR_LABEL_NAMES, write_cifar, write_mnist
 from PIL import Image
 
+from cnnlab import checkpoint as ck
 from cnnlab.analysis import (
     SECTIONS,
     analyze,
@@ -34,7 +35,6 @@ from cnnlab.analysis.report import _RENDER, activation_layers
 from cnnlab.cli import main
 from cnnlab.errors import DataError, ModelError
 from cnnlab.models import create_model, list_models
-from cnnlab.train import checkpoint as ck
 
 TINY = ["--steps=4", "--batch_size=16", "--log_every=1", "--ckpt_every=4", "--eval_batch_size=16", "--eval_every=2"]
 
@@ -178,7 +178,7 @@ def test_filter_plot_uses_a_symmetric_diverging_map_and_activations_binary(runs)
     assert im.cmap(im.norm(0.0))[:3] == pytest.approx((1.0, 1.0, 1.0), abs=0.01)
     assert im.cmap(im.norm(-hi))[2] > im.cmap(im.norm(-hi))[0]  # more blue than red
     img, _, _ = a.image(0)
-    act = plot_activations(a.model, img, 2)
+    act = plot_activations(a.model, img, 2, crop=a.trained.preprocess.crop)  # the run's centre 24x24
     assert act.axes[1].images[0].get_cmap().name.startswith("binary")
     # the montage shows all 64 maps of the layer, and the scale spans the layer's own min..max
     lo, hi = act.axes[1].images[0].get_clim()

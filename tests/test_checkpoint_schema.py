@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from runs import train_tiny_run
 from safetensors.torch import save_file
 
+from cnnlab import checkpoint as ck
+from cnnlab import infer as restore  # where a trained run is loaded and its model built
 from cnnlab.checkpoint_schema import check_finite, validate_checkpoint, validate_header
 from cnnlab.cli import main
 from cnnlab.errors import CheckpointError
-from cnnlab.train import checkpoint as ck
-from cnnlab.train import restore
 
 pytestmark = pytest.mark.robust
 

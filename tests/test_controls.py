@@ -10,16 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cnnlab import checkpoint as ck
 from cnnlab import create_model, load_dataset
 from cnnlab.cli import main
 from cnnlab.config import make_config
 from cnnlab.data.sources import ArrayDataset
 from cnnlab.errors import CheckpointError, ConfigError
-from cnnlab.train import checkpoint as ck
+from cnnlab.infer import load_trained
 from cnnlab.train import controls
 from cnnlab.train import loop as loop_mod
 from cnnlab.train.loop import fit
-from cnnlab.train.restore import load_trained
 from cnnlab.train.steps import loss_terms, step_generator, train_step
 
 QUIET = {"progress": False, "log": lambda *_: None}
@@ -65,8 +65,8 @@ def test_best_checkpoint_is_chosen_by_validation_and_used_by_evaluate(tiny_data,
     assert [p.name for p in ck.list_checkpoints(run)] == ["ckpt-00000012.safetensors"]
     _, meta = ck.load_checkpoint(run / "best.safetensors")
     assert meta["step"] == peak["step"] and meta["optimizer"] is None
-    assert controls.choose_checkpoint(run) == run / "best.safetensors"
-    assert controls.choose_checkpoint(run, "latest") == run / "ckpt-00000012.safetensors"
+    assert ck.choose_checkpoint(run) == run / "best.safetensors"
+    assert ck.choose_checkpoint(run, "latest") == run / "ckpt-00000012.safetensors"
 
     assert main(["evaluate", str(run), "--split", "train", "--json"]) == 0
     best = json.loads(capsys.readouterr().out)
@@ -92,13 +92,13 @@ def test_val_loss_picks_the_lowest_loss(tiny_data, tmp_path):
 def test_choose_checkpoint_errors_are_one_line(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     fit(_config(steps=4), run, **QUIET)  # eval_every=0: no best kept
-    assert controls.choose_checkpoint(run) == ck.latest_checkpoint(run)
+    assert ck.choose_checkpoint(run) == ck.latest_checkpoint(run)
     with pytest.raises(CheckpointError, match="no best.safetensors"):
-        controls.choose_checkpoint(run, "best")
+        ck.choose_checkpoint(run, "best")
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
-        controls.choose_checkpoint(run, str(tmp_path / "nope.safetensors"))
+        ck.choose_checkpoint(run, str(tmp_path / "nope.safetensors"))
     with pytest.raises(CheckpointError, match="no checkpoint in"):
-        controls.choose_checkpoint(tmp_path, "latest")
+        ck.choose_checkpoint(tmp_path, "latest")
     assert main(["evaluate", str(run), "--checkpoint", "best"]) == 2
     err = capsys.readouterr().err
     assert "no best.safetensors" in err and len(err.strip().splitlines()) == 1

@@ -18,14 +18,14 @@ import pytest
 import torch
 from fakedata import write_mnist
 
+from cnnlab import checkpoint as ck
 from cnnlab.cli import main
 from cnnlab.config import make_config
 from cnnlab.errors import ConfigError
-from cnnlab.train import checkpoint as ck
+from cnnlab.infer import evaluate
 from cnnlab.train import distributed
 from cnnlab.train import loop as loop_mod
 from cnnlab.train.distributed import DistContext, from_env
-from cnnlab.train.steps import evaluate
 
 # lenet5 has no dropout or batch norm, and plain SGD: the 2-process run must follow the 1-process one.
 ARGS = ["--recipe", "lenet5-mnist", "--batch_size=16", "--log_every=1", "--ckpt_every=3", "--eval_batch_size=16",

@@ -24,9 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cnnlab import checkpoint as ck
 from cnnlab import rundir
 from cnnlab.cli import main
-from cnnlab.train import checkpoint as ck
 
 pytestmark = pytest.mark.robust
 

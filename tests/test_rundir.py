@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from runs import train_tiny_run
 
+from cnnlab import checkpoint as ck
 from cnnlab import rundir
 from cnnlab.cli import main
-from cnnlab.train import checkpoint as ck
 from cnnlab.train import hooks
 
 pytestmark = pytest.mark.robust

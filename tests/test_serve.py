@@ -356,8 +356,8 @@ def test_cli_serve_port_in_use_is_one_line(served, capsys):
 
 def test_page_for_a_colour_model_hides_the_canvas_and_escapes_class_names(tmp_path):
     from cnnlab import create_model
+    from cnnlab.infer import TrainedModel
     from cnnlab.serve.app import page_html
-    from cnnlab.train.restore import TrainedModel
 
     classes = ["cat</script><script>alert(1)</script>"] + [f"c{i}" for i in range(9)]
     trained = TrainedModel(model=create_model("cifar10-prettytensor"), classes=classes, data_shape=(3, 32, 32),

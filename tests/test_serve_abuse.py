@@ -32,12 +32,12 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cnnlab.infer import load_trained
 from cnnlab.serve import app as app_module
 from cnnlab.serve import background_server, create_app
 from cnnlab.serve.decode import decode_file, plan_file
 from cnnlab.serve.limits import BadRequest, Limits, PixelBudget, json_depth
 from cnnlab.serve.server import ConnectionLimits, guarded_h11
-from cnnlab.train.restore import load_trained
 
 pytestmark = pytest.mark.robust
 WAIT_S = 30.0  # upper bound for events that must happen; reached only if the server hangs
@@ -325,7 +325,7 @@ def test_nan_weights_or_missing_class_names_fail_at_startup(trained):
 def _rewrite_checkpoint(src, dst, change) -> None:
     from safetensors.torch import save_file
 
-    from cnnlab.train.checkpoint import load_checkpoint
+    from cnnlab.checkpoint import load_checkpoint
 
     tensors, meta = load_checkpoint(src)
     change(tensors, meta)

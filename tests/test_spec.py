@@ -8,9 +8,9 @@ from torch import nn
 
 from cnnlab.cli import main
 from cnnlab.errors import ModelError
+from cnnlab.infer import load_trained
 from cnnlab.models import count_params, create_model
 from cnnlab.models.spec import describe_model
-from cnnlab.train.restore import load_trained
 
 ESTIMATOR_SPEC = "spec:conv32k5-pool2-conv64k5-pool2-fc1024-drop0.4-fc10"
 LENET_SPEC = "spec:conv6k5tanh-pool2-conv16k5pvalid-pool2-fc120tanh-fc84tanh-fc10"

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from cnnlab import Classifier, create_model, load_dataset, train_step
+from cnnlab import checkpoint as ck
 from cnnlab.cli import main
 from cnnlab.config import make_config
 from cnnlab.errors import CheckpointError
-from cnnlab.train import checkpoint as ck
 from cnnlab.train import loop as loop_mod
 from cnnlab.train.loop import fit
 

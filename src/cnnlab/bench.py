@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .infer import autocast, eval_mode
 from .models import create_model
 from .models.layers import pool_before_relu, use_onednn_linear
-from .train.steps import autocast
 
 
 def forward_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
@@ -29,11 +29,8 @@ def forward_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
 
     handles = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     handles += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    was = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         model(torch.zeros(1, *input_size))
-    model.train(was)
     for h in handles:
         h.remove()
     return total

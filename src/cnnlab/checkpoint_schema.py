@@ -175,7 +175,7 @@ def validate_header(header: dict, where: str = "checkpoint") -> None:
     Raises:
         CheckpointError: The first problem found, in one line.
     """
-    from .train.checkpoint import FORMAT_VERSION
+    from .checkpoint import FORMAT_VERSION
 
     if not isinstance(header, dict):
         raise _fail(where, f"it is a JSON {type(header).__name__}, not an object")

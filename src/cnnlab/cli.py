@@ -111,7 +111,7 @@ def cmd_train(args, extra: list[str]) -> int:
     if args.report:
         try:  # the trained run is safe on disk whatever happens here: a failure is one warning line
             from .analysis import analyze, write_report
-            from .train.steps import select_device
+            from .infer import select_device
 
             analysis = analyze(model_dir, data_dir=args.data_dir, device=select_device(config.device))
             print(f"report: {write_report(analysis)}")
@@ -230,7 +230,7 @@ def cmd_plot(args, extra: list[str]) -> int:
     from .analysis.analyze import DATA_FREE_KINDS
 
     if args.kind == "layers":  # a listing, not a picture: the indices --layer takes
-        from .train.restore import load_trained
+        from .infer import load_trained
 
         print(f"{'module':>6}  {'conv':>4}  {'name':<10} {'type':<14} output (C, H, W)")
         for r in describe_layers(load_trained(args.run_dir).model):
@@ -290,7 +290,7 @@ def cmd_export(args, extra: list[str]) -> int:
 
     run, out = args.run_dir, args.out
     if args.checkpoint != "auto":  # export that file, still to RUN_DIR/model.onnx by default
-        from .train.controls import choose_checkpoint
+        from .checkpoint import choose_checkpoint
 
         run = choose_checkpoint(args.run_dir, args.checkpoint)
         out = out or (Path(args.run_dir) / "model.onnx" if Path(args.run_dir).is_dir() else None)
@@ -311,8 +311,7 @@ def cmd_serve(args, extra: list[str]) -> int:
 
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_images=args.max_batch_images,
                     max_request_pixels=args.max_request_pixels, max_inflight_pixels=args.max_inflight_pixels)
-    from .train.restore import load_trained
-    from .train.steps import select_device
+    from .infer import load_trained, select_device
 
     trained = load_trained(args.run_dir, select_device(args.device), checkpoint=args.checkpoint)
     app = create_app(args.run_dir, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
@@ -365,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the lines to this file instead of stdout")
     p.add_argument("--batch-size", type=POSITIVE, default=64, help="images predicted at once")
     p.add_argument("--top-k", type=POSITIVE, default=3)
-    p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
-                   help="invert grayscale images (auto: when the border is light, e.g. a dark digit on paper)")
+    p.add_argument("--invert", choices=["auto", "yes", "no"], default=None,
+                   help="invert grayscale images (auto: when the border is light, e.g. a dark digit on paper; "
+                        "default: as the run recorded, auto for MNIST-like runs, no for CIFAR-10 and folders)")
     p.add_argument("--centre", "--center", action="store_true",
                    help="grayscale: frame the digit as MNIST does (ink box scaled to 20x20, centre of mass "
                         "mid-image), for digits photographed or drawn small or off-centre")

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import CnnlabError
-from ..train.checkpoint import atomic_write_bytes
+from ..io import atomic_write_text
 from . import plots
 from .analyze import Analysis
 from .layers import conv_layers, feature_modules, filter_weights
@@ -197,7 +197,8 @@ def _activations(a: Analysis) -> str:
     img, _, caption = a.image(0)
     out = [f'<p class="sub">Feature maps for {_e(caption)}; white low, black high (one scale per layer).</p>']
     for i in activation_layers(a.model):
-        out.append(_img(plots.plot_activations(a.model, img, i, caption), f"activations of feature module {i}"))
+        fig = plots.plot_activations(a.model, img, i, caption, crop=a.trained.preprocess.crop)
+        out.append(_img(fig, f"activations of feature module {i}"))
     return "".join(out)
 
 
@@ -238,5 +239,5 @@ def write_report(a: Analysis, out: str | Path | None = None) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CnnlabError(f"cannot create {path.parent}: {e.strerror}") from None
-    atomic_write_bytes(path, render_report(a).encode("utf-8"))
+    atomic_write_text(path, render_report(a))
     return path

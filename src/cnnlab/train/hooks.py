@@ -99,14 +99,3 @@ def truncate_metrics(path: Path, step: int) -> None:
         except json.JSONDecodeError:  # a line cut by a crash
             continue
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """All records of a metrics log (lines cut by a crash are skipped)."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out

@@ -20,28 +20,22 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoint as ck
 from .. import rundir
 from ..config import TrainConfig
 from ..data import ArrayDataset, load_dataset
 from ..data.augment import Augment
 from ..data.loader import BatchSource
 from ..errors import CheckpointError, CnnlabError
+from ..infer import EvalResult, model_input, select_device
 from ..models.layers import pool_before_relu, use_onednn_linear
 from ..models.registry import create_model_for_data
+from ..preprocess import for_training
 from ..runinfo import run_info
 from ..runtime import linear_backend
-from . import checkpoint as ck
 from . import controls, distributed, finetune
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
-from .steps import (
-    EvalResult,
-    lr_factor,
-    make_optimizer,
-    select_device,
-    step_generator,
-    to_input,
-    train_step,
-)
+from .steps import lr_factor, make_optimizer, step_generator, train_step
 
 
 class TrainingDiverged(CnnlabError):
@@ -84,14 +78,14 @@ def build_model(config: TrainConfig, info, resuming: bool = False) -> torch.nn.M
                                  **config.model_args)
 
 
-def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor) -> None:
+def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor, crop: tuple[int, int] | None = None) -> None:
     """Let layers that set themselves from data (e.g. airbench's patch whitening) see some training images.
 
     Runs on every start; a resumed run then overwrites these weights with the checkpoint's.
     """
     layers = [m for m in model.modules() if hasattr(m, "init_from_data")]
     if layers:
-        x = to_input(images_u8, model.meta.input_size)
+        x = model_input(model, images_u8, crop)
         for layer in layers:
             layer.init_from_data(x)
 
@@ -105,11 +99,12 @@ def prepare_model(config: TrainConfig, train_set: ArrayDataset, device: torch.de
     """
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
     model = build_model(config, train_set.info, resuming).to(device)
+    crop = for_training(train_set.info, model.meta, config.random_crop).crop  # a size mismatch fails here
     pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
     # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py); compile and CUDA keep nn.Linear
     fp32_linear = linear_backend() if device.type == "cpu" and not config.compile else "torch"
     use_onednn_linear(model, fp32_linear)
-    init_from_data(model, train_set.images[:5000].to(device))
+    init_from_data(model, train_set.images[:5000].to(device), crop)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, fp32_linear
@@ -147,9 +142,11 @@ def resume(state: TrainState, model_dir: Path, config: TrainConfig, dist: distri
     dist.check_same(state.step, "step to resume from")
 
 
-def data_record(config: TrainConfig, info) -> dict:
-    """What the run knows about its data, saved in config.json and in every checkpoint."""
-    return {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape)}
+def data_record(config: TrainConfig, info, model_meta) -> dict:
+    """What the run knows about its data, saved in config.json and in every checkpoint; ``preprocess`` is what
+    `cnnlab.infer` prepares inputs with."""
+    return {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape),
+            "preprocess": for_training(info, model_meta, config.random_crop).to_json()}
 
 
 def write_run_record(model_dir: Path, config: TrainConfig, state: TrainState, data_meta: dict, *, total: int,
@@ -295,7 +292,7 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     resume(state, model_dir, config, dist, log)
     selection = controls.resume_selection(config, model_dir, state.step, dist.is_main)
     total = config.total_steps(len(train_set))
-    data_meta = data_record(config, train_set.info)
+    data_meta = data_record(config, train_set.info, model.meta)
     write_run_record(model_dir, config, state, data_meta, total=total, fp32_linear=fp32_linear, dist=dist)
 
     all_hooks = _make_hooks(model_dir, total, state.step, dist, log, progress, hooks)
@@ -303,8 +300,8 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
         final, test = train_loop(state, config, train_set, test_set, total=total, dist=dist, t0=t0,
                             emit=lambda rec: [h.on_record(rec) for h in all_hooks],
                                  save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
-                                 last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set, selection=selection,
-                                 stop=stop,
+                                 last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set,
+                                 selection=selection, stop=stop,
                                  save_best=lambda: dist.on_main(controls.save_best, model_dir, state.model, state.ema,
                                                                 state.step, config.to_dict(), data_meta, selection))
     finally:
@@ -355,8 +352,9 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
     class_weight = controls.class_weights(train_set.labels, train_set.info.num_classes, config.class_weights)
     class_weight = class_weight.to(device) if class_weight is not None else None
     augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
-    eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device,
-                   precision=config.precision, channels_last=config.channels_last)
+    crop = for_training(train_set.info, model.meta, config.random_crop).crop  # the run's recorded centre crop
+    eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device, precision=config.precision,
+                   channels_last=config.channels_last, crop=crop)
     model.train()
     train_model = dist.wrap(model)  # DDP under torchrun (same parameters as `model`, which is what is saved)
     if config.compile:
