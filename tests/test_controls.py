@@ -44,7 +44,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _evals(run: Path, split: str) -> list[dict]:
-    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in recs if r["kind"] == "eval" and r["split"] == split]
 
 
@@ -331,7 +331,8 @@ def test_mixup_cutmix_resume_is_bit_identical(tiny_data, tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a), name
     plain = _config(steps=12, eval_every=4)
     fit(plain, tmp_path / "c", **sets, **QUIET)
-    a, c = _weights(tmp_path / "a" / "ckpt-00000012.safetensors"), _weights(tmp_path / "c" / "ckpt-00000012.safetensors")
+    a = _weights(tmp_path / "a" / "ckpt-00000012.safetensors")
+    c = _weights(tmp_path / "c" / "ckpt-00000012.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the controls did change training
 
 

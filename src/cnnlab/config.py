@@ -84,12 +84,14 @@ class TrainConfig:
     log_probs: int = opt(0, "print the softmax probabilities of this many batch samples in each log line")
     ckpt_every: int = opt(1000, "save a checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = opt(3, "number of newest checkpoints kept in the model directory")
-    eval_every: int = opt(0, "evaluate on the validation split (else the test split) every this many steps and keep the best (0: only at the end)")
+    eval_every: int = opt(0, "evaluate on the validation split (else the test split) every this many steps "
+                                 "and keep the best (0: only at the end)")
     eval_batch_size: int = opt(1000, "batch size for evaluation")
     # Execution.
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
-    precision: str = opt("fp32", "fp32 | bf16 | fp16 (autocast of the forward pass, loss in fp32; fp16 on CUDA only, with a GradScaler)")
+    precision: str = opt("fp32", "fp32 | bf16 | fp16 (autocast of the forward pass, loss in fp32; "
+                                     "fp16 on CUDA only, with a GradScaler)")
     channels_last: bool = opt(True, "train and evaluate in channels-last memory layout")
     compile: bool = opt(False, "torch.compile the training model (the first steps pay for the compilation)")
     # Training controls (train/controls.py).
@@ -158,7 +160,8 @@ def _validate(c: TrainConfig) -> None:
         (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
         (0 <= c.hue <= 0.5, f"hue must be in [0, 0.5], got {c.hue}"),
         (c.random_resized_crop == (0.0, 0.0) or 0 < c.random_resized_crop[0] <= c.random_resized_crop[1] <= 1,
-         f"random_resized_crop must be (0, 0) or (lower, upper) with 0 < lower <= upper <= 1, got {c.random_resized_crop}"),
+         "random_resized_crop must be (0, 0) or (lower, upper) with 0 < lower <= upper <= 1, "
+         f"got {c.random_resized_crop}"),
         (c.data_memory_gb >= 0, f"data_memory_gb must be >= 0, got {c.data_memory_gb}"),
         (c.brightness >= 0, f"brightness must be >= 0, got {c.brightness}"),
         (0 <= c.contrast[0] <= c.contrast[1],
