@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 SHARED_DATA := $(abspath ../shared/data)
 export CNNLAB_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: setup browser main test clean
+.PHONY: setup browser main lint test clean
 
 $(BIN)/cnnlab: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,7 +40,11 @@ browser:
 		else echo "note: chromium/chromedriver not installed; the browser test will be skipped"; fi; \
 	fi
 
-test: setup browser
+# ruff's settings are in pyproject.toml ([tool.ruff]).
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+test: setup browser lint
 	$(BIN)/python -m pytest -q
 
 clean:

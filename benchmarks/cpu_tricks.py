@@ -23,11 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_worker_json, value_range  # noqa: E402
+from common import hardware_line, print_table, run_worker_json, value_range
 
 WORKER = textwrap.dedent("""
     import json, resource, sys
-    model, steps, precision, malloc, reorder, fast_dropout, onednn = sys.argv[1], int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:8])
+    model, steps, precision = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    malloc, reorder, fast_dropout, onednn = map(int, sys.argv[4:8])
     from cnnlab.runtime import tune_allocator
     if malloc:
         assert tune_allocator()

@@ -166,7 +166,8 @@ def main() -> int:
             ranks = run_json([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *me[1:],
                               "--phase", "rank"], {"XDG_CACHE_HOME": str(Path(tmp) / "cache-ranks")})
             for r in ranks:
-                rows.append({"phase": f"torchrun rank {r['rank']} (decoded {r['decoded']})", "images": args.images + args.big,
+                rows.append({"phase": f"torchrun rank {r['rank']} (decoded {r['decoded']})",
+                             "images": args.images + args.big,
                              "seconds": r["seconds"], "images_per_s": (args.images + args.big) / r["seconds"],
                              "peak_rss_mb": r["peak_rss_mb"]})
     print(hardware_line())

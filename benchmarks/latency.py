@@ -3,7 +3,7 @@
     python benchmarks/latency.py [--model lenet5] [--n 2000] [--runs 5]
 
 Times the whole prediction path for one image: uint8 [1,1,28,28] -> float, fit to the model input, forward pass,
-softmax (``cnnlab.train.steps.predict_logits``), in fresh processes with another seed each, at 1 thread and at the
+softmax (``cnnlab.infer.predict_logits``), in fresh processes with another seed each, at 1 thread and at the
 default thread count. Prints p50 / p99 per run and the median over runs.
 """
 
@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_worker_json, value_range  # noqa: E402
+from common import hardware_line, print_table, run_worker_json, value_range
 
 WORKER = textwrap.dedent("""
     import json, sys, time, torch
     from cnnlab.models import create_model
-    from cnnlab.train.steps import predict_logits
+    from cnnlab.infer import predict_logits
     name, n, seed, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     if threads:
         torch.set_num_threads(threads)

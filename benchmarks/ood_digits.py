@@ -29,8 +29,7 @@ from common import hardware_line, host_info, print_table, run_cli_train
 
 from cnnlab.config import list_recipes, load_recipe
 from cnnlab.data.ood_digits import make_ood_digits
-from cnnlab.train.restore import TrainedModel, load_trained
-from cnnlab.train.steps import predict_logits
+from cnnlab.infer import TrainedModel, load_trained, predict_logits
 
 
 def mnist_recipes() -> list[str]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_cli_train  # noqa: E402
+from common import hardware_line, print_table, run_cli_train
 
-from cnnlab.config import load_recipe  # noqa: E402
+from cnnlab.config import load_recipe
 
 RECIPES = ["tf2-convnet-mnist", "tf-core-convnet-mnist", "tf-estimator-cnn-mnist", "lenet5-mnist",
            "cifar10-prettytensor"]

@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware_line, run_cli_train
 
 from cnnlab.errors import CnnlabError
+from cnnlab.infer import find_checkpoint
 from cnnlab.serve.server import free_port
-from cnnlab.train.restore import find_checkpoint
 
 HOST = "127.0.0.1"  # loopback only
 
@@ -222,7 +222,8 @@ def main() -> int:
 
     lat = np.array(probe.latencies) if probe.latencies else np.array([float("nan")])
     print(hardware_line())
-    print(f"server: cnnlab serve {run} (default limits, open-file limit {args.server_nofile}); {args.clients} client threads for {args.seconds:g} s, "
+    print(f"server: cnnlab serve {run} (default limits, open-file limit {args.server_nofile}); "
+          f"{args.clients} client threads for {args.seconds:g} s, "
           f"{len(socks)} half-open connections ({held} still open at the end); loopback, shared machine")
     print(f"server RSS: idle {idle:.0f} MB, peak {sampler.peak:.0f} MB, peak over idle {sampler.peak - idle:.0f} MB")
     print(f"/health: {len(probe.latencies)} answers, {probe.failures} failures; latency ms p50 "

@@ -27,11 +27,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, run_cli_train  # noqa: E402
+from common import hardware_line, run_cli_train
 
-from cnnlab.errors import CnnlabError  # noqa: E402
-from cnnlab.serve.server import serve_subprocess  # noqa: E402
-from cnnlab.train.restore import find_checkpoint  # noqa: E402
+from cnnlab.errors import CnnlabError
+from cnnlab.infer import find_checkpoint
+from cnnlab.serve.server import serve_subprocess
 
 HOST = "127.0.0.1"  # loopback only: a load test never targets another machine
 

@@ -136,8 +136,9 @@ def main() -> int:
             res = train({**values, "seed": seed}, out / f"{arm.split()[0]}-s{seed}", tgt_train, tgt_test)
             results[arm].append(res)
             print(f"seed {seed} {arm}: {res[0]:.2%} in {res[1]:.0f} s", flush=True)
-    rows = [[arm, len(r), f"{statistics.mean(a for a, _ in r):.2%}", value_range((a * 100 for a, _ in r), "{:.1f}", "%"),
-             f"{statistics.median(w for _, w in r):.0f} s"] for arm, r in results.items()]
+    rows = [[arm, len(r), f"{statistics.mean(a for a, _ in r):.2%}",
+             value_range((a * 100 for a, _ in r), "{:.1f}", "%"), f"{statistics.median(w for _, w in r):.0f} s"]
+            for arm, r in results.items()]
     print(f"\ntarget: {', '.join(tgt_train.info.class_names)}, {args.per_class} training images per class, "
           f"{args.target_steps} steps of {args.target_batch}, tested on {len(tgt_test)} images")
     print_table(["start", "runs", "mean test accuracy", "range", "median wall"], rows)

@@ -40,7 +40,7 @@ from common import (
     value_range,
 )
 
-from cnnlab.runtime import GLIBC_ENV
+from cnnlab.runtime import GLIBC_ENV  # the malloc tuning the cnnlab command applies
 
 KERAS_WORKER = textwrap.dedent("""
     import json, os, sys, time
@@ -153,7 +153,8 @@ def table(summary: dict[str, dict], runs: dict[str, list[dict]]) -> list[list]:
                f"{s['median_samples_per_s'] / kfp32['median_samples_per_s']:.2f}x" if kfp32 else "-",
                f"{s['vs_keras_same_precision']:.2f}x" if "vs_keras_same_precision" in s else "-"]
         if name.startswith("cnnlab"):
-            row += [f"{s['flops_per_s'] / 1e9:.0f} GFLOP/s = {s['peak_fraction']:.0%} of peak", f"torch {v[0]['threads']}"]
+            row += [f"{s['flops_per_s'] / 1e9:.0f} GFLOP/s = {s['peak_fraction']:.0%} of peak",
+                    f"torch {v[0]['threads']}"]
         else:
             row += ["", f"TF intra/inter {runs['keras fp32'][0]['threads']} (0 = all cores)"]
         rows.append(row)
@@ -187,7 +188,8 @@ def main() -> int:
     print()
     print(f"tf-estimator-cnn, batch 100, SGD; median of {args.rounds} rounds x {args.steps} steps; "
           f"{runs['cnnlab fp32'][0]['flops_per_sample'] / 1e6:.1f} MFLOP per training sample; x ref: samples/s over "
-          f"the reference workload's; CPU peak here: bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peak['fp32'] / 1e9:.0f}")
+          f"the reference workload's; CPU peak here: bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s, "
+          f"fp32 {peak['fp32'] / 1e9:.0f}")
     print("peak probes, GFLOP/s: " + "; ".join(f"{prec} " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p.items())
                                              for prec, p in peak["probes"].items()))
     print_table(["framework", "samples/s", "range", "x ref", "vs Keras fp32", "vs Keras same precision", "FLOP/s",

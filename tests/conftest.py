@@ -1,4 +1,4 @@
-"""Shared test setup: the ``robust`` marker and tiny on-disk datasets.
+"""Shared test setup: tiny on-disk datasets and a tiny trained run.
 
 Fixtures:
     data_env: isolates dataset lookup from this machine (no ``$CNNLAB_DATA``,
@@ -7,6 +7,9 @@ Fixtures:
     tiny_data: a data root holding tiny MNIST, Fashion-MNIST and CIFAR-10 in
         their real formats (see ``fakedata.py``), also set as ``$CNNLAB_DATA``
         so ``load_dataset("mnist")`` finds it without a ``data_dir``.
+    tiny_run: a tiny lenet5 run (4 steps on tiny MNIST, checkpoints at steps 2
+        and 4), trained once per session; read-only (see `TinyRun`).
+    tiny_run_copy: a private copy of that run for tests that change or damage it.
 """
 
 from __future__ import annotations
@@ -16,13 +19,7 @@ from pathlib import Path
 
 import pytest
 from fakedata import write_cifar, write_mnist
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # Registered here because pyproject.toml's pytest section is owned elsewhere.
-    config.addinivalue_line(
-        "markers", "robust: fault-injection tests (corrupt, truncated or hostile inputs, network failures)"
-    )
+from runs import TinyRun, copy_run, train_tiny_run
 
 
 @pytest.fixture
@@ -49,3 +46,16 @@ def tiny_data(tmp_path: Path, data_env: Path, monkeypatch: pytest.MonkeyPatch) -
     write_cifar(root)
     monkeypatch.setenv("CNNLAB_DATA", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """The session's tiny trained run; tests must not write into it (use ``tiny_run_copy``)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    return TinyRun(path=train_tiny_run(root, ckpt_every=2), data=root / "data")
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run: TinyRun, tmp_path: Path) -> TinyRun:
+    """A private copy of ``tiny_run`` (the data root is shared: nothing writes there)."""
+    return copy_run(tiny_run, tmp_path / "tiny-run")

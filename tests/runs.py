@@ -1,13 +1,31 @@
-"""A tiny trained run for tests that need one (export, serve, robustness): lenet5, 4 steps on tiny MNIST."""
+"""A tiny trained run for tests that need one (export, serve, robustness): lenet5, 4 steps on tiny MNIST.
+
+Tests get it through the ``tiny_run`` / ``tiny_run_copy`` fixtures (conftest.py), trained once per session.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import NamedTuple
 
-from cnnlab.cli import main
 from fakedata import write_mnist
 
+from cnnlab.cli import main
+
 TINY_TRAIN = ["--no-progress", "--no-report", "--batch_size=16", "--log_every=2", "--eval_batch_size=16"]
+
+
+class TinyRun(NamedTuple):
+    """A trained run and the data root it was trained from.
+
+    Attributes:
+        path: The run directory.
+        data: A data root holding tiny MNIST (pass as ``--data-dir`` / ``data_dir``).
+    """
+
+    path: Path
+    data: Path
 
 
 def train_tiny_run(root: Path, steps: int = 4, ckpt_every: int = 4) -> Path:
@@ -18,3 +36,8 @@ def train_tiny_run(root: Path, steps: int = 4, ckpt_every: int = 4) -> Path:
                f"--steps={steps}", f"--ckpt_every={ckpt_every}", *TINY_TRAIN])
     assert rc == 0
     return run
+
+
+def copy_run(run: TinyRun, dest: Path) -> TinyRun:
+    """A private copy of ``run``'s directory at ``dest`` (the data root is shared: nothing writes there)."""
+    return TinyRun(path=Path(shutil.copytree(run.path, dest)), data=run.data)

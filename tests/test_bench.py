@@ -19,7 +19,8 @@ def test_forward_flops_of_the_tutorial_cnn_match_the_layer_arithmetic():
 
 
 def test_forward_flops_counts_groups_and_leaves_the_model_as_it_was():
-    m = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1, groups=2), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 3))
+    nn = torch.nn
+    m = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.Flatten(), nn.Linear(8 * 16, 3))
     m.train()
     assert forward_flops(m, (4, 4, 4)) == 2 * 16 * 8 * (2 * 9) + 2 * 3 * 128
     assert m.training
@@ -51,7 +52,8 @@ def test_latency_percentiles_are_ordered():
 
 
 def test_bench_command_compares_with_the_peak_of_its_own_precision(capsys):
-    assert main(["bench", "lenet5", "--batch-size", "4", "--steps", "1", "--latency-n", "3", "--precision", "bf16"]) == 0
+    argv = ["bench", "lenet5", "--batch-size", "4", "--steps", "1", "--latency-n", "3", "--precision", "bf16"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "lenet5: train batch 4 (bf16" in out and "of this CPU's bf16 peak" in out and "best probe:" in out
     assert "single-image latency p50" in out

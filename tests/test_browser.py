@@ -20,14 +20,13 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the 'test' extra)")
 
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from runs import train_tiny_run  # noqa: E402
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
-from cnnlab import Classifier  # noqa: E402
-from cnnlab.serve.server import serve_subprocess  # noqa: E402
+from cnnlab import Classifier
+from cnnlab.serve.server import serve_subprocess
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -43,9 +42,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tiny_run):
     """(base URL, run dir): `cnnlab serve` in a subprocess on a free loopback port."""
-    run = train_tiny_run(tmp_path_factory.mktemp("browser"))
+    run = tiny_run.path
     with serve_subprocess(run) as url:
         yield url, run
 

@@ -70,7 +70,7 @@ def test_unknown_recipe_and_bad_recipe_file(tmp_path):
 
 def test_config_is_frozen_and_round_trips():
     c = make_config({"model": "lenet5", "contrast": [0.3, 1.0]})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.lr = 1.0  # type: ignore[misc]
     assert make_config(c.to_dict()) == c
     assert TrainConfig().total_steps(1000) == TrainConfig().steps

@@ -10,16 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cnnlab import checkpoint as ck
 from cnnlab import create_model, load_dataset
 from cnnlab.cli import main
 from cnnlab.config import make_config
 from cnnlab.data.sources import ArrayDataset
 from cnnlab.errors import CheckpointError, ConfigError
-from cnnlab.train import checkpoint as ck
+from cnnlab.infer import load_trained
 from cnnlab.train import controls
 from cnnlab.train import loop as loop_mod
 from cnnlab.train.loop import fit
-from cnnlab.train.restore import load_trained
 from cnnlab.train.steps import loss_terms, step_generator, train_step
 
 QUIET = {"progress": False, "log": lambda *_: None}
@@ -44,7 +44,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _evals(run: Path, split: str) -> list[dict]:
-    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in recs if r["kind"] == "eval" and r["split"] == split]
 
 
@@ -65,8 +65,8 @@ def test_best_checkpoint_is_chosen_by_validation_and_used_by_evaluate(tiny_data,
     assert [p.name for p in ck.list_checkpoints(run)] == ["ckpt-00000012.safetensors"]
     _, meta = ck.load_checkpoint(run / "best.safetensors")
     assert meta["step"] == peak["step"] and meta["optimizer"] is None
-    assert controls.choose_checkpoint(run) == run / "best.safetensors"
-    assert controls.choose_checkpoint(run, "latest") == run / "ckpt-00000012.safetensors"
+    assert ck.choose_checkpoint(run) == run / "best.safetensors"
+    assert ck.choose_checkpoint(run, "latest") == run / "ckpt-00000012.safetensors"
 
     assert main(["evaluate", str(run), "--split", "train", "--json"]) == 0
     best = json.loads(capsys.readouterr().out)
@@ -92,13 +92,13 @@ def test_val_loss_picks_the_lowest_loss(tiny_data, tmp_path):
 def test_choose_checkpoint_errors_are_one_line(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     fit(_config(steps=4), run, **QUIET)  # eval_every=0: no best kept
-    assert controls.choose_checkpoint(run) == ck.latest_checkpoint(run)
+    assert ck.choose_checkpoint(run) == ck.latest_checkpoint(run)
     with pytest.raises(CheckpointError, match="no best.safetensors"):
-        controls.choose_checkpoint(run, "best")
+        ck.choose_checkpoint(run, "best")
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
-        controls.choose_checkpoint(run, str(tmp_path / "nope.safetensors"))
+        ck.choose_checkpoint(run, str(tmp_path / "nope.safetensors"))
     with pytest.raises(CheckpointError, match="no checkpoint in"):
-        controls.choose_checkpoint(tmp_path, "latest")
+        ck.choose_checkpoint(tmp_path, "latest")
     assert main(["evaluate", str(run), "--checkpoint", "best"]) == 2
     err = capsys.readouterr().err
     assert "no best.safetensors" in err and len(err.strip().splitlines()) == 1
@@ -331,7 +331,8 @@ def test_mixup_cutmix_resume_is_bit_identical(tiny_data, tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a), name
     plain = _config(steps=12, eval_every=4)
     fit(plain, tmp_path / "c", **sets, **QUIET)
-    a, c = _weights(tmp_path / "a" / "ckpt-00000012.safetensors"), _weights(tmp_path / "c" / "ckpt-00000012.safetensors")
+    a = _weights(tmp_path / "a" / "ckpt-00000012.safetensors")
+    c = _weights(tmp_path / "c" / "ckpt-00000012.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the controls did change training
 
 

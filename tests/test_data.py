@@ -349,7 +349,6 @@ def test_list_and_info() -> None:
     cifar = dataset_info("cifar-10")
     assert cifar.shape == (3, 32, 32) and cifar.class_names == tuple(CIFAR_LABEL_NAMES)
     for info in (mnist, fashion, cifar):
-        assert len(info.mean) == len(info.std) == info.shape[0]
         assert len(info.class_names) == info.num_classes
     with pytest.raises(dataclasses.FrozenInstanceError):
         mnist.num_classes = 3  # type: ignore[misc]
@@ -366,7 +365,7 @@ def test_unknown_dataset_lists_known_names() -> None:
 
 def test_prefix_hook_dispatches_names_with_colon(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 'kind:argument' name goes to the resolver registered for 'kind' (e.g. a future 'folder:PATH')."""
-    info = DatasetInfo("dots", 2, ("a", "b"), (1, 2, 2), (0.5,), (0.5,))
+    info = DatasetInfo("dots", 2, ("a", "b"), (1, 2, 2))
     seen: list[str] = []
 
     def resolve(argument: str) -> sources.DatasetSpec:

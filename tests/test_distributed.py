@@ -18,14 +18,14 @@ import pytest
 import torch
 from fakedata import write_mnist
 
+from cnnlab import checkpoint as ck
 from cnnlab.cli import main
 from cnnlab.config import make_config
 from cnnlab.errors import ConfigError
-from cnnlab.train import checkpoint as ck
+from cnnlab.infer import evaluate
 from cnnlab.train import distributed
 from cnnlab.train import loop as loop_mod
 from cnnlab.train.distributed import DistContext, from_env
-from cnnlab.train.steps import evaluate
 
 # lenet5 has no dropout or batch norm, and plain SGD: the 2-process run must follow the 1-process one.
 ARGS = ["--recipe", "lenet5-mnist", "--batch_size=16", "--log_every=1", "--ckpt_every=3", "--eval_batch_size=16",
@@ -86,8 +86,9 @@ def test_two_processes_follow_one_process(runs):
 
 def test_only_rank_zero_writes_and_prints(runs):
     two, out = runs["two"], runs["proc"].stdout
-    assert sorted(p.name for p in two.iterdir()) == ["ckpt-00000003.safetensors", "ckpt-00000006.safetensors",
-                                                     "config.json", "metrics.jsonl", "results.json"]
+    assert sorted(p.name for p in two.iterdir()) == [".cnnlab-lock", "ckpt-00000003.safetensors",
+                                                     "ckpt-00000006.safetensors", "config.json", "metrics.jsonl",
+                                                     "results.json"]
     lines = (two / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines)) == 7  # 6 train records and one eval, each written once
     assert out.count("cnnlab train: lenet5-mnist") == 1 and out.count("step 6/6") == 1 and out.count("done:") == 1

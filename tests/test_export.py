@@ -9,25 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runs import train_tiny_run
+from runs import copy_run
 
 from cnnlab import Classifier, create_model, list_models, load_dataset
 from cnnlab import export as export_mod
 from cnnlab.cli import main
-from cnnlab.export import PREPROCESSING, check_parity
-from cnnlab.train.restore import load_trained
-from cnnlab.train.steps import to_input
+from cnnlab.export import check_parity
+from cnnlab.infer import load_trained, to_input
+from cnnlab.preprocess import Preprocess
 
 onnx = pytest.importorskip("onnx", reason="the 'export' extra is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the 'export' extra is not installed")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, Path]:
-    """(run directory, data root): lenet5 trained for 4 steps on tiny MNIST."""
-    root = tmp_path_factory.mktemp("export")
-    run = train_tiny_run(root)
-    return run, root / "data"
+def run(tiny_run, tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, data root): this module's copy of the session's tiny run (export writes into it)."""
+    copy = copy_run(tiny_run, tmp_path_factory.mktemp("export") / "run")
+    return copy.path, copy.data
 
 
 def test_cli_export_metadata_dynamic_batch_and_same_predictions(run, capsys):
@@ -43,7 +42,8 @@ def test_cli_export_metadata_dynamic_batch_and_same_predictions(run, capsys):
     assert json.loads(props["classes"]) == trained.classes == [str(i) for i in range(10)]
     assert json.loads(props["input_size"]) == [1, 28, 28]
     assert json.loads(props["data_shape"]) == [1, 28, 28]
-    assert props["preprocessing"] == PREPROCESSING
+    assert Preprocess.from_json(json.loads(props["preprocess"])) == trained.preprocess
+    assert props["preprocessing"] == "grayscale, resize to 28x28 (bilinear), invert if the border is light, uint8 /255"
     assert props["model"] == "lenet5" and props["step"] == "4" and props["cnnlab_version"]
     (inp,) = model.graph.input
     assert inp.name == "image"

@@ -316,7 +316,8 @@ def test_predict_a_directory_as_csv_and_jsonl(folder, tmp_path, capsys):
     capsys.readouterr()
     (folder / "val" / "red" / "broken.png").write_bytes(b"\x89PNG not really")
     out = tmp_path / "preds.csv"
-    assert main(["predict", str(run), str(folder / "val"), "--format", "csv", "--out", str(out), "--batch-size", "4"]) == 0
+    args = ["predict", str(run), str(folder / "val"), "--format", "csv", "--out", str(out), "--batch-size", "4"]
+    assert main(args) == 0
     err = capsys.readouterr().err
     assert "skipped" in err and "broken.png" in err
     rows = list(csv.DictReader(out.open()))

@@ -228,10 +228,14 @@ def test_huge_and_broken_images_are_one_line_errors(tmp_path):
 
 def _valid_files() -> list[bytes]:
     out = []
-    for fmt, mode in (("PNG", "L"), ("PNG", "P"), ("JPEG", "RGB"), ("GIF", "P"), ("BMP", "RGB"), ("WEBP", "RGB"), ("TIFF", "F")):
+    for fmt, mode in (("PNG", "L"), ("PNG", "P"), ("JPEG", "RGB"), ("GIF", "P"), ("BMP", "RGB"), ("WEBP", "RGB"),
+                      ("TIFF", "F")):
         buf = io.BytesIO()
         a = (np.arange(64 * 48) % 251).reshape(48, 64)
-        im = Image.fromarray(a.astype(np.float32) / 251, "F") if mode == "F" else Image.fromarray(a.astype(np.uint8)).convert(mode)
+        if mode == "F":
+            im = Image.fromarray(a.astype(np.float32) / 251, "F")
+        else:
+            im = Image.fromarray(a.astype(np.uint8)).convert(mode)
         im.save(buf, format=fmt)
         out.append(buf.getvalue())
     return out
@@ -242,7 +246,8 @@ VALID = _valid_files()
 
 @pytest.mark.robust
 @settings(max_examples=150, deadline=None)
-@given(which=st.integers(0, len(VALID) - 1), edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+@given(which=st.integers(0, len(VALID) - 1),
+       edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
        cut=st.integers(0, 10**6))
 def test_mutated_image_files_give_an_image_or_a_clean_error(which, edits, cut):
     """Random byte edits and truncations of valid files: `open_image` returns an 8-bit image or raises DataError."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -96,8 +97,21 @@ def test_use_onednn_linear_does_nothing_for_the_torch_backend():
     assert not any(isinstance(x, OneDnnLinear) for x in m.modules())
 
 
-def test_min_macs_threshold_is_what_the_layer_uses():
-    assert ONEDNN_MIN_MACS == 1 << 21
+@needs_onednn
+@pytest.mark.parametrize("out_f, via_onednn", [(ONEDNN_MIN_MACS // 2048, True), (ONEDNN_MIN_MACS // 2048 - 1, False)])
+def test_products_below_the_min_macs_threshold_stay_with_torch(out_f, via_onednn, monkeypatch):
+    from cnnlab.models import layers
+
+    real, calls = torch.ops.mkldnn._linear_pointwise, []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    a, b = torch.randn(1, 2048), torch.randn(out_f, 2048)  # 1 x 2048 x out_f multiply-adds
+    torch.testing.assert_close(layers._onednn_linear(a, b), a @ b.T, rtol=1e-5, atol=1e-3)
+    assert bool(calls) == via_onednn
 
 
 @pytest.mark.parametrize("vendor, machine, expected", [
@@ -124,15 +138,39 @@ def test_linear_backend_environment_override(monkeypatch):
         runtime.linear_backend()
 
 
-def test_cpu_vendor_reads_proc_cpuinfo():
-    v = runtime.cpu_vendor()
-    assert isinstance(v, str)
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        assert v == ""
-    else:
-        assert (v in text) if "vendor_id" in text else v == ""
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9B45
+flags\t\t: fpu vme
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9B45
+"""
+
+
+def _fake_proc(monkeypatch, text: str | None) -> None:
+    """Make runtime's open('/proc/cpuinfo') read ``text`` (None: the file is missing)."""
+    def fake_open(path, *a, **kw):
+        assert path == "/proc/cpuinfo"
+        if text is None:
+            raise FileNotFoundError(path)
+        return io.StringIO(text)
+
+    monkeypatch.setattr(runtime, "open", fake_open, raising=False)
+
+
+def test_cpuinfo_reads_the_first_field_of_proc_cpuinfo(monkeypatch):
+    _fake_proc(monkeypatch, CPUINFO)
+    assert runtime.cpu_vendor() == "AuthenticAMD"
+    assert runtime.cpuinfo("model name") == "AMD EPYC 9B45"
+    assert runtime.cpuinfo("microcode") == ""
+
+
+@pytest.mark.parametrize("text", [None, "processor\t: 0\nmodel name\t: some ARM core\n"])
+def test_cpu_vendor_is_empty_when_unknown(monkeypatch, text):
+    _fake_proc(monkeypatch, text)
+    assert runtime.cpu_vendor() == ""
 
 
 @needs_onednn

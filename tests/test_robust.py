@@ -24,9 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cnnlab import checkpoint as ck
+from cnnlab import rundir
 from cnnlab.cli import main
-from cnnlab.train import checkpoint as ck
-from runs import train_tiny_run
 
 pytestmark = pytest.mark.robust
 
@@ -48,16 +48,10 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
         assert n in err, err
 
 
-@pytest.fixture(scope="module")
-def trained_template(tmp_path_factory):
-    """A tiny lenet5 run with checkpoints at steps 2 and 4, trained once per module."""
-    return train_tiny_run(tmp_path_factory.mktemp("template"), ckpt_every=2)
-
-
 @pytest.fixture
-def trained(tiny_data, trained_template, tmp_path):
-    """A private copy of the template run (tests may damage it)."""
-    return Path(shutil.copytree(trained_template, tmp_path / "lenet"))
+def trained(tiny_data, tiny_run_copy):
+    """A private copy of the session's tiny lenet5 run, checkpoints at steps 2 and 4 (tests may damage it)."""
+    return tiny_run_copy.path
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -202,7 +196,7 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(trained, monkeypatch, 
     code, _, err = run_cli(capsys, "train", "--recipe", "lenet5-mnist", "--model-dir", str(trained), "--steps=8", *TINY)
     assert_one_line_error(code, err, "No space left on device", "ckpt-00000006")
     assert {p.name: p.read_bytes() for p in ck.list_checkpoints(trained)} == before  # nothing lost or changed
-    assert not [p for p in trained.iterdir() if ".tmp-" in p.name]  # no partial file left behind
+    assert not [p for p in trained.iterdir() if rundir.TEMP_MARK in p.name]  # no partial file left behind
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(trained), "--steps=8", *TINY]) == 0
 
@@ -255,12 +249,40 @@ def _cmd(model_dir: Path) -> list[str]:
             "--log_every=5", "--eval_batch_size=32", "--no-progress", "--no-report"]
 
 
+def _temps(run: Path) -> list[Path]:
+    return [p for p in run.iterdir() if rundir.TEMP_MARK in p.name] if run.is_dir() else []
+
+
+def test_sigkill_inside_a_checkpoint_write_loses_nothing(tiny_data, tmp_path):
+    # Deterministic: the test hook holds the writer between its fsync and its rename, and the kill lands there.
+    env = {**os.environ, "CNNLAB_DATA": str(tiny_data)}
+    subprocess.run(_cmd(tmp_path / "ref"), env=env, check=True, capture_output=True)
+    reference = weights(ck.latest_checkpoint(tmp_path / "ref"))
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run), env={**env, "CNNLAB_TEST_PAUSE_BEFORE_RENAME": "ckpt-00000010.*=120"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not [p for p in _temps(run) if p.name.startswith(".ckpt-00000010")]:
+        assert proc.poll() is None and time.monotonic() < deadline, "the writer never reached step 10"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _temps(run)  # the kill left a partial write behind...
+    assert ck.latest_checkpoint(run).name == "ckpt-00000009.safetensors"  # ...and the last whole checkpoint
+    ck.load_checkpoint(ck.latest_checkpoint(run))
+    final = subprocess.run(_cmd(run), env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    got = weights(ck.latest_checkpoint(run))
+    assert all(torch.equal(reference[k], got[k]) for k in reference)
+    assert not _temps(run)  # the partial file was removed on restart
+
+
 def test_sigkill_at_random_moments_loses_nothing(tiny_data, tmp_path):
     env = {**os.environ, "CNNLAB_DATA": str(tiny_data)}
     subprocess.run(_cmd(tmp_path / "ref"), env=env, check=True, capture_output=True)
     reference = weights(ck.latest_checkpoint(tmp_path / "ref"))
     run, rng = tmp_path / "run", random.Random(0)
-    kills = during_save = 0
+    kills = 0
     while kills < 20:
         proc = subprocess.Popen(_cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         start_step = ck.latest_checkpoint(run)
@@ -275,12 +297,11 @@ def test_sigkill_at_random_moments_loses_nothing(tiny_data, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-        during_save += any(".tmp-" in p.name for p in run.iterdir())
         latest = ck.latest_checkpoint(run)
-        ck.load_checkpoint(latest)  # every surviving checkpoint is whole
+        if latest is not None:  # a kill during start-up may come before the first checkpoint
+            ck.load_checkpoint(latest)  # every surviving checkpoint is whole
     final = subprocess.run(_cmd(run), env=env, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     got = weights(ck.latest_checkpoint(run))
     assert all(torch.equal(reference[k], got[k]) for k in reference)
-    assert not [p for p in run.iterdir() if ".tmp-" in p.name]  # stale partial files cleaned up
-    assert during_save >= 1, "no kill landed inside a checkpoint write"
+    assert not _temps(run)  # stale partial files cleaned up

@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import torch
-from runs import train_tiny_run
 from PIL import Image
 
 from cnnlab import Classifier, load_dataset
@@ -24,8 +23,8 @@ from cnnlab.cli import main
 pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
 pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
 
-from cnnlab.serve import background_server, create_app  # noqa: E402
-from cnnlab.serve.batcher import MicroBatcher  # noqa: E402
+from cnnlab.serve import background_server, create_app
+from cnnlab.serve.batcher import MicroBatcher
 
 UPLOAD_LIMIT = 200_000  # bytes; small so the over-limit tests stay quick
 
@@ -72,11 +71,10 @@ def post_json(url: str, payload) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tiny_run):
     """(server, app, run dir, tiny MNIST test images uint8 [32,1,28,28])."""
-    root = tmp_path_factory.mktemp("serve")
-    run = train_tiny_run(root)
-    images = load_dataset("mnist", "test", data_dir=root / "data").images
+    run = tiny_run.path
+    images = load_dataset("mnist", "test", data_dir=tiny_run.data).images
     # A 20 ms window makes the batching test independent of how fast this machine is.
     app = create_app(run, max_wait_ms=20, max_upload_bytes=UPLOAD_LIMIT, max_images=8)
     with background_server(app) as server:
@@ -242,7 +240,8 @@ def test_bad_uploads_get_4xx_with_a_message(served, case):
 @pytest.mark.parametrize("query", ["top_k=0", "top_k=x", "invert=maybe"])
 def test_bad_query_parameters_are_422(served, query):
     server, _, _, images = served
-    status, answer = fetch(server.url + f"/predict?{query}", "POST", digit_png(images, 0), {"Content-Type": "image/png"})
+    status, answer = fetch(server.url + f"/predict?{query}", "POST", digit_png(images, 0),
+                           {"Content-Type": "image/png"})
     assert status == 422 and json.loads(answer)["error"].split(":")[0] in query
 
 
@@ -357,8 +356,8 @@ def test_cli_serve_port_in_use_is_one_line(served, capsys):
 
 def test_page_for_a_colour_model_hides_the_canvas_and_escapes_class_names(tmp_path):
     from cnnlab import create_model
+    from cnnlab.infer import TrainedModel
     from cnnlab.serve.app import page_html
-    from cnnlab.train.restore import TrainedModel
 
     classes = ["cat</script><script>alert(1)</script>"] + [f"c{i}" for i in range(9)]
     trained = TrainedModel(model=create_model("cifar10-prettytensor"), classes=classes, data_shape=(3, 32, 32),

@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 from PIL import Image
-from runs import train_tiny_run
 
 from cnnlab.cli import main
 from cnnlab.errors import CheckpointError
@@ -33,12 +32,12 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cnnlab.infer import load_trained
 from cnnlab.serve import app as app_module
 from cnnlab.serve import background_server, create_app
 from cnnlab.serve.decode import decode_file, plan_file
 from cnnlab.serve.limits import BadRequest, Limits, PixelBudget, json_depth
 from cnnlab.serve.server import ConnectionLimits, guarded_h11
-from cnnlab.train.restore import load_trained
 
 pytestmark = pytest.mark.robust
 WAIT_S = 30.0  # upper bound for events that must happen; reached only if the server hangs
@@ -78,8 +77,8 @@ def post_json(url: str, payload) -> tuple[int, dict, bytes]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return load_trained(train_tiny_run(tmp_path_factory.mktemp("abuse")))
+def trained(tiny_run):
+    return load_trained(tiny_run.path)
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +285,8 @@ def _mutated_png(draw) -> bytes:
 _BODIES = st.one_of(
     st.tuples(st.just("application/json"), _JSON.map(lambda v: json.dumps(v).encode())),
     st.tuples(st.just("application/json"), st.lists(_JSON | st.text(max_size=12).map(
-        lambda t: base64.b64encode(t.encode()).decode()), max_size=4).map(lambda v: json.dumps({"images": v}).encode())),
+        lambda t: base64.b64encode(t.encode()).decode()), max_size=4).map(
+        lambda v: json.dumps({"images": v}).encode())),
     st.tuples(st.just("application/json"), _mutated_png().map(
         lambda b: json.dumps({"images": [base64.b64encode(b).decode()]}).encode())),
     st.tuples(st.sampled_from(["application/json", "image/png", "multipart/form-data; boundary=xx",
@@ -325,7 +325,7 @@ def test_nan_weights_or_missing_class_names_fail_at_startup(trained):
 def _rewrite_checkpoint(src, dst, change) -> None:
     from safetensors.torch import save_file
 
-    from cnnlab.train.checkpoint import load_checkpoint
+    from cnnlab.checkpoint import load_checkpoint
 
     tensors, meta = load_checkpoint(src)
     change(tensors, meta)

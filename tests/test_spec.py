@@ -8,9 +8,9 @@ from torch import nn
 
 from cnnlab.cli import main
 from cnnlab.errors import ModelError
+from cnnlab.infer import load_trained
 from cnnlab.models import count_params, create_model
 from cnnlab.models.spec import describe_model
-from cnnlab.train.restore import load_trained
 
 ESTIMATOR_SPEC = "spec:conv32k5-pool2-conv64k5-pool2-fc1024-drop0.4-fc10"
 LENET_SPEC = "spec:conv6k5tanh-pool2-conv16k5pvalid-pool2-fc120tanh-fc84tanh-fc10"
@@ -126,7 +126,7 @@ def test_describe_table(capsys):
     assert main(["models", "--describe", ESTIMATOR_SPEC]) == 0
     out = capsys.readouterr().out
     assert "Total params: 3,274,634" in out and "Trainable params: 3,274,634" in out
-    rows = [l.split() for l in out.splitlines() if l.startswith(("features.", "head."))]
+    rows = [line.split() for line in out.splitlines() if line.startswith(("features.", "head."))]
     assert [r[0] for r in rows] == [f"features.{i}" for i in range(6)] + [f"head.{i}" for i in range(5)]
     # Output shapes per layer and parameter counts, as Keras' summary shows them.
     by_name = {r[0]: r for r in rows}

@@ -19,13 +19,13 @@ from PIL import Image
 
 timm = pytest.importorskip("timm", reason="the 'timm' extra is not installed")
 
+from cnnlab import checkpoint as ck  # noqa: E402
 from cnnlab.cli import main  # noqa: E402
 from cnnlab.config import TrainConfig  # noqa: E402
 from cnnlab.errors import CheckpointError, ModelError  # noqa: E402
+from cnnlab.infer import load_trained  # noqa: E402
 from cnnlab.models import create_model, list_models  # noqa: E402
-from cnnlab.train import checkpoint as ck  # noqa: E402
 from cnnlab.train import finetune  # noqa: E402
-from cnnlab.train.restore import load_trained  # noqa: E402
 from cnnlab.train.steps import make_optimizer, train_step  # noqa: E402
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}

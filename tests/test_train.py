@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from cnnlab import Classifier, create_model, load_dataset, train_step
+from cnnlab import checkpoint as ck
 from cnnlab.cli import main
 from cnnlab.config import make_config
 from cnnlab.errors import CheckpointError
-from cnnlab.train import checkpoint as ck
 from cnnlab.train import loop as loop_mod
 from cnnlab.train.loop import fit
 
@@ -43,14 +43,15 @@ def test_cli_train_resume_evaluate_predict(tiny_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 6/6" in out and "test accuracy" in out
     assert [p.name for p in ck.list_checkpoints(run)] == ["ckpt-00000004.safetensors", "ckpt-00000006.safetensors"]
-    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6]
     assert records[-1]["kind"] == "eval" and records[-1]["n"] == 32
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["steps"] == 6 and cfg["seed"] == 0 and "code_version" in cfg
 
     # Same command with more steps: resumes from step 6 instead of starting again.
-    assert main(["train", "--recipe", "tf-estimator-cnn-mnist-short", "--model-dir", str(run), "--steps=10", *TINY]) == 0
+    argv = ["train", "--recipe", "tf-estimator-cnn-mnist-short", "--model-dir", str(run), "--steps=10", *TINY]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "resuming from ckpt-00000006.safetensors (step 6)" in out and "step 10/10" in out and "step 2/" not in out
 
@@ -97,8 +98,8 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_data, tmp_path, monke
     torch.manual_seed(123)  # resume must not depend on the process's RNG state before it
     fit(config, tmp_path / "b", progress=False, log=lambda *_: None)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
-    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["kind"] == "train"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
     assert steps == [4, 8, 12]  # the log holds no duplicates of the re-run steps
 
 
@@ -171,24 +172,23 @@ def test_plain_building_blocks():
     assert loss < first and logits.shape == (8, 10)
 
 
-def test_resume_refuses_another_architecture(tiny_data, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--steps=2", *TINY]) == 0
-    assert main(["train", "--recipe", "tf2-convnet-mnist", "--model-dir", str(run), "--steps=2", *TINY]) == 2
+def test_resume_refuses_another_architecture(tiny_run_copy, capsys):
+    run, data = tiny_run_copy
+    argv = ["train", "--recipe", "tf2-convnet-mnist", "--model-dir", str(run), "--data-dir", str(data), "--steps=6"]
+    assert main([*argv, *TINY]) == 2
     err = capsys.readouterr().err
     assert "holds lenet5" in err and "another --model-dir" in err and "Traceback" not in err
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, capsys):
-    run = tmp_path / "run"
-    args = ["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--batch_size=16", "--log_every=1",
-            "--ckpt_every=2", "--no-report"]
-    assert main([*args, "--steps=2"]) == 0
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run_copy, capsys):
+    run, data = tiny_run_copy  # checkpoints at steps 2 and 4
     good = weights(run)
-    assert main([*args, "--steps=6", "--lr=1e30"]) == 2  # diverges at once
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--data-dir", str(data),
+                 "--batch_size=16", "--log_every=1", "--ckpt_every=2", "--no-report", "--steps=8",
+                 "--lr=1e30"]) == 2  # diverges at once
     err = capsys.readouterr().err
-    assert "loss became" in err and "ckpt-00000002" in err
-    assert ck.latest_checkpoint(run).name == "ckpt-00000002.safetensors"
+    assert "loss became" in err and "ckpt-00000004" in err
+    assert ck.latest_checkpoint(run).name == "ckpt-00000004.safetensors"
     assert_same_weights(good, weights(run))
 
 
@@ -213,7 +213,8 @@ def test_training_runs_dense_layers_on_the_chosen_backend_and_records_it(tiny_da
     assert (OneDnnLinear in kinds) == (backend == "onednn")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["fp32_linear"] == backend
     # The checkpoint is a plain state dict: it loads into a model built the ordinary way.
-    create_model("tf-estimator-cnn").load_state_dict(ck.section(ck.load_checkpoint(ck.latest_checkpoint(tmp_path / "run"))[0], "model"))
+    saved = ck.load_checkpoint(ck.latest_checkpoint(tmp_path / "run"))[0]
+    create_model("tf-estimator-cnn").load_state_dict(ck.section(saved, "model"))
 
 
 def test_compile_option_compiles_the_training_model(tiny_data, tmp_path, monkeypatch):

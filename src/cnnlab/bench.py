@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .infer import autocast, eval_mode
 from .models import create_model
 from .models.layers import pool_before_relu, use_onednn_linear
-from .train.steps import autocast
 
 
 def forward_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
@@ -29,11 +29,8 @@ def forward_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
 
     handles = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     handles += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    was = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         model(torch.zeros(1, *input_size))
-    model.train(was)
     for h in handles:
         h.remove()
     return total
@@ -64,13 +61,13 @@ def peak_flops(dtype: torch.dtype = torch.float32, repeats: int = 3,
     with torch.no_grad():
         for n in matmul_sizes:
             a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-            probes[f"matmul {n}^3"] = 2 * n ** 3 / _best_seconds(lambda: a @ b, repeats)
+            probes[f"matmul {n}^3"] = 2 * n ** 3 / _best_seconds(lambda a=a, b=b: a @ b, repeats)
         if conv:
             for name, (batch, cin, cout, k, hw) in {"conv 3x3 256->256 16x16": (64, 256, 256, 3, 16),
                                                     "conv 5x5 64->32 14x14": (100, 64, 32, 5, 14)}.items():
                 x = torch.randn(batch, cin, hw, hw).to(dtype).contiguous(memory_format=torch.channels_last)
                 w = torch.randn(cout, cin, k, k).to(dtype).contiguous(memory_format=torch.channels_last)
-                sec = _best_seconds(lambda: F.conv2d(x, w, padding=k // 2), repeats)
+                sec = _best_seconds(lambda x=x, w=w, k=k: F.conv2d(x, w, padding=k // 2), repeats)
                 probes[name] = 2 * batch * hw * hw * cout * cin * k * k / sec
     best = max(probes, key=probes.get)
     return {"flops": probes[best], "probe": best, "probes": probes}
@@ -140,5 +137,8 @@ def latency(model: nn.Module, input_size: tuple[int, int, int], n: int = 1000, w
             if i >= warmup:
                 times.append((time.perf_counter() - t) * 1e3)
     times.sort()
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+
+    def q(p: float) -> float:
+        return times[min(len(times) - 1, int(p * len(times)))]
+
     return {"p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99), "mean_ms": statistics.fmean(times), "n": n}

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import CnnlabError
+from .rundir import PREEMPTED_EXIT, Preempted
 from .runtime import tune_allocator
 
 
@@ -23,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _number(kind: type, low: float, high: float | None = None, *, above: bool = False):
-    """An argparse type: ``kind`` (int or float) in [low, high] (or above ``low`` when ``above``), else a usage error."""
+    """An argparse type: ``kind`` (int or float) in [low, high] (or above ``low`` when ``above``), else usage error."""
     def parse(text: str):
         try:
             v = kind(text)
@@ -43,6 +46,42 @@ POSITIVE, NON_NEGATIVE = _number(int, 1), _number(int, 0)
 def _add_checkpoint_choice(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="auto", metavar="latest|best|PATH",
                    help="which checkpoint of the run: best, latest or a file (default: best when kept, else latest)")
+
+
+def _config_keys_help() -> str:
+    """The train command's epilog: every TrainConfig key with type, default and description, from the dataclass."""
+    from .config import describe_fields
+
+    rows = describe_fields()
+    wk, wt, wd = (max(len(r[i]) for r in rows) for i in range(3))
+    lines = [f"  {k:<{wk}}  {t:<{wt}}  {d:<{wd}}  {h}" for k, t, d, h in rows]
+    return ("config keys (set as --key=value, --key value, --no-key for booleans, model_args.NAME=VALUE;\n"
+            "dashes and underscores are the same; a recipe sets them as key = value):\n"
+            f"  {'key':<{wk}}  {'type':<{wt}}  {'default':<{wd}}  description\n" + "\n".join(lines))
+
+
+def _add_run(p: argparse.ArgumentParser, help: str = "run directory (newest checkpoint)") -> None:
+    """The run a command works on: positional RUN, or --model-dir RUN as tf.estimator users type it."""
+    p.add_argument("run_dir", nargs="?", metavar="RUN", help=f"{help}; or give it as --model-dir")
+    p.add_argument("--model-dir", dest="model_dir", metavar="RUN", help="same as the positional RUN")
+
+
+def _resolve_run(args, parser: argparse.ArgumentParser) -> None:
+    """Settle ``args.run_dir`` from the positional and --model-dir; a usage error if neither or two differ.
+
+    For predict the positional slot may hold the first image when --model-dir names the run.
+    """
+    given, flag = args.run_dir, args.model_dir
+    if flag is None:
+        if given is None:
+            parser.error("a run is required: give RUN or --model-dir RUN")
+        return
+    if given is not None and Path(given) != Path(flag):
+        if hasattr(args, "images") and not Path(given).is_dir():
+            args.images = [given, *args.images]  # `predict --model-dir RUN a.png b.png`
+        else:
+            parser.error(f"two runs given: {given} and --model-dir {flag}; give one")
+    args.run_dir = flag
 
 
 def _add_common_data(p: argparse.ArgumentParser) -> None:
@@ -66,17 +105,17 @@ def cmd_train(args, extra: list[str]) -> int:
         from .train.tensorboard import TensorBoardLog
 
         hooks.append(TensorBoardLog(args.tensorboard or model_dir / "tensorboard"))
-    result = fit(config, model_dir, data_dir=args.data_dir, progress=args.progress, hooks=hooks)
+    result = fit(config, model_dir, data_dir=args.data_dir, progress=args.progress, hooks=hooks, force=args.force)
     print(f"done: step {result.step}, test accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f}, "
           f"{result.seconds:.1f} s; model in {model_dir}")
     if args.report:
         try:  # the trained run is safe on disk whatever happens here: a failure is one warning line
             from .analysis import analyze, write_report
-            from .train.steps import select_device
+            from .infer import select_device
 
             analysis = analyze(model_dir, data_dir=args.data_dir, device=select_device(config.device))
             print(f"report: {write_report(analysis)}")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001  (whatever fails in the optional report is one warning)
             print(f"cnnlab: warning: report not written ({type(e).__name__}: {e}); "
                   f"try `cnnlab report {model_dir}`", file=sys.stderr)
     return 0
@@ -152,7 +191,20 @@ def cmd_datasets(args, extra: list[str]) -> int:
         info = dataset_info(name)
         print(f"{name:<14} {info.num_classes:>3} classes  {'x'.join(map(str, info.shape)):<8}  "
               f"{', '.join(info.class_names[:10])}")
+    print(_folder_help())
     return 0
+
+
+def _folder_help() -> str:
+    """The ``folder:PATH`` entry of `cnnlab datasets`, its options from the folder parser's own table."""
+    from .data import folder
+
+    options = getattr(folder, "_OPTIONS", {})
+    query = "&".join(f"{k}=" for k in options)
+    lines = [f"{'folder:PATH':<14} image folders PATH/<class>/* or PATH/{{train,test|val}}/<class>/*"
+             + (f"; options: folder:PATH?{query}" if options else "")]
+    lines += [f"{'':<15}{k}: {hint}" for k, (_, _, hint) in options.items()]
+    return "\n".join(lines)
 
 
 def cmd_report(args, extra: list[str]) -> int:
@@ -167,7 +219,8 @@ def cmd_report(args, extra: list[str]) -> int:
         print(f"{a.run_dir} step {a.trained.step}: {args.split} accuracy {m.accuracy:.4f}{tops}, loss {m.loss:.4f} "
               f"({m.n} images)")
         if m.most_confused:
-            print("most confused: " + ", ".join(f"{p.actual} -> {p.predicted} ({p.count})" for p in m.most_confused[:5]))
+            pairs = m.most_confused[:5]
+            print("most confused: " + ", ".join(f"{p.actual} -> {p.predicted} ({p.count})" for p in pairs))
     print(f"report: {write_report(a, args.out)}")
     return 0
 
@@ -177,7 +230,7 @@ def cmd_plot(args, extra: list[str]) -> int:
     from .analysis.analyze import DATA_FREE_KINDS
 
     if args.kind == "layers":  # a listing, not a picture: the indices --layer takes
-        from .train.restore import load_trained
+        from .infer import load_trained
 
         print(f"{'module':>6}  {'conv':>4}  {'name':<10} {'type':<14} output (C, H, W)")
         for r in describe_layers(load_trained(args.run_dir).model):
@@ -227,7 +280,8 @@ def cmd_bench(args, extra: list[str]) -> int:
           f"({peak['flops'] / 1e9:.0f} GFLOP/s, best probe: {peak['probe']})")
     m = create_model(args.model)
     lat = latency(m, m.meta.input_size, n=args.latency_n)
-    print(f"{args.model}: single-image latency p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms ({lat['n']} calls)")
+    print(f"{args.model}: single-image latency p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms "
+          f"({lat['n']} calls)")
     return 0
 
 
@@ -236,7 +290,7 @@ def cmd_export(args, extra: list[str]) -> int:
 
     run, out = args.run_dir, args.out
     if args.checkpoint != "auto":  # export that file, still to RUN_DIR/model.onnx by default
-        from .train.controls import choose_checkpoint
+        from .checkpoint import choose_checkpoint
 
         run = choose_checkpoint(args.run_dir, args.checkpoint)
         out = out or (Path(args.run_dir) / "model.onnx" if Path(args.run_dir).is_dir() else None)
@@ -257,8 +311,7 @@ def cmd_serve(args, extra: list[str]) -> int:
 
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_images=args.max_batch_images,
                     max_request_pixels=args.max_request_pixels, max_inflight_pixels=args.max_inflight_pixels)
-    from .train.restore import load_trained
-    from .train.steps import select_device
+    from .infer import load_trained, select_device
 
     trained = load_trained(args.run_dir, select_device(args.device), checkpoint=args.checkpoint)
     app = create_app(args.run_dir, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
@@ -279,20 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", allow_abbrev=False, help="train (resumes from the newest checkpoint in --model-dir)",
-                       description="Train a model. Any config key can be set as --key=value (see `cnnlab recipes`).")
+                       description="Train a model. Any config key below can be set as --key=value on top of a "
+                                   "recipe (see `cnnlab recipes`).",
+                       epilog=_config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="recipe name (see `cnnlab recipes`) or TOML file")
     p.add_argument("--model-dir", help="run directory (default runs/<recipe or model>)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="do not write MODEL_DIR/report.html at the end")
+    p.add_argument("--force", action="store_true",
+                   help="train in --model-dir even if it holds files cnnlab did not write (they may be overwritten)")
     p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
                    help="also log scalars for TensorBoard (default DIR: MODEL_DIR/tensorboard)")
     _add_common_data(p)
     p.set_defaults(func=cmd_train, takes_overrides=True)
 
     p = sub.add_parser("evaluate", allow_abbrev=False, help="accuracy and loss of a trained run")
-    p.add_argument("run_dir")
+    _add_run(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_checkpoint_choice(p)
@@ -300,15 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", allow_abbrev=False, help="classify image files (PNG/JPG) and folders of them")
-    p.add_argument("run_dir")
+    _add_run(p)
     p.add_argument("images", nargs="+", help="image files, or folders searched recursively")
     p.add_argument("--format", choices=["text", "csv", "jsonl"], default="text",
                    help="one line per file: text, CSV (file,label,probability,top_k) or JSON lines")
     p.add_argument("--out", help="write the lines to this file instead of stdout")
     p.add_argument("--batch-size", type=POSITIVE, default=64, help="images predicted at once")
     p.add_argument("--top-k", type=POSITIVE, default=3)
-    p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
-                   help="invert grayscale images (auto: when the border is light, e.g. a dark digit on paper)")
+    p.add_argument("--invert", choices=["auto", "yes", "no"], default=None,
+                   help="invert grayscale images (auto: when the border is light, e.g. a dark digit on paper; "
+                        "default: as the run recorded, auto for MNIST-like runs, no for CIFAR-10 and folders)")
     p.add_argument("--centre", "--center", action="store_true",
                    help="grayscale: frame the digit as MNIST does (ink box scaled to 20x20, centre of mass "
                         "mid-image), for digits photographed or drawn small or off-centre")
@@ -328,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", allow_abbrev=False, help="list models with parameter counts and input shapes")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'tf-*' or 'timm:resnet*' (timm's names)")
+    p.add_argument("pattern", nargs="?", default="*",
+                   help="shell-style filter, e.g. 'tf-*' or 'timm:resnet*' (timm's names)")
     p.add_argument("--describe", metavar="NAME",
                    help="print layer output shapes and parameter counts of a model or 'spec:conv32k5-pool2-fc10'")
     p.set_defaults(func=cmd_models)
@@ -342,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", allow_abbrev=False, help="write a self-contained HTML report of a run",
                        description="Config, training curves, metrics, confusion matrix, mistakes, filters and "
                                    "activations of a run in one HTML file with embedded images.")
-    p.add_argument("run_dir")
+    _add_run(p)
     p.add_argument("--out", help="output file (default RUN_DIR/report.html)")
     p.add_argument("--split", default="test", choices=["train", "test"])
     _add_common_data(p)
@@ -351,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", allow_abbrev=False, help="write one plot of a run as PNG",
                        description="Write one plot of a run as a PNG (default RUN_DIR/plots/KIND.png). "
                                    "`layers` lists the indices --layer takes.")
-    p.add_argument("run_dir")
+    _add_run(p)
     p.add_argument("kind", help="samples, predictions, misclassified, confusion, curves, filters, activations, "
                                 "augment, probs, or layers")
     p.add_argument("--out", help="output PNG file")
@@ -365,30 +424,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_data(p)
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("export", allow_abbrev=False, help="export a trained run to ONNX (checked against onnxruntime)")
-    p.add_argument("run_dir", help="run directory (its best checkpoint, else the newest) or checkpoint file")
+    _add_run(p, "run directory (its best checkpoint, else the newest) or checkpoint file")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", help="output file (default RUN_DIR/model.onnx)")
-    p.add_argument("--tolerance", type=_number(float, 0), default=1e-4, help="largest allowed max abs difference of logits")
+    p.add_argument("--tolerance", type=_number(float, 0), default=1e-4,
+                   help="largest allowed max abs difference of logits")
     p.add_argument("--opset", type=_number(int, 7), default=18)
     _add_checkpoint_choice(p)
     _add_common_data(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", allow_abbrev=False, help="serve a trained run: HTTP API and a web page to draw on")
-    p.add_argument("run_dir", help="run directory (its best checkpoint, else the newest) or checkpoint file")
+    _add_run(p, "run directory (its best checkpoint, else the newest) or checkpoint file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=_number(int, 0, 65535), default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--max-batch", type=POSITIVE, default=64, help="most images per forward pass")
-    p.add_argument("--max-wait-ms", type=_number(float, 0), default=5.0, help="how long a request waits to share a batch")
-    p.add_argument("--max-upload-mb", type=_number(float, 0, above=True), default=5.0, help="largest request body (413 above)")
-    p.add_argument("--max-batch-images", type=POSITIVE, default=256, help="most images in one JSON request (413 above)")
+    p.add_argument("--max-wait-ms", type=_number(float, 0), default=5.0,
+                   help="how long a request waits to share a batch")
+    p.add_argument("--max-upload-mb", type=_number(float, 0, above=True), default=5.0,
+                   help="largest request body (413 above)")
+    p.add_argument("--max-batch-images", type=POSITIVE, default=256,
+                   help="most images in one JSON request (413 above)")
     p.add_argument("--max-request-pixels", type=POSITIVE, default=50_000_000,
-                   help="most decoded pixels in one request, summed over its images, read from their headers (413 above)")
+                   help="most decoded pixels in one request, summed over its images, read from their headers "
+                        "(413 above)")
     p.add_argument("--max-inflight-pixels", type=POSITIVE, default=100_000_000,
                    help="most decoded pixels (and body bytes) held by all requests at once (503 + Retry-After above)")
     p.add_argument("--max-connections", type=_number(int, 0), default=0,
-                   help="open connections at most; the oldest idle one is dropped for a new one (0: from the open-file limit)")
+                   help="open connections at most; the oldest idle one is dropped for a new one "
+                        "(0: from the open-file limit)")
     p.add_argument("--header-timeout", type=_number(float, 0, above=True), default=10.0,
                    help="seconds a connection may take to send its request line and headers")
     p.add_argument("--body-timeout", type=_number(float, 0, above=True), default=30.0,
@@ -399,15 +464,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrLog(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message comes (it may be replaced after set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _show_library_log() -> None:
+    """Show the library's INFO messages (e.g. "downloading mnist into ...") on stderr, as ``cnnlab: ...`` lines.
+
+    The library only logs (to the ``cnnlab`` logger); where that goes is the application's choice.
+    """
+    logger = logging.getLogger("cnnlab")
+    if not any(isinstance(h, _StderrLog) for h in logger.handlers):  # main() may run many times in a process
+        handler = _StderrLog()
+        handler.setFormatter(logging.Formatter("cnnlab: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
+    if hasattr(args, "run_dir"):
+        _resolve_run(args, _subparser(parser, args.command))
+    _show_library_log()
+    # Pillow warns (three lines, with its own file path) above ~89 megapixels; cnnlab's own pixel limits are
+    # lower and refuse such an image in one line, so the warning only adds noise.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+    if hasattr(sys.stdout, "reconfigure"):  # a path that is not UTF-8 (Linux allows it) prints as its own bytes
+        sys.stdout.reconfigure(errors="surrogateescape")
     tune_allocator()  # reuse freed memory instead of page-faulting it back in each step (see runtime.py)
     try:
         return args.func(args, extra)
+    except Preempted as e:  # SIGTERM (e.g. a preempted cloud machine): the checkpoint is saved
+        print(f"cnnlab: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except CnnlabError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2

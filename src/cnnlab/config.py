@@ -50,7 +50,7 @@ class TrainConfig:
     optimizer: str = opt("sgd", "sgd | momentum | nesterov | adam | adamw")
     lr: float = opt(0.001, "peak learning rate")
     momentum: float = opt(0.9, "momentum for the momentum / nesterov optimizers")
-    weight_decay: float = opt(0.0, "weight decay of weight matrices (not biases or norm parameters); decoupled for adamw")
+    weight_decay: float = opt(0.0, "weight decay of weight matrices (not biases or norms); decoupled for adamw")
     adam_eps: float = opt(1e-8, "Adam epsilon (tf.train.AdamOptimizer's default; Keras uses 1e-7)")
     batch_size: int = opt(100, "global batch size (split over processes under torchrun)")
     steps: int = opt(1000, "optimisation steps (ignored when epochs > 0)")
@@ -84,12 +84,14 @@ class TrainConfig:
     log_probs: int = opt(0, "print the softmax probabilities of this many batch samples in each log line")
     ckpt_every: int = opt(1000, "save a checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = opt(3, "number of newest checkpoints kept in the model directory")
-    eval_every: int = opt(0, "evaluate on the validation split (else the test split) every this many steps and keep the best (0: only at the end)")
+    eval_every: int = opt(0, "evaluate on the validation split (else the test split) every this many steps "
+                                 "and keep the best (0: only at the end)")
     eval_batch_size: int = opt(1000, "batch size for evaluation")
     # Execution.
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
-    precision: str = opt("fp32", "fp32 | bf16 | fp16 (autocast of the forward pass, loss in fp32; fp16 on CUDA only, with a GradScaler)")
+    precision: str = opt("fp32", "fp32 | bf16 | fp16 (autocast of the forward pass, loss in fp32; "
+                                     "fp16 on CUDA only, with a GradScaler)")
     channels_last: bool = opt(True, "train and evaluate in channels-last memory layout")
     compile: bool = opt(False, "torch.compile the training model (the first steps pay for the compilation)")
     # Training controls (train/controls.py).
@@ -121,6 +123,24 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def _show_default(value) -> str:
+    """A default as it is typed on the command line (tuples as ``a,b``)."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def describe_fields() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) of every TrainConfig field, in declaration order."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out.append((f.name, str(f.type), _show_default(default), f.metadata.get("help", "")))
+    return out
+
+
 def _validate(c: TrainConfig) -> None:
     """Check value ranges; raise ConfigError on the first bad one."""
     checks = [
@@ -140,11 +160,14 @@ def _validate(c: TrainConfig) -> None:
         (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
         (0 <= c.hue <= 0.5, f"hue must be in [0, 0.5], got {c.hue}"),
         (c.random_resized_crop == (0.0, 0.0) or 0 < c.random_resized_crop[0] <= c.random_resized_crop[1] <= 1,
-         f"random_resized_crop must be (0, 0) or (lower, upper) with 0 < lower <= upper <= 1, got {c.random_resized_crop}"),
+         "random_resized_crop must be (0, 0) or (lower, upper) with 0 < lower <= upper <= 1, "
+         f"got {c.random_resized_crop}"),
         (c.data_memory_gb >= 0, f"data_memory_gb must be >= 0, got {c.data_memory_gb}"),
         (c.brightness >= 0, f"brightness must be >= 0, got {c.brightness}"),
-        (0 <= c.contrast[0] <= c.contrast[1], f"contrast must be (lower, upper) with 0 <= lower <= upper, got {c.contrast}"),
-        (0 <= c.saturation[0] <= c.saturation[1], f"saturation must be (lower, upper) with 0 <= lower <= upper, got {c.saturation}"),
+        (0 <= c.contrast[0] <= c.contrast[1],
+         f"contrast must be (lower, upper) with 0 <= lower <= upper, got {c.contrast}"),
+        (0 <= c.saturation[0] <= c.saturation[1],
+         f"saturation must be (lower, upper) with 0 <= lower <= upper, got {c.saturation}"),
         (c.log_every > 0 and c.ckpt_every > 0, "log_every and ckpt_every must be > 0"),
         (c.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {c.keep_checkpoints}"),
         (c.eval_every >= 0 and c.eval_batch_size > 0, "eval_every must be >= 0 and eval_batch_size > 0"),

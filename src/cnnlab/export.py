@@ -1,9 +1,10 @@
 """Export a trained run to ONNX, with the preprocessing recorded in the file and a parity check.
 
 The ONNX graph is the model alone: input ``image`` float [N, C, H, W] in [0, 1] at the model's input size,
-output ``logits`` [N, num_classes], with a dynamic batch axis. What a caller must do before it (uint8 / 255,
-resize to the training images' shape, centre crop or pad to the input size) is written into the file's
-``metadata_props`` together with the class names, so the file can be served without cnnlab.
+output ``logits`` [N, num_classes], with a dynamic batch axis. What a caller must do before it (the run's
+recorded `Preprocess`: resize to the training images' size, polarity, uint8 / 255, the recorded centre crop) is
+written into the file's ``metadata_props`` together with the class names, so the file can be served without
+cnnlab. The graph computes in fp32 whatever precision the run trained in.
 
 Before the file is written, onnxruntime runs it on a batch of sample images and its logits are compared with
 PyTorch's; a difference above the tolerance raises `CnnlabError` and nothing is written.
@@ -27,11 +28,11 @@ import torch
 from . import __version__
 from .errors import CnnlabError, DataError
 from .extras import require_extra
-from .train.checkpoint import atomic_write_bytes
-from .train.restore import TrainedModel, load_trained
-from .train.steps import to_input
+from .infer import TrainedModel, load_trained, to_input
+from .io import atomic_write_bytes
+from .preprocess import Preprocess, flexible_size
+from .rundir import check_not_protected
 
-PREPROCESSING = "uint8 /255, resize to data shape, centre crop/pad to input size"
 DEFAULT_TOLERANCE = 1e-4  # max abs difference of logits, fp32 on CPU differs by ~1e-6 in practice
 _NEEDED = ("onnx", "onnxruntime", "onnxscript")  # onnxscript: torch's exporter (dynamo=True) builds the graph with it
 
@@ -99,6 +100,18 @@ def _with_metadata(onnx_bytes: bytes, props: dict[str, str]) -> bytes:
     return proto.SerializeToString()
 
 
+def describe_preprocessing(p: Preprocess) -> str:
+    """One line saying what to do to an image file before the graph, from the run's record."""
+    size = "x".join(map(str, p.size))
+    resize = f"resize to {size}" if p.resize == "stretch" else f"shorter side to {size}, centre crop"
+    steps = [f"{'grayscale' if p.channels == 1 else 'RGB'}", f"{resize} ({p.interpolation})",
+             {"auto": "invert if the border is light", "yes": "invert", "no": "no inversion"}[p.invert],
+             "uint8 /255"]
+    if p.crop:
+        steps.append(f"centre crop {'x'.join(map(str, p.crop))}")
+    return ", ".join(steps)
+
+
 def metadata(trained: TrainedModel) -> dict[str, str]:
     """The ``metadata_props`` written into the ONNX file (all values are strings, as ONNX requires)."""
     meta = trained.model.meta
@@ -109,7 +122,9 @@ def metadata(trained: TrainedModel) -> dict[str, str]:
         "input_size": json.dumps(list(meta.input_size)),  # (C, H, W) the graph takes
         "data_shape": json.dumps(list(trained.data_shape)),  # (C, H, W) of the training images
         "input_range": "[0, 1]",
-        "preprocessing": PREPROCESSING,
+        "preprocessing": describe_preprocessing(trained.preprocess),
+        "preprocess": json.dumps(trained.preprocess.to_json()),  # the record itself, machine-readable
+        "precision": trained.precision,  # what the run trained and evaluates in; the graph is fp32
         # test-time augmentation the run evaluates with ('none', 'flip', ...); not part of the graph
         "tta": str(trained.config.get("tta", "none")),
         "dataset": trained.dataset,
@@ -159,11 +174,16 @@ def export_onnx(run: str | Path, out: str | Path | None = None, *, tolerance: fl
     if out is None:
         out = trained.path.with_suffix(".onnx") if Path(run).is_file() else Path(run) / "model.onnx"
     out = Path(out)
+    check_not_protected(out)  # never write ONNX over a checkpoint or a run's records
+    if out.exists() and out.resolve() == trained.path.resolve():
+        raise CnnlabError(f"refusing to write over {out}: it is the checkpoint being exported; choose another --out")
     if not out.parent.is_dir():
         raise DataError(f"output folder does not exist: {out.parent}")
-    model = trained.model.float().eval()
+    model = trained.model.float().to(memory_format=torch.contiguous_format).eval()
     u8 = sample_images(trained, max(2, n_samples), data_dir)
-    x = to_input(u8, model.meta.input_size)  # what the ONNX graph takes: float [N,C,H,W] in [0,1], input size
+    # what the ONNX graph takes: float [N,C,H,W] in [0,1] at the model's input size (after the recorded crop)
+    x = to_input(u8, model.meta.input_size, crop=trained.preprocess.crop, flexible=flexible_size(model.meta),
+                 name=model.meta.name)
     try:
         raw = _to_onnx_bytes(model, x[:2], opset)
     except Exception as e:  # the exporter raises many types; a failure here is one line for the user

@@ -66,8 +66,9 @@ def linear_backend() -> str:
     PyTorch's CPU wheels run fp32 matmuls through MKL, and MKL takes a generic AVX2 code path on CPUs that are not
     Intel's, well below what oneDNN reaches for the same product on the same CPU (figures in docs/speed.md).
     PyTorch also ships oneDNN (it already runs the convolutions and the bf16 matmuls). So 'auto' picks oneDNN on
-    x86 CPUs from other vendors when PyTorch has both libraries, and leaves Intel CPUs (where MKL is fast) and everything else to torch. The choice depends on the machine only, never on
-    a timing, so a rerun makes the same choice and the same numbers. ``CNNLAB_LINEAR=onednn|torch`` forces one.
+    x86 CPUs from other vendors when PyTorch has both libraries, and leaves Intel CPUs (where MKL is fast) and
+    everything else to torch. The choice depends on the machine only, never on a timing, so a rerun makes the same
+    choice and the same numbers. ``CNNLAB_LINEAR=onednn|torch`` forces one.
     """
     from .errors import ConfigError
 
@@ -83,5 +84,6 @@ def linear_backend() -> str:
         return "torch"
     if want == "onednn":
         return "onednn"
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return "onednn" if x86 and torch.backends.mkl.is_available() and cpu_vendor() not in ("GenuineIntel", "") else "torch"
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkl.is_available():
+        return "torch"
+    return "onednn" if cpu_vendor() not in ("GenuineIntel", "") else "torch"

@@ -11,12 +11,34 @@ Typical use::
 
 from .analyze import PLOT_KINDS, Analysis, PlotOptions, analyze
 from .layers import FilterStats, conv_layers, describe_layers, feature_modules, filter_weights, layer_output
-from .metrics import (ClassMetrics, ConfusedPair, Metrics, TopLoss, compute_metrics, confusion_matrix,
-                      format_confusion, format_per_class, most_confused, per_class_metrics, top_k_accuracy,
-                      top_losses)
-from .plots import (plot_activations, plot_augmentations, plot_confusion, plot_curves, plot_filters,
-                    plot_image_grid, plot_misclassified, plot_predictions, plot_probabilities, plot_samples,
-                    png_bytes, save_figure)
+from .metrics import (
+    ClassMetrics,
+    ConfusedPair,
+    Metrics,
+    TopLoss,
+    compute_metrics,
+    confusion_matrix,
+    format_confusion,
+    format_per_class,
+    most_confused,
+    per_class_metrics,
+    top_k_accuracy,
+    top_losses,
+)
+from .plots import (
+    plot_activations,
+    plot_augmentations,
+    plot_confusion,
+    plot_curves,
+    plot_filters,
+    plot_image_grid,
+    plot_misclassified,
+    plot_predictions,
+    plot_probabilities,
+    plot_samples,
+    png_bytes,
+    save_figure,
+)
 from .report import SECTIONS, render_report, write_report
 
 __all__ = ["PLOT_KINDS", "SECTIONS", "Analysis", "ClassMetrics", "ConfusedPair", "FilterStats", "Metrics",

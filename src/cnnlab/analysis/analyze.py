@@ -1,26 +1,24 @@
 """One trained run, evaluated and ready to plot: ``analyze(run_dir) -> Analysis``.
 
 `Analysis` loads the run's newest checkpoint, its config and metrics log, evaluates a split of its
-dataset once, and draws every plot from those results. The CLI's ``plot`` and ``report`` use it.
+dataset once (through `cnnlab.infer`, as the training loop and ``cnnlab evaluate`` do), and draws every plot
+from those results. The CLI's ``plot`` and ``report`` use it.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
 
 import torch
 
 from ..config import resolve_config
-from ..data import load_dataset
 from ..data.augment import Augment
-from ..data.images import as_batch
 from ..errors import CnnlabError, DataError
-from ..train.hooks import read_metrics
-from ..train.restore import TrainedModel, load_trained
-from ..train.steps import predict_logits
+from ..infer import TrainedModel, load_trained
+from ..io import read_jsonl
+from ..rundir import read_record
 from . import plots
 from .metrics import Metrics, compute_metrics
 
@@ -79,9 +77,8 @@ class Analysis:
 
     def image(self, index: int = 0, file: str | Path | None = None) -> tuple[torch.Tensor, int | None, str]:
         """(uint8 [C,H,W], true label or None, caption) of an image file or of example ``index`` of the split."""
-        c, h, w = self.trained.data_shape
         if file is not None:
-            return as_batch(file, c, (h, w))[0], None, Path(file).name
+            return self.trained.prepare(file)[0], None, Path(file).name
         self.need_data()
         if not -len(self.images) <= index < len(self.images):
             raise DataError(f"index {index} out of range: the {self.split} split has {len(self.images)} images")
@@ -89,9 +86,8 @@ class Analysis:
         return self.images[index], y, f"{self.split}[{index}] {self.classes[y]}"
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Class probabilities [K] of one uint8 image [C,H,W]."""
-        with torch.no_grad():
-            return predict_logits(self.model, image[None]).softmax(1)[0]
+        """Class probabilities [K] of one uint8 image [C,H,W], computed as the run evaluates."""
+        return self.trained.logits(image[None]).softmax(1)[0]
 
 
 def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = None,
@@ -110,12 +106,12 @@ def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = 
     trained = load_trained(run_dir, device)
     run_dir = Path(run_dir) if Path(run_dir).is_dir() else trained.path.parent
     config_file = run_dir / "config.json"
-    run = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    run = read_record(config_file)
     metrics_file = run_dir / "metrics.jsonl"
-    records = read_metrics(metrics_file) if metrics_file.is_file() else []
+    records = read_jsonl(metrics_file) if metrics_file.is_file() else []
     result = Analysis(run_dir=run_dir, trained=trained, run=run, records=records, split=split)
     try:
-        ds = load_dataset(trained.dataset or trained.config.get("dataset", ""), split, data_dir=data_dir)
+        ds = trained.load_split(split, data_dir)
     except CnnlabError as e:
         if require_data:
             raise
@@ -124,12 +120,8 @@ def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = 
     images, labels = ds.images, ds.labels
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    if len(ds.info.class_names) != len(trained.classes):
-        raise DataError(f"{ds.info.name} has {len(ds.info.class_names)} classes, the model {len(trained.classes)}")
-    batch = int(trained.config.get("eval_batch_size") or 1000)
     result.images, result.labels = images, labels
-    tta = trained.config.get("tta") or "none"
-    result.logits = predict_logits(trained.model, images, batch_size=batch, tta=tta, device=torch.device(device))
+    result.logits = trained.logits(images)  # the run's precision, layout, TTA, crop and eval batch size
     result.metrics = compute_metrics(result.logits, labels, trained.classes)
     return result
 
@@ -153,7 +145,7 @@ def _filters(a: Analysis, o: PlotOptions):
 
 def _activations(a: Analysis, o: PlotOptions):
     img, _, caption = a.image(o.index, o.image)
-    return plots.plot_activations(a.model, img, o.layer, caption), []
+    return plots.plot_activations(a.model, img, o.layer, caption, crop=a.trained.preprocess.crop), []
 
 
 def _augment(a: Analysis, o: PlotOptions):

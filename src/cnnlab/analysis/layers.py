@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..train.steps import to_input
+from ..infer import eval_mode, to_input
+from ..preprocess import flexible_size
 
 
 def _features(model: nn.Module) -> nn.Module:
@@ -41,7 +42,8 @@ def conv_layer(model: nn.Module, layer: int) -> tuple[str, nn.Conv2d]:
     if not convs:
         raise ModelError("the model has no Conv2d layer in .features")
     if not -len(convs) <= layer < len(convs):
-        raise ModelError(f"conv layer {layer} out of range: the model has {len(convs)} conv layers (0..{len(convs) - 1})")
+        raise ModelError(f"conv layer {layer} out of range: the model has {len(convs)} conv layers "
+                         f"(0..{len(convs) - 1})")
     return convs[layer]
 
 
@@ -83,23 +85,24 @@ def filter_weights(model: nn.Module, layer: int) -> tuple[str, torch.Tensor, Fil
 
 
 @torch.no_grad()
-def layer_output(model: nn.Module, image_u8: torch.Tensor, layer: int) -> tuple[str, torch.Tensor]:
-    """Output of feature module ``layer`` for one uint8 image [C, H, W] (fitted to the model input).
+def layer_output(model: nn.Module, image_u8: torch.Tensor, layer: int,
+                 crop: tuple[int, int] | None = None) -> tuple[str, torch.Tensor]:
+    """Output of feature module ``layer`` for one uint8 image [C, H, W] at the run's size (``crop``: the run's
+    recorded centre crop; any other size than the model's input is a ModelError).
 
     Returns (name, activations [channels, h, w] as float on CPU). Runs the model in eval mode.
     """
     name, module = feature_module(model, layer)
     captured: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
-    was_training = model.training
-    model.eval()
     try:
         device = next(model.parameters()).device
-        x = to_input(image_u8[None].to(device), model.meta.input_size)
-        model(x)
+        x = to_input(image_u8[None].to(device), model.meta.input_size, crop=crop,
+                     flexible=flexible_size(model.meta), name=model.meta.name)
+        with eval_mode(model):
+            model(x)
     finally:
         handle.remove()
-        model.train(was_training)
     out = captured[0][0].float().cpu()
     if out.ndim != 3:
         raise ModelError(f"layer {layer} ({name}: {type(module).__name__}) gives shape {tuple(out.shape)}, "
@@ -114,15 +117,13 @@ def describe_layers(model: nn.Module) -> list[dict]:
     mods = feature_modules(model)
     hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: shapes.__setitem__(n, tuple(out.shape[1:])))
              for n, m in mods]
-    was_training = model.training
-    model.eval()
     try:
         device = next(model.parameters()).device
-        model.features(torch.zeros(1, *model.meta.input_size, device=device))
+        with eval_mode(model):
+            model.features(torch.zeros(1, *model.meta.input_size, device=device))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     conv_index = {n: i for i, (n, _) in enumerate(conv_layers(model))}
     return [{"index": i, "name": n, "type": type(m).__name__, "shape": shapes.get(n), "conv": conv_index.get(n)}
             for i, (n, m) in enumerate(mods)]

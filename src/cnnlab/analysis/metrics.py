@@ -193,7 +193,10 @@ def format_confusion(confusion: np.ndarray, classes: list[str]) -> str:
 def format_per_class(per_class: list[ClassMetrics]) -> str:
     """A text table of per-class precision / recall / F1 / support."""
     w = max([5] + [len(c.name) for c in per_class])
-    fmt = lambda v: "  n/a" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+
+    def fmt(v: float) -> str:
+        return "  n/a" if math.isnan(v) else f"{v:.3f}"
+
     rows = [f"{'class':<{w}}  precision  recall     f1  support"]
     rows += [f"{c.name:<{w}}      {fmt(c.precision)}   {fmt(c.recall)}  {fmt(c.f1)}  {c.support:>7}" for c in per_class]
     return "\n".join(rows)

@@ -8,8 +8,8 @@ with the Agg renderer. Images are uint8 tensors [C, H, W] (C = 1 or 3) as the da
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -188,19 +188,21 @@ def plot_filters(model: torch.nn.Module, layer: int = 0, channel: int = 0) -> Fi
     return fig
 
 
-def plot_activations(model: torch.nn.Module, image: torch.Tensor, layer: int = 0, label: str = "") -> Figure:
-    """Output of feature module ``layer`` for one image (uint8 [C,H,W]), one square per channel.
+def plot_activations(model: torch.nn.Module, image: torch.Tensor, layer: int = 0, label: str = "",
+                     crop: tuple[int, int] | None = None) -> Figure:
+    """Output of feature module ``layer`` for one image (uint8 [C,H,W]; ``crop``: the run's recorded centre
+    crop), one square per channel.
 
     As the CIFAR tutorial's ``plot_layer_output``: grayscale 'binary' map (white = low, black = high) on one
     scale from the minimum to the maximum of the whole output. The input image is shown beside it.
     """
-    name, out = layer_output(model, image, layer)
+    name, out = layer_output(model, image, layer, crop=crop)
     module = dict(model.features.named_modules())[name]
     lo, hi = float(out.min()), float(out.max())
     cmap = colormaps["binary"].with_extremes(bad="#90caf9")  # light blue gaps: not a value on the gray scale
     fig = _figure((10.0, 6.8))
     left, right = fig.subplots(1, 2, width_ratios=[1, 3.2])
-    seen = fit_to_size(image[None], tuple(model.meta.input_size[1:]))[0]  # what the model is fed (crop / pad)
+    seen = fit_to_size(image[None], crop)[0] if crop else image  # what the model is fed
     _show(left, seen)
     left.set_title(f"Input{': ' + label if label else ''}\n(as fed, {seen.shape[-2]}x{seen.shape[-1]})", fontsize=11)
     im = right.imshow(_montage(out.numpy()), cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1e-6,

@@ -12,13 +12,13 @@ import datetime
 import html
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
 from ..errors import CnnlabError
-from ..train.checkpoint import atomic_write_bytes
+from ..io import atomic_write_text
 from . import plots
 from .analyze import Analysis
 from .layers import conv_layers, feature_modules, filter_weights
@@ -33,11 +33,12 @@ SECTIONS = [("run", "Run"), ("curves", "Training curves"), ("metrics", "Metrics"
 MAX_LAYERS = 4  # filter / activation plots per report (the first conv layers)
 
 _CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:0 20px 40px;
-color:#212121;line-height:1.45}
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0 auto;max-width:1100px;
+padding:0 20px 40px;color:#212121;line-height:1.45}
 h1{margin:24px 0 4px}h2{border-bottom:2px solid #e0e0e0;padding-bottom:4px;margin-top:36px}
 nav a{margin-right:12px;font-size:14px}.sub{color:#616161;margin:0 0 12px}
-table{border-collapse:collapse;font-size:14px;margin:8px 0}td,th{border:1px solid #e0e0e0;padding:3px 9px;text-align:left}
+table{border-collapse:collapse;font-size:14px;margin:8px 0}
+td,th{border:1px solid #e0e0e0;padding:3px 9px;text-align:left}
 th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto;display:block;margin:8px 0;border:1px solid #eeeeee}
 pre{background:#fafafa;border:1px solid #eeeeee;padding:8px;overflow-x:auto;font-size:13px}
@@ -196,7 +197,8 @@ def _activations(a: Analysis) -> str:
     img, _, caption = a.image(0)
     out = [f'<p class="sub">Feature maps for {_e(caption)}; white low, black high (one scale per layer).</p>']
     for i in activation_layers(a.model):
-        out.append(_img(plots.plot_activations(a.model, img, i, caption), f"activations of feature module {i}"))
+        fig = plots.plot_activations(a.model, img, i, caption, crop=a.trained.preprocess.crop)
+        out.append(_img(fig, f"activations of feature module {i}"))
     return "".join(out)
 
 
@@ -224,7 +226,8 @@ def render_report(a: Analysis) -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_e(title)}</title>'
             f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"
-            f'<p class="sub">{_e(a.trained.model.meta.name)} on {_e(a.trained.dataset)}, step {a.trained.step}{_e(acc)}; '
+            f'<p class="sub">{_e(a.trained.model.meta.name)} on {_e(a.trained.dataset)}, '
+            f"step {a.trained.step}{_e(acc)}; "
             f"{_e(str(a.run_dir))}; written {_e(when)} in {time.perf_counter() - t0:.1f} s</p><nav>{nav}</nav>"
             + "".join(body) + "</body></html>\n")
 
@@ -236,5 +239,5 @@ def write_report(a: Analysis, out: str | Path | None = None) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CnnlabError(f"cannot create {path.parent}: {e.strerror}") from None
-    atomic_write_bytes(path, render_report(a).encode("utf-8"))
+    atomic_write_text(path, render_report(a))
     return path

@@ -6,7 +6,7 @@ Typical use::
     train = load_dataset("mnist", "train")   # ArrayDataset: images uint8 [N, 1, 28, 28], labels int64 [N]
 """
 
+from . import folder  # noqa: F401  (registers the folder:PATH dataset prefix)
 from .sources import ArrayDataset, DatasetInfo, dataset_info, list_datasets, load_dataset
-from . import folder  # noqa: E402,F401  (registers the folder:PATH dataset prefix)
 
 __all__ = ["ArrayDataset", "DatasetInfo", "dataset_info", "list_datasets", "load_dataset"]

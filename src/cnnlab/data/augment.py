@@ -191,5 +191,6 @@ class Augment:
     @property
     def active(self) -> bool:
         """True when any random transform is on."""
-        return bool(self.random_crop or self.resized_crop != (0.0, 0.0) or self.translate or self.flip or self.hue or self.brightness
+        return bool(self.random_crop or self.resized_crop != (0.0, 0.0) or self.translate or self.flip or self.hue
+                    or self.brightness
                     or self.contrast != (1.0, 1.0) or self.saturation != (1.0, 1.0) or self.cutout)

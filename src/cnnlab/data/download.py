@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DataError
+from ..io import replace_durably
 
 TIMEOUT_S = 30.0  # per socket operation (connect, each read), not for the whole file
 CHUNK_BYTES = 1 << 20  # 1 MiB reads keep memory flat for the 170 MB CIFAR archive
@@ -88,20 +89,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(text).split())
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Makes a rename in ``directory`` durable; best effort where unsupported."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _stream_to(url: str, part: Path, progress: bool, desc: str) -> str:
     """Streams ``url`` into ``part`` (fsynced) and returns its md5 hex digest."""
     digest = hashlib.md5(usedforsecurity=False)
@@ -154,11 +141,10 @@ def download(url: str, dest: Path, md5: str, progress: bool = True) -> Path:
         part.unlink(missing_ok=True)
         raise DataError(f"download of {url} failed: md5 mismatch (expected {md5}, got {actual}); nothing was saved")
     try:
-        os.replace(part, dest)
+        replace_durably(part, dest)
     except OSError as exc:
         part.unlink(missing_ok=True)
         raise DataError(f"cannot move the download into place at {dest}: {_one_line(exc)}") from exc
-    _fsync_dir(dest.parent)
     return dest
 
 
@@ -224,6 +210,5 @@ def extract_tar(archive: Path, dest_dir: Path, folder: str = "cifar-10-batches-p
         extracted = Path(tmp) / folder
         if not extracted.is_dir():
             raise DataError(f"{archive}: archive has no top-level folder '{folder}'")
-        os.replace(extracted, target)
-    _fsync_dir(dest_dir)
+        replace_durably(extracted, target)
     return target

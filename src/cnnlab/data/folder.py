@@ -32,8 +32,7 @@ Options after ``?`` (joined by ``&``):
 
 Each split is decoded once, in parallel (PIL releases the GIL while decoding; JPEGs are decoded near the
 target size with ``draft``), into a uint8 [N, C, H, W] ``.npy`` under the cache folder (`cnnlab.data.cache`)
-that every later command maps instead of decoding again. ``mean``/``std`` in the dataset info are nominal
-(0.5), not measured: that would mean decoding every image just to describe the set.
+that every later command maps instead of decoding again.
 """
 
 from __future__ import annotations
@@ -362,9 +361,8 @@ def resolve_folder(argument: str) -> DatasetSpec:
     """The `DatasetSpec` of ``folder:<argument>`` (see the module docstring for the syntax)."""
     opts = parse_folder_name(argument)
     scan = scan_folder(opts)
-    c = scan.shape[0]
     info = FolderInfo(name=f"folder:{argument}", num_classes=len(scan.classes), class_names=scan.classes,
-                      shape=scan.shape, mean=(0.5,) * c, std=(0.5,) * c,
+                      shape=scan.shape,
                       preprocess=_preprocess_record(scan.shape, scan.resize))
 
     def load(split: str, data_dir, download: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -96,8 +96,8 @@ def _draft_request(im: Image.Image, size: tuple[int, int], resize: str) -> tuple
     h, w = size
     try:
         turned = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
-    except (AttributeError, TypeError, ValueError, OSError, SyntaxError, struct.error):  # a broken EXIF block only costs the draft
-        turned = False
+    except (AttributeError, TypeError, ValueError, OSError, SyntaxError, struct.error):
+        turned = False  # a broken EXIF block only costs the draft
     iw, ih = (im.height, im.width) if turned else (im.width, im.height)
     if resize == "shorter-crop":  # the shorter side scales to cover size: both sides at least that scale
         k = max(h / ih, w / iw)

@@ -4,8 +4,9 @@ MNIST's digits were written by US Census employees and high-school students; a m
 and still fail on digits from anywhere else. This set draws each digit from one of the fonts that ship inside
 matplotlib (DejaVu Sans/Serif, STIX, Computer Modern; so it is the same on any machine with the package
 installed), at a random size, stroke width, slant (shear), width (aspect), small rotation, position, blur and
-ink intensity (MNIST's strokes are saturated white; a pen, a scan or a drawing rarely is), then frames it as MNIST did (white on black, ink scaled into a 20x20 box, centre of mass at the centre of
-28x28; `images.centre_digit`).
+ink intensity (MNIST's strokes are saturated white; a pen, a scan or a drawing rarely is), then frames it as
+MNIST did (white on black, ink scaled into a 20x20 box, centre of mass at the centre of 28x28;
+`images.centre_digit`).
 
 The set is a function of its seed alone (given the same FreeType build): sample ``i`` shows digit ``i % 10``,
 so the classes are balanced.

@@ -56,16 +56,12 @@ class DatasetInfo:
         num_classes: Number of classes; labels are ``0 .. num_classes - 1``.
         class_names: Human-readable name of each label, in label order.
         shape: Shape of one image as (C, H, W).
-        mean: Per-channel mean of the train split, pixels scaled to [0, 1].
-        std: Per-channel standard deviation of the train split, same scale.
     """
 
     name: str
     num_classes: int
     class_names: tuple[str, ...]
     shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 @dataclass
@@ -421,8 +417,6 @@ MNIST_INFO = DatasetInfo(
     num_classes=10,
     class_names=tuple(str(d) for d in range(10)),
     shape=(1, 28, 28),
-    mean=(0.1307,),  # measured on the 60000 train images
-    std=(0.3081,),
 )
 
 FASHION_MNIST_INFO = DatasetInfo(
@@ -441,8 +435,6 @@ FASHION_MNIST_INFO = DatasetInfo(
         "Ankle boot",
     ),
     shape=(1, 28, 28),
-    mean=(0.2860,),
-    std=(0.3530,),
 )
 
 _MNIST_LAYOUT = _idx_layout("mnist", "mnist", "MNIST_REMOTE")
@@ -466,8 +458,6 @@ CIFAR10_INFO = DatasetInfo(
     num_classes=10,
     class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     shape=(3, 32, 32),
-    mean=(0.4914, 0.4822, 0.4465),  # per channel R, G, B over the 50000 train images
-    std=(0.2470, 0.2435, 0.2616),
 )
 
 _CIFAR_FOLDER = "cifar-10-batches-py"

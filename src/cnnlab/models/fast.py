@@ -50,8 +50,7 @@ def mnist_fast(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, c1:
         *block(c2, c3),  # [N,c3,3,3]
     )
     head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c3, num_classes))
-    meta = ModelMeta(name="mnist-fast", input_size=(in_chans, img_size, img_size), num_classes=num_classes,
-                     description="fast BN/GELU MNIST net", source="cnnlab (after the hlb/airbench MNIST speed runs)")
+    meta = ModelMeta(name="mnist-fast", input_size=(in_chans, img_size, img_size), num_classes=num_classes)
     return CnnModel(features, head, meta)
 
 
@@ -83,7 +82,8 @@ class Whiten(nn.Conv2d):
 @register_model("airbench", description="whiten 2x2 -> 3 x (conv-pool-BN-GELU-conv-BN-GELU) -> pool -> fc/9")
 def airbench(num_classes: int = 10, in_chans: int = 3, img_size: int = 32, w1: int = 64, w2: int = 256,
              w3: int = 256, bn_momentum: float = 0.4) -> CnnModel:
-    """The airbench94 CIFAR-10 network (Keller Jordan, 2024) with configurable widths.
+    """The airbench94 CIFAR-10 network (Keller Jordan, 2024, https://github.com/KellerJordan/cifar10-airbench)
+    with configurable widths.
 
     airbench94 uses widths 64/256/256; smaller widths trade accuracy for CPU time.
     """
@@ -99,6 +99,5 @@ def airbench(num_classes: int = 10, in_chans: int = 3, img_size: int = 32, w1: i
         *block(w2, w3),  # [N,w3,3,3]
     )
     head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(w3, num_classes, bias=False), Scale(1 / 9))
-    meta = ModelMeta(name="airbench", input_size=(in_chans, img_size, img_size), num_classes=num_classes,
-                     description="airbench94-style CIFAR-10 net", source="KellerJordan/cifar10-airbench (airbench94)")
+    meta = ModelMeta(name="airbench", input_size=(in_chans, img_size, img_size), num_classes=num_classes)
     return CnnModel(features, head, meta)

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..modes import eval_mode
+
 
 def tf_init_(module: nn.Module) -> nn.Module:
     """Initialise like TensorFlow's defaults: Glorot-uniform kernels, zero biases.
@@ -24,11 +26,8 @@ def tf_init_(module: nn.Module) -> nn.Module:
 
 def flat_features(features: nn.Module, input_size: tuple[int, int, int]) -> int:
     """Length of the flattened output of ``features`` for one input of shape (C, H, W)."""
-    was_training = features.training
-    features.eval()
-    with torch.no_grad():
+    with eval_mode(features), torch.no_grad():
         out = features(torch.zeros(1, *input_size))
-    features.train(was_training)
     return out[0].numel()
 
 

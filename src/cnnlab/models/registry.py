@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 from torch import nn
@@ -25,8 +25,6 @@ class ModelMeta:
         name: Registry name.
         input_size: Expected input (C, H, W); inputs are float in [0, 1].
         num_classes: Number of output logits.
-        description: One line shown by ``cnnlab models``.
-        source: Where the architecture comes from (tutorial or paper).
         args: The keyword arguments the model was built with (saved in checkpoints to rebuild it).
         flexible_size: The model takes any input size (global pooling before its classifier): it is built
             for, and fed, the dataset's recorded size; other models need inputs of exactly ``input_size``.
@@ -35,8 +33,6 @@ class ModelMeta:
     name: str
     input_size: tuple[int, int, int]
     num_classes: int
-    description: str = ""
-    source: str = ""
     args: dict = field(default_factory=dict)
     flexible_size: bool = False
 

@@ -1,4 +1,14 @@
-"""The five tutorial architectures, layer for layer as the tutorials in ../shared/seeds define them.
+"""The five tutorial architectures, layer for layer as the tutorials define them:
+
+* ``tf-estimator-cnn``: TensorFlow guide "Build a Convolutional Neural Network using Estimators" (tf.layers,
+  MNIST), https://www.tensorflow.org/tutorials/estimators/cnn (TensorFlow 1.x documentation);
+* ``tf-core-convnet``: "Guide to coding a custom Convolutional Neural Network in TensorFlow Core"
+  (Towards Data Science);
+* ``tf2-convnet``: Aymeric Damien's TensorFlow-Examples, ``convolutional_network_raw`` for TF2,
+  https://github.com/aymericdamien/TensorFlow-Examples;
+* ``cifar10-prettytensor``: Hvass-Labs TensorFlow Tutorial #06 "CIFAR-10",
+  https://github.com/Hvass-Labs/TensorFlow-Tutorials;
+* ``lenet5``: the habr.com article "LeNet-5 своими руками" (LeNet-5 by hand) and its code, kukumber/lenet5.
 
 All take float input in [0, 1] of shape [N, C, H, W] and return logits. Kernels are Glorot-uniform
 and biases zero, TensorFlow's defaults, so the tutorials' optimiser settings behave as they did there.
@@ -11,15 +21,11 @@ from torch import nn
 from .layers import Dropout, flat_features, same_conv, same_pool, tf_init_
 from .registry import CnnModel, ModelMeta, register_model
 
-_TF_GUIDE = "TensorFlow guide 'Build a Convolutional Neural Network using Estimators' (tf.layers, MNIST)"
 
-
-def _build(name: str, features: nn.Sequential, head_layers: list[nn.Module], input_size, num_classes,
-           description: str, source: str) -> CnnModel:
+def _build(name: str, features: nn.Sequential, head_layers: list[nn.Module], input_size, num_classes) -> CnnModel:
     """Assemble features + (flatten, head_layers) and initialise the TensorFlow way."""
     head = nn.Sequential(nn.Flatten(), *head_layers)
-    meta = ModelMeta(name=name, input_size=tuple(input_size), num_classes=num_classes,
-                     description=description, source=source)
+    meta = ModelMeta(name=name, input_size=tuple(input_size), num_classes=num_classes)
     return tf_init_(CnnModel(features, head, meta))
 
 
@@ -33,8 +39,7 @@ def tf_estimator_cnn(num_classes: int = 10, in_chans: int = 1, img_size: int = 2
     )
     n = flat_features(features, size)  # 3136 for 28x28
     head = [nn.Linear(n, 1024), nn.ReLU(), Dropout(dropout), nn.Linear(1024, num_classes)]
-    return _build("tf-estimator-cnn", features, head, size, num_classes,
-                  "tf.estimator MNIST CNN (97.3%)", _TF_GUIDE)
+    return _build("tf-estimator-cnn", features, head, size, num_classes)
 
 
 @register_model("tf-core-convnet", description="4 x conv3x3 (16,16,32,32) with 2 pools -> fc128 -> dropout 0.2")
@@ -55,12 +60,11 @@ def tf_core_convnet(num_classes: int = 10, in_chans: int = 1, img_size: int = 28
     )
     n = flat_features(features, size)  # 7*7*32 = 1568
     head = [nn.Linear(n, hidden), nn.ReLU(), Dropout(dropout), nn.Linear(hidden, num_classes)]
-    return _build("tf-core-convnet", features, head, size, num_classes,
-                  "TF-Core low-level 4-conv ConvNet (~97% after 5 epochs)",
-                  "towardsdatascience 'Guide to coding a custom CNN in TensorFlow Core'")
+    return _build("tf-core-convnet", features, head, size, num_classes)
 
 
-@register_model("tf2-convnet", description="conv32 5x5 VALID -> pool -> conv64 3x3 VALID -> pool -> fc1024 -> dropout 0.5")
+@register_model("tf2-convnet",
+                description="conv32 5x5 VALID -> pool -> conv64 3x3 VALID -> pool -> fc1024 -> dropout 0.5")
 def tf2_convnet(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, dropout: float = 0.5) -> CnnModel:
     """The TF2 low-level ConvNet (Aymeric Damien): Keras Conv2D defaults, i.e. VALID padding.
 
@@ -73,9 +77,7 @@ def tf2_convnet(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, dr
     )
     n = flat_features(features, size)  # 1600
     head = [nn.Linear(n, 1024), Dropout(dropout), nn.Linear(1024, num_classes)]
-    return _build("tf2-convnet", features, head, size, num_classes,
-                  "TF2 low-level ConvNet (97.77% after 200 steps)",
-                  "aymericdamien/TensorFlow-Examples convolutional_network_raw (TF2)")
+    return _build("tf2-convnet", features, head, size, num_classes)
 
 
 @register_model("cifar10-prettytensor",
@@ -92,12 +94,11 @@ def cifar10_prettytensor(num_classes: int = 10, in_chans: int = 3, img_size: int
     )
     n = flat_features(features, size)  # 2304
     head = [nn.Linear(n, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, num_classes)]
-    return _build("cifar10-prettytensor", features, head, size, num_classes,
-                  "CIFAR-10 PrettyTensor CNN with distortions (79.3% after 150k steps)",
-                  "Hvass-Labs TensorFlow tutorial #06 CIFAR-10")
+    return _build("cifar10-prettytensor", features, head, size, num_classes)
 
 
-@register_model("lenet5", description="conv6 5x5 SAME tanh -> pool -> conv16 5x5 VALID relu -> pool -> fc120 -> fc84 (tanh)")
+@register_model("lenet5",
+                description="conv6 5x5 SAME tanh -> pool -> conv16 5x5 VALID relu -> pool -> fc120 -> fc84 (tanh)")
 def lenet5(num_classes: int = 10, in_chans: int = 1, img_size: int = 28) -> CnnModel:
     """LeNet-5 as the habr 'LeNet-5 своими руками' tutorial codes it for 28x28 MNIST.
 
@@ -111,5 +112,4 @@ def lenet5(num_classes: int = 10, in_chans: int = 1, img_size: int = 28) -> CnnM
     )
     n = flat_features(features, size)  # 400
     head = [nn.Linear(n, 120), nn.Tanh(), nn.Linear(120, 84), nn.Tanh(), nn.Linear(84, num_classes)]
-    return _build("lenet5", features, head, size, num_classes,
-                  "LeNet-5 (97.4% after 50k steps)", "habr 'LeNet-5 своими руками' (kukumber/lenet5)")
+    return _build("lenet5", features, head, size, num_classes)

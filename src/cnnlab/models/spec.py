@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..modes import eval_mode
 from .layers import Dropout, tf_init_
 from .registry import CnnModel, ModelMeta, register_model_prefix
 
@@ -102,15 +103,12 @@ class _Builder:
         for m in modules:
             if m is None:
                 continue
-            was = m.training
-            m.eval()
             try:
-                with torch.no_grad():
+                with eval_mode(m), torch.no_grad():
                     out = m(torch.zeros(1, *self.shape))
             except RuntimeError as e:
                 shape = "x".join(map(str, self.shape))
                 raise self.fail(token, f"does not fit its {shape} input ({str(e).splitlines()[0][:80]})") from None
-            m.train(was)
             if out.numel() == 0:
                 raise self.fail(token, "leaves no output (the input is too small for it)")
             self.shape = tuple(out.shape[1:])
@@ -293,8 +291,7 @@ def build_from_spec(spec: str, num_classes: int | None = None, in_chans: int | N
     b.add(last, nn.Linear(b.shape[0], num_classes or width))
     if not b.features:
         raise ModelError(f"bad model spec {spec!r}: it has no layer before the first fc (features would be empty)")
-    meta = ModelMeta(name=f"{PREFIX}:{spec}", input_size=size, num_classes=num_classes or width,
-                     description=f"declarative model {spec}", source="model spec")
+    meta = ModelMeta(name=f"{PREFIX}:{spec}", input_size=size, num_classes=num_classes or width)
     return tf_init_(CnnModel(nn.Sequential(*b.features), nn.Sequential(*b.head), meta))
 
 
@@ -399,15 +396,12 @@ def describe_model(model: CnnModel) -> str:
             rows.append((name, f"{type(mod).__name__} {_layer_detail(mod)}".strip(),
                          "x".join(map(str, out.shape[1:])), own))
         handles.append(mod.register_forward_hook(record))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros(1, *model.meta.input_size))
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     frozen += sum(b.numel() for n, b in model.named_buffers() if not n.endswith("num_batches_tracked"))

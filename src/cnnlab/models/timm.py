@@ -131,8 +131,8 @@ def build_timm(arch: str, num_classes: int = 1000, in_chans: int = 3, img_size=N
     interpolation = interpolation or cfg.get("interpolation", "bilinear")
     classifier = _take_classifier(net, cfg.get("classifier"), arch)
     args = {"img_size": h if h == w else [h, w], "mean": mean, "std": std, "interpolation": interpolation}
-    meta = ModelMeta(name=f"{PREFIX}:{arch}", input_size=(in_chans, h, w), num_classes=num_classes,
-                     description=_describe(arch), source="timm", args=args, flexible_size=True)
+    meta = ModelMeta(name=f"{PREFIX}:{arch}", input_size=(in_chans, h, w), num_classes=num_classes, args=args,
+                     flexible_size=True)
     return CnnModel(_Body(net, mean, std), _Head(net, classifier), meta)
 
 

@@ -7,9 +7,10 @@ Routes:
                    in_flight: the memory budget's use, capacity and refusals}
     POST /predict  body: an image file (multipart form field, or the raw bytes with an image/* type), or JSON
                    {"images": [base64 image files or pixel arrays]}. Query: top_k (default 3), invert
-                   (auto|yes|no, as `cnnlab predict`), centre (true|false: frame a grayscale digit as MNIST
-                   does, as `cnnlab predict --centre`). Answers {class, label, probability, probabilities, top_k}
-                   for a file, {"predictions": [...]} for a JSON batch; errors {"error": message} with a 4xx.
+                   (auto|yes|no, as `cnnlab predict`; default: as the run recorded), centre (true|false: frame a
+                   grayscale digit as MNIST does, as `cnnlab predict --centre`). Answers {class, label,
+                   probability, probabilities, top_k} for a file, {"predictions": [...]} for a JSON batch; errors
+                   {"error": message} with a 4xx.
 
 The model is loaded and checked once, when the app is created; requests are batched by a `MicroBatcher`.
 Every error is a JSON ``{"error": message}``: 4xx for the client's mistakes, 503 (with Retry-After) when the
@@ -36,10 +37,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import CheckpointError, CnnlabError
+from ..infer import TrainedModel, describe_predictions, load_trained, select_device
 from ..labels import printable
-from ..train.classifier import describe_predictions
-from ..train.restore import TrainedModel, load_trained
-from ..train.steps import predict_logits, select_device
 from .batcher import MicroBatcher
 from .decode import decode, plan_file, plan_json
 from .limits import (
@@ -118,8 +117,9 @@ def page_html(trained: TrainedModel) -> str:
     """The web page with the model's facts filled in (JSON in a script tag; '<' escaped so no text in class
     names can close the tag)."""
     page = resources.files("cnnlab.serve").joinpath("page.html").read_text(encoding="utf-8")
-    facts = {"model": trained.model.meta.name, "classes": [printable(c) for c in trained.classes], "data_shape": list(trained.data_shape),
-             "step": trained.step, "dataset": trained.dataset, "draw": trained.data_shape[0] == 1}
+    facts = {"model": trained.model.meta.name, "classes": [printable(c) for c in trained.classes],
+             "data_shape": list(trained.data_shape), "step": trained.step, "dataset": trained.dataset,
+             "draw": trained.data_shape[0] == 1}
     return page.replace("/*CNNLAB_FACTS*/{}", json.dumps(facts).replace("<", "\\u003c"))
 
 
@@ -147,13 +147,12 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
     limits = limits or Limits(max_upload_bytes=max_upload_bytes, max_images=max_images)
     trained = trained or load_trained(run, select_device(device))
     model = trained.model
-    tta = trained.config.get("tta", "none")
-    tta = {True: "flip", False: "none"}.get(tta, tta)  # older runs stored a bool (True meant the mirror image)
     shape = tuple(trained.data_shape)
 
     @torch.inference_mode()
     def forward(images: torch.Tensor) -> torch.Tensor:  # uint8 [N,C,H,W] -> probabilities [N,K]; worker thread
-        return torch.softmax(predict_logits(model, images, batch_size=max(max_batch, len(images)), tta=tta), 1)
+        # the run's recorded TTA, precision, layout and crop, as `cnnlab predict` and `evaluate`
+        return torch.softmax(trained.logits(images, batch_size=max(max_batch, len(images))), 1)
 
     check_servable(trained, forward)
     labels = [printable(c) for c in trained.classes]
@@ -205,13 +204,14 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int = Query(3, ge=1, le=1000),
-                      invert: Literal["auto", "yes", "no"] = "auto", centre: bool = False) -> JSONResponse:
+                      invert: Literal["auto", "yes", "no"] | None = None, centre: bool = False) -> JSONResponse:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        invert = invert or trained.preprocess.invert  # the run's recorded polarity unless the query overrides it
         pending = await pending_images(request, kind, centre)
         # Priced from the headers alone: nothing is decoded unless the request fits both budgets.
         check_request_pixels([p.pixels for p in pending], limits.max_request_pixels)
         with budget.hold(sum(p.cost for p in pending)):
-            images = await run_in_threadpool(decode, pending, shape, invert, centre)
+            images = await run_in_threadpool(decode, pending, shape, invert, centre, trained.preprocess.resize)
             try:
                 probs = await batcher.submit(images)
             except RuntimeError as e:  # shutting down

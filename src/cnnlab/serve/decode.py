@@ -169,16 +169,19 @@ def plan_json(payload, shape: tuple[int, int, int], max_images: int, centre: boo
     return pending
 
 
-def decode(pending: list[Pending], shape: tuple[int, int, int], invert: str, centre: bool = False) -> torch.Tensor:
-    """Decode the planned images one by one into uint8 [N, C, H, W] with ``shape`` = (C, H, W)."""
+def decode(pending: list[Pending], shape: tuple[int, int, int], invert: str, centre: bool = False,
+           resize: str = "stretch") -> torch.Tensor:
+    """Decode the planned images one by one into uint8 [N, C, H, W] with ``shape`` = (C, H, W), resized as the
+    run recorded (``resize``: 'stretch' or 'shorter-crop')."""
     size = tuple(shape[1:])
     out = []
     for p in pending:
         # Each image is decoded and shrunk to the model's input before the next one is decoded.
-        image = p.source if isinstance(p.source, np.ndarray) else decode_file(p.source, size, centre, p.what)
+        image = p.source if isinstance(p.source, np.ndarray) else decode_file(p.source, size, centre, p.what, resize)
         try:
-            out.append(as_batch(image, shape[0], size, invert, centre)[0] if isinstance(image, np.ndarray)
-                       else image_to_tensor(image, shape[0], size, invert, centre))
+            out.append(as_batch(image, shape[0], size, invert, centre, resize=resize)[0]
+                       if isinstance(image, np.ndarray)
+                       else image_to_tensor(image, shape[0], size, invert, centre, resize=resize))
         except CnnlabError as e:
             raise BadRequest(f"{p.what}: {e}") from None
         except (ValueError, OSError) as e:  # a mode PIL cannot convert

@@ -2,8 +2,6 @@
 
 from .classifier import Classifier
 from .loop import FitResult, fit
-from .restore import TrainedModel, load_trained
-from .steps import evaluate, make_optimizer, predict_logits, train_step
+from .steps import make_optimizer, train_step
 
-__all__ = ["Classifier", "FitResult", "TrainedModel", "evaluate", "fit", "load_trained", "make_optimizer",
-           "predict_logits", "train_step"]
+__all__ = ["Classifier", "FitResult", "fit", "make_optimizer", "train_step"]

@@ -6,25 +6,24 @@ there, and ``evaluate`` / ``predict`` use the best checkpoint when the run kept 
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..config import resolve_config
-from ..data import load_dataset
-from ..data.images import as_batch
+from ..errors import ConfigError
+from ..infer import TrainedModel, load_trained, select_device
+from ..rundir import read_record
 from .loop import fit
-from .restore import TrainedModel, load_trained
-from .steps import evaluate, predict_logits, select_device
 
 
 class Classifier:
     """Train, evaluate and predict with one model directory.
 
     Args:
-        model: Registered model name (ignored when ``recipe`` names one and ``model`` is None).
+        model: Registered model name (ignored when ``recipe`` names one and ``model`` is None). For a
+            ``model_dir`` that already holds a run, it must be that run's model (ConfigError otherwise).
         model_dir: The run directory (checkpoints, config, metrics). Defaults to ``runs/<model>``.
         recipe: A recipe name or TOML path to start from.
         dataset: Dataset name (mnist, fashion-mnist, cifar10, ...).
@@ -37,9 +36,12 @@ class Classifier:
                  dataset: str | None = None, data_dir: str | None = None, checkpoint: str = "auto", **overrides):
         given = {k: v for k, v in dict(model=model, dataset=dataset, **overrides).items() if v is not None}
         config_file = Path(model_dir) / "config.json" if model_dir else None
-        if recipe is None and config_file is not None and config_file.is_file() and not given.keys() - {"model"}:
-            # An existing run: carry on with its own config.
-            self.config = resolve_config(None, json.loads(config_file.read_text())["config"])
+        saved = read_record(config_file)["config"] if config_file and config_file.is_file() else None
+        if saved is not None and model is not None and model != saved.get("model"):
+            raise ConfigError(f"{model_dir} holds a {saved.get('model')} run, not {model}; "
+                              "use another model_dir or leave out model=")
+        if recipe is None and saved is not None and not given.keys() - {"model"}:
+            self.config = resolve_config(None, saved)  # an existing run: carry on with its own config
         else:
             self.config = resolve_config(recipe, given)
         self.model_dir = Path(model_dir or Path("runs") / self.config.model)
@@ -65,35 +67,19 @@ class Classifier:
         return self._trained
 
     def evaluate(self, split: str = "test") -> dict:
-        """Accuracy and loss of the chosen checkpoint (see ``checkpoint``) on a split of the run's dataset."""
-        t = self.trained
-        ds = load_dataset(t.dataset or self.config.dataset, split, data_dir=self.data_dir)
-        res = evaluate(t.model, ds.images, ds.labels, batch_size=self.config.eval_batch_size, tta=self.config.tta)
-        return {**res.as_dict(), "split": split, "step": t.step}
+        """Accuracy and loss of the chosen checkpoint (see ``checkpoint``) on a split of the run's dataset,
+        computed as the training loop's own evaluation (recorded precision, layout, TTA and crop)."""
+        res = self.trained.evaluate_split(split, self.data_dir)
+        return {**res.as_dict(), "split": split, "step": self.trained.step}
 
-    def predict_proba(self, images, invert: str = "auto", centre: bool = False) -> torch.Tensor:
+    def predict_proba(self, images, invert: str | None = None, centre: bool = False) -> torch.Tensor:
         """Class probabilities [N, num_classes] for paths, PIL images, arrays or a tensor of images.
 
-        ``invert`` and ``centre`` (frame a grayscale digit as MNIST does) are those of ``image_to_tensor``.
+        ``invert`` ('auto' | 'yes' | 'no') overrides the polarity the run recorded (None: as recorded);
+        ``centre`` frames a grayscale digit as MNIST does (see ``image_to_tensor``).
         """
-        t = self.trained
-        batch = as_batch(images, t.data_shape[0], tuple(t.data_shape[1:]), invert, centre)
-        return torch.softmax(predict_logits(t.model, batch, tta=self.config.tta), 1)
+        return self.trained.predict_proba(images, invert, centre)
 
-    def predict(self, images, top_k: int = 3, invert: str = "auto", centre: bool = False) -> list[dict]:
+    def predict(self, images, top_k: int = 3, invert: str | None = None, centre: bool = False) -> list[dict]:
         """One dict per image: predicted class index and label, its probability, the top-k, all probabilities."""
-        probs = self.predict_proba(images, invert, centre)
-        return describe_predictions(probs, self.trained.classes, top_k)
-
-
-def describe_predictions(probs: torch.Tensor, classes: list[str], top_k: int = 3) -> list[dict]:
-    """Turn probabilities [N, K] into readable dicts."""
-    out = []
-    k = max(1, min(top_k, probs.shape[1]))
-    for p in probs:
-        vals, idx = p.topk(k)
-        out.append({"class": int(idx[0]), "label": classes[int(idx[0])], "probability": float(vals[0]),
-                    "top_k": [{"class": int(i), "label": classes[int(i)], "probability": float(v)}
-                              for v, i in zip(vals, idx)],
-                    "probabilities": [float(v) for v in p]})
-    return out
+        return self.trained.predict(images, top_k, invert, centre)

@@ -5,7 +5,8 @@ Each control is off by default and is a small function or class here, so the loo
 * **Best checkpoint** (``select_metric``): after every evaluation that improves the metric by more than
   ``min_delta``, the weights are written to ``best.safetensors`` beside the ``ckpt-*`` files. Its name does not
   match theirs, so ``keep_checkpoints`` never prunes it and resume never starts from it.
-  `choose_checkpoint` picks what ``evaluate``, ``export`` and ``serve`` load: the best when there is one.
+  `cnnlab.checkpoint.choose_checkpoint` picks what ``evaluate``, ``export`` and ``serve`` load: the best when
+  there is one.
 * **Early stopping** (``patience``): stop after that many evaluations without improvement. The count is
   derived from the best checkpoint's step, so a resumed run stops where the uninterrupted one would.
 * **Class balance**: ``class_weights="balanced"`` (loss weights ``n / (K * count)``, as scikit-learn's) or
@@ -25,53 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import checkpoint as ck
+from ..checkpoint import BEST_NAME
 from ..config import TrainConfig
-from ..errors import CheckpointError, ConfigError
-from . import checkpoint as ck
+from ..errors import ConfigError
 from .steps import EpochSampler
-
-BEST_NAME = "best.safetensors"
-CHOICES = ("auto", "latest", "best")  # or a checkpoint file's path
-
-
-# ------------------------------------------------------------------ which checkpoint a command loads
-
-
-def best_checkpoint(run_dir: str | Path) -> Path | None:
-    """The run's best checkpoint (by its ``select_metric``), or None when none was kept."""
-    path = Path(run_dir) / BEST_NAME
-    return path if path.is_file() else None
-
-
-def choose_checkpoint(run: str | Path, which: str = "auto") -> Path:
-    """The checkpoint file to load from a run directory.
-
-    Args:
-        run: A run directory, or a checkpoint file (then returned as is, whatever ``which`` says).
-        which: ``auto`` (the best when the run kept one, else the newest), ``latest``, ``best``, or the
-            path of a checkpoint file.
-
-    Raises:
-        CheckpointError: No such directory or file, or no checkpoint of the kind asked for.
-    """
-    run = Path(run)
-    if run.is_file():
-        return run
-    if which not in CHOICES:
-        path = Path(which)
-        if not path.is_file():
-            raise CheckpointError(f"no such checkpoint file: {which} (use latest, best or a file's path)")
-        return path
-    if not run.is_dir():
-        raise CheckpointError(f"no such run directory or checkpoint: {run}")
-    best, latest = best_checkpoint(run), ck.latest_checkpoint(run)
-    if which == "best" and best is None:
-        raise CheckpointError(f"{run} has no {BEST_NAME} (runs keep one when eval_every > 0); use --checkpoint latest")
-    found = latest if which == "latest" else (best or latest)
-    if found is None:
-        raise CheckpointError(f"no checkpoint in {run} (train first: cnnlab train --model-dir {run} ...)")
-    return found
-
 
 # ------------------------------------------------------------------ best checkpoint and early stopping
 

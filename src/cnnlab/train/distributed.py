@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from .steps import EvalResult, evaluate, predict_logits
+from ..infer import EvalResult, evaluate, predict_logits
 
 
 def _env_int(name: str, default: int) -> int:
@@ -118,7 +118,7 @@ class DistContext:
                                   "directory (on several machines: a shared filesystem)")
 
     def evaluate(self, model: nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, **kw) -> EvalResult:
-        """`steps.evaluate`, with the images split over the ranks and the logits gathered on every rank."""
+        """`cnnlab.infer.evaluate`, with the images split over the ranks and the logits gathered on every rank."""
         if not self.active:
             return evaluate(model, images_u8, labels, **kw)
         n, w = len(images_u8), self.world_size

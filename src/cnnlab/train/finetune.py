@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import checkpoint as ck
 from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError
-from . import checkpoint as ck
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:

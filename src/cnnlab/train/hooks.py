@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..errors import CnnlabError
+
 
 class ProgressBar:
     """A tqdm bar over the optimisation steps (shown when stderr is a terminal)."""
@@ -71,11 +73,17 @@ class MetricsLog:
 
     def on_record(self, rec: dict) -> None:
         rec = {k: v for k, v in rec.items() if k != "probs"}
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
+        try:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+        except OSError as e:  # e.g. ENOSPC: the checkpoints are whole, only this log line is lost
+            raise CnnlabError(f"cannot append to {self.path}: {e.strerror or e}") from None
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError as e:  # the buffered last line could not be written (e.g. ENOSPC)
+            raise CnnlabError(f"cannot append to {self.path}: {e.strerror or e}") from None
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -90,15 +98,4 @@ def truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut by a crash
             continue
-    path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """All records of a metrics log (lines cut by a crash are skipped)."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

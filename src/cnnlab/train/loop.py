@@ -10,6 +10,7 @@ functions of (seed, step), and the optimiser, step and RNG state come back from 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -19,20 +20,22 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoint as ck
+from .. import rundir
 from ..config import TrainConfig
 from ..data import ArrayDataset, load_dataset
 from ..data.augment import Augment
 from ..data.loader import BatchSource
 from ..errors import CheckpointError, CnnlabError
+from ..infer import EvalResult, model_input, select_device
 from ..models.layers import pool_before_relu, use_onednn_linear
 from ..models.registry import create_model_for_data
+from ..preprocess import for_training
 from ..runinfo import run_info
 from ..runtime import linear_backend
-from . import checkpoint as ck
 from . import controls, distributed, finetune
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
-from .steps import (EvalResult, lr_factor, make_optimizer, select_device,
-                    step_generator, to_input, train_step)
+from .steps import lr_factor, make_optimizer, step_generator, train_step
 
 
 class TrainingDiverged(CnnlabError):
@@ -75,14 +78,14 @@ def build_model(config: TrainConfig, info, resuming: bool = False) -> torch.nn.M
                                  **config.model_args)
 
 
-def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor) -> None:
+def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor, crop: tuple[int, int] | None = None) -> None:
     """Let layers that set themselves from data (e.g. airbench's patch whitening) see some training images.
 
     Runs on every start; a resumed run then overwrites these weights with the checkpoint's.
     """
     layers = [m for m in model.modules() if hasattr(m, "init_from_data")]
     if layers:
-        x = to_input(images_u8, model.meta.input_size)
+        x = model_input(model, images_u8, crop)
         for layer in layers:
             layer.init_from_data(x)
 
@@ -96,11 +99,12 @@ def prepare_model(config: TrainConfig, train_set: ArrayDataset, device: torch.de
     """
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
     model = build_model(config, train_set.info, resuming).to(device)
+    crop = for_training(train_set.info, model.meta, config.random_crop).crop  # a size mismatch fails here
     pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
     # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py); compile and CUDA keep nn.Linear
     fp32_linear = linear_backend() if device.type == "cpu" and not config.compile else "torch"
     use_onednn_linear(model, fp32_linear)
-    init_from_data(model, train_set.images[:5000].to(device))
+    init_from_data(model, train_set.images[:5000].to(device), crop)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, fp32_linear
@@ -138,9 +142,11 @@ def resume(state: TrainState, model_dir: Path, config: TrainConfig, dist: distri
     dist.check_same(state.step, "step to resume from")
 
 
-def data_record(config: TrainConfig, info) -> dict:
-    """What the run knows about its data, saved in config.json and in every checkpoint."""
-    return {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape)}
+def data_record(config: TrainConfig, info, model_meta) -> dict:
+    """What the run knows about its data, saved in config.json and in every checkpoint; ``preprocess`` is what
+    `cnnlab.infer` prepares inputs with."""
+    return {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape),
+            "preprocess": for_training(info, model_meta, config.random_crop).to_json()}
 
 
 def write_run_record(model_dir: Path, config: TrainConfig, state: TrainState, data_meta: dict, *, total: int,
@@ -235,7 +241,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = None,
         train_set: ArrayDataset | None = None, test_set: ArrayDataset | None = None,
         log=print, progress: bool | None = None, hooks: list | None = None,
-        val_set: ArrayDataset | None = None) -> FitResult:
+        val_set: ArrayDataset | None = None, force: bool = False) -> FitResult:
     """Train (or resume training) ``config`` in ``model_dir``; evaluate on the test split at the end.
 
     Args:
@@ -249,18 +255,25 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
             they see every train/eval record after the built-in ones.
         val_set: The split evaluated every ``eval_every`` steps, which picks ``best.safetensors`` and stops
             early (default: the test split).
+        force: Train in ``model_dir`` even if it holds files cnnlab did not write (see `rundir`).
+
+    The run directory is locked for the whole call (a second trainer on it stops with `rundir.RunDirError`).
+    SIGTERM saves a checkpoint at the current step and raises `rundir.Preempted` (single process only).
 
     Under ``torchrun --nproc-per-node N`` the same call trains data-parallel (see `distributed`): the
     global batch ``config.batch_size`` is split over the N processes, and only rank 0 logs and writes.
     """
-    with distributed.session(select_device(config.device)) as dist:
+    with distributed.session(select_device(config.device)) as dist, \
+            (rundir.claim(model_dir, force) if dist.is_main else contextlib.nullcontext()), \
+            rundir.on_sigterm(model_dir, dist.world_size == 1) as stop:  # ranks could see it at different steps
         dist.check_batch_size(config.batch_size)
         return _fit(config, model_dir, dist, data_dir=data_dir, train_set=train_set, test_set=test_set, val_set=val_set,
-                    log=log if dist.is_main else (lambda *a: None), progress=progress, hooks=hooks)
+                    log=log if dist.is_main else (lambda *a: None), progress=progress, hooks=hooks, stop=stop)
 
 
 def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistContext, *, data_dir, train_set,
-         test_set, val_set, log, progress, hooks) -> FitResult:
+         test_set, val_set, log, progress, hooks, stop: rundir.StopRequest) -> FitResult:
+    """`fit` in one process of a (possibly one-process) run: data, model, resume, run record, loop, results."""
     t0 = time.perf_counter()
     controls.check_precision(config.precision, dist.device)
     model_dir = _make_model_dir(model_dir)
@@ -279,17 +292,18 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     resume(state, model_dir, config, dist, log)
     selection = controls.resume_selection(config, model_dir, state.step, dist.is_main)
     total = config.total_steps(len(train_set))
-    data_meta = data_record(config, train_set.info)
+    data_meta = data_record(config, train_set.info, model.meta)
     write_run_record(model_dir, config, state, data_meta, total=total, fp32_linear=fp32_linear, dist=dist)
 
     all_hooks = _make_hooks(model_dir, total, state.step, dist, log, progress, hooks)
     try:
         final, test = train_loop(state, config, train_set, test_set, total=total, dist=dist, t0=t0,
                             emit=lambda rec: [h.on_record(rec) for h in all_hooks],
-                            save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
-                            last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set, selection=selection,
-                            save_best=lambda: dist.on_main(controls.save_best, model_dir, state.model, state.ema,
-                                                           state.step, config.to_dict(), data_meta, selection))
+                                 save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
+                                 last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set,
+                                 selection=selection, stop=stop,
+                                 save_best=lambda: dist.on_main(controls.save_best, model_dir, state.model, state.ema,
+                                                                state.step, config.to_dict(), data_meta, selection))
     finally:
         for h in all_hooks:
             h.close()
@@ -306,7 +320,8 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
                total: int, dist: distributed.DistContext, t0: float, emit: Callable[[dict], object],
                save: Callable[[], None], last_good: Callable[[], Path | None], val_set: ArrayDataset | None = None,
                selection: controls.Selection | None = None,
-               save_best: Callable[[], None] = lambda: None) -> tuple[torch.nn.Module, EvalResult]:
+               save_best: Callable[[], None] = lambda: None,
+               stop: rundir.StopRequest | None = None) -> tuple[torch.nn.Module, EvalResult]:
     """Run the optimisation steps from ``state.step`` to ``total`` (or an early stop), then evaluate on the
     test split.
 
@@ -323,6 +338,7 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         val_set: Evaluated every ``eval_every`` steps (default: the test split).
         selection: Tracks the best evaluation and decides an early stop (default: from ``config``).
         save_best: Writes ``best.safetensors`` (called after an evaluation that improved).
+        stop: Set by SIGTERM: the step is saved, then `rundir.Preempted` is raised.
 
     Returns:
         The model to use (the EMA copy when EMA is on) and its test-set result.
@@ -336,8 +352,9 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
     class_weight = controls.class_weights(train_set.labels, train_set.info.num_classes, config.class_weights)
     class_weight = class_weight.to(device) if class_weight is not None else None
     augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
-    eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device,
-                   precision=config.precision, channels_last=config.channels_last)
+    crop = for_training(train_set.info, model.meta, config.random_crop).crop  # the run's recorded centre crop
+    eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device, precision=config.precision,
+                   channels_last=config.channels_last, crop=crop)
     model.train()
     train_model = dist.wrap(model)  # DDP under torchrun (same parameters as `model`, which is what is saved)
     if config.compile:
@@ -371,6 +388,10 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
             seen, t_log = 0, now
         if is_ckpt:
             save()
+        if stop is not None and stop.check(step):  # SIGTERM: keep this step's work, then stop
+            if not is_ckpt:
+                save()
+            raise rundir.Preempted(step, last_good().name)
         # at the last step the test evaluation below doubles as the validation when they are one split
         if config.eval_every and (step % config.eval_every == 0 or step == total) \
                 and (step < total or val_set is not test_set):

@@ -1,4 +1,6 @@
-"""Plain building blocks of training: device, optimiser, schedule, batch order, one step, evaluation.
+"""Plain building blocks of training: optimiser, schedule, batch order, one step.
+
+Devices, precision, prediction and evaluation are `cnnlab.infer`'s (the loop evaluates as inference does).
 
 For people who write their own loop::
 
@@ -12,25 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig
-from ..data.augment import fit_to_size
-from ..errors import ConfigError
+from ..infer import autocast
 from .finetune import param_groups
-
-
-def select_device(spec: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; 'cuda' without a GPU is a ConfigError."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r} requested but no CUDA GPU is available")
-    return torch.device(spec)
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -99,13 +90,6 @@ class EpochSampler:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator for a step's augmentation draws: a function of (seed, step) only."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7919 + 17)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 or fp16 autocast context when asked for, else a no-op."""
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 def loss_terms(logits: torch.Tensor, y: torch.Tensor, *, weight: torch.Tensor | None = None,
@@ -187,60 +171,3 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     else:
         optimizer.step()
     return torch.stack(losses).sum(), torch.cat(outs)
-
-
-def to_input(images_u8: torch.Tensor, input_size: tuple[int, int, int], channels_last: bool = False) -> torch.Tensor:
-    """uint8 [N,C,H,W] -> float [0,1] fitted (centre crop / pad) to the model's (C,H,W)."""
-    x = fit_to_size(images_u8.float().div_(255.0), tuple(input_size[1:]))
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    accuracy: float
-    n: int
-    logits: torch.Tensor  # [N, num_classes], on CPU
-
-    def as_dict(self) -> dict:
-        return {"loss": self.loss, "accuracy": self.accuracy, "n": self.n}
-
-
-def _tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """The views whose logits are averaged: the image, its mirror and/or 1-pixel shifts (airbench's TTA)."""
-    views = [x]
-    if mode in ("flip", "flip-translate"):
-        views.append(x.flip(-1))
-    if mode in ("translate", "flip-translate"):
-        for v in list(views):
-            views.append(F.pad(v, (1, 0, 1, 0), mode="replicate")[..., :-1, :-1])  # shift right/down by 1
-            views.append(F.pad(v, (0, 1, 0, 1), mode="replicate")[..., 1:, 1:])  # shift left/up by 1
-    return views
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int = 1000, tta: str = "none",
-                   device: torch.device | None = None, precision: str = "fp32",
-                   channels_last: bool = False) -> torch.Tensor:
-    """Logits for uint8 images [N,C,H,W] (any size; fitted to the model input), in eval mode, on CPU."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(images_u8), batch_size):
-        x = to_input(images_u8[i:i + batch_size].to(device), model.meta.input_size, channels_last)
-        with autocast(device, precision):
-            views = _tta_views(x, tta)
-            logits = sum(model(v).float() for v in views) / len(views)
-        out.append(logits.cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, model.meta.num_classes)
-
-
-def evaluate(model: nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, **kw) -> EvalResult:
-    """Accuracy and mean cross-entropy of ``model`` on a labelled set (keywords as `predict_logits`)."""
-    logits = predict_logits(model, images_u8, **kw)
-    labels = labels.cpu()
-    loss = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
-    acc = (logits.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
-    return EvalResult(loss=loss, accuracy=acc, n=len(labels), logits=logits)

@@ -25,7 +25,8 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # torch imports tensorboard lazily; it is an optional extra
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'cnnlab[tensorboard]'") from None
+            raise ConfigError("--tensorboard needs the tensorboard package: "
+                              "pip install 'cnnlab[tensorboard]'") from None
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 

@@ -10,17 +10,21 @@ Tensor keys: ``model/<state_dict key>``, ``ema/<key>``, ``optim/<param index>/<s
 from __future__ import annotations
 
 import json
-import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from ..errors import CheckpointError
+from . import io, rundir
+from .checkpoint_schema import validate_checkpoint
+from .errors import CheckpointError
 
 FORMAT_VERSION = 1
+BEST_NAME = "best.safetensors"  # the best evaluation's weights, kept beside the numbered checkpoints
+CHOICES = ("auto", "latest", "best")  # which checkpoint a command loads, or a checkpoint file's path
 _NAME = re.compile(r"^ckpt-(\d{8})\.safetensors$")
 
 
@@ -37,27 +41,9 @@ def list_checkpoints(model_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never a part.
-
-    Temp file in the same directory, fsync, rename over the target, fsync the directory.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """`cnnlab.io.atomic_write_bytes` raising `CheckpointError`: a crash never leaves half a checkpoint."""
+    return io.atomic_write_bytes(path, data, CheckpointError)
 
 
 def _optimizer_to_flat(opt_state: dict) -> tuple[dict, dict]:
@@ -94,9 +80,10 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         optimizer: Optimiser to resume, or None for a weights-only file.
         step: Number of optimisation steps done.
         config: The TrainConfig as a dict.
-        data: Dataset facts the model needs at prediction time (name, class names, shape).
+        data: Dataset facts the model needs at prediction time (name, class names, shape, and the
+            ``preprocess`` record of `cnnlab.preprocess.Preprocess`).
         ema: Averaged copy of the model, if kept.
-        extra: Any other JSON-able facts (metrics, code version).
+        extra: Other JSON-able facts a resumed run needs (the best evaluation so far, the fp16 loss scale).
     """
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if ema is not None:
@@ -137,7 +124,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with rundir.utf8_path(path) as name, safe_open(name, framework="pt") as f:
             header = (f.metadata() or {}).get("cnnlab")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -146,22 +133,15 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"{path} is a safetensors file but not a cnnlab checkpoint (no cnnlab header)")
     try:
         meta = json.loads(header)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested thousands of levels deep
         raise CheckpointError(f"{path}: corrupt checkpoint header") from None
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {version!r}, newer than this cnnlab reads "
-                              f"({FORMAT_VERSION}); upgrade cnnlab")
+    validate_checkpoint(meta, tensors, str(path))  # before any model is built from the header
     return tensors, meta
 
 
 def remove_stale_temps(model_dir: Path) -> list[Path]:
-    """Delete partial files left by a write that was killed (``.NAME.tmp-PID``); return what was removed."""
-    d = Path(model_dir)
-    stale = [p for p in d.iterdir() if p.name.startswith(".") and ".tmp-" in p.name] if d.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    """Delete partial files left by cnnlab's own killed writes (see `rundir.is_own_temp`); return them."""
+    return rundir.remove_stale_temps(model_dir)
 
 
 def latest_checkpoint(model_dir: Path) -> Path | None:
@@ -202,7 +182,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dic
     sd = _optimizer_from_flat(tensors, meta)
     current = optimizer.state_dict()["param_groups"]
     if len(current) != len(sd["param_groups"]):
-        raise CheckpointError(f"{where}: optimiser has {len(current)} parameter groups, checkpoint {len(sd['param_groups'])}")
+        raise CheckpointError(f"{where}: optimiser has {len(current)} parameter groups, "
+                              f"checkpoint {len(sd['param_groups'])}")
     for cur, saved in zip(current, sd["param_groups"]):
         for k, v in list(saved.items()):
             if isinstance(cur.get(k), tuple) and isinstance(v, list):
@@ -213,11 +194,53 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dic
         raise CheckpointError(f"{where}: optimiser state does not fit ({e})") from None
 
 
+def cuda_rng_keys(keys: Iterable[str]) -> list[str]:
+    """The ``rng/cudaN`` keys among ``keys`` in device order (``cuda2`` before ``cuda10``, unlike text order)."""
+    found = [(int(k[len("rng/cuda"):]), k) for k in keys if re.fullmatch(r"rng/cuda\d+", k)]
+    return [k for _, k in sorted(found)]
+
+
 def restore_rng(tensors: dict) -> None:
     """Restore the global torch RNG states saved in the checkpoint (dropout draws depend on them)."""
     if "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
     if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")]
+        states = [tensors[k] for k in cuda_rng_keys(tensors)]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The run's best checkpoint (by its ``select_metric``), or None when none was kept."""
+    path = Path(run_dir) / BEST_NAME
+    return path if path.is_file() else None
+
+
+def choose_checkpoint(run: str | Path, which: str = "auto") -> Path:
+    """The checkpoint file to load from a run directory.
+
+    Args:
+        run: A run directory, or a checkpoint file (then returned as is, whatever ``which`` says).
+        which: ``auto`` (the best when the run kept one, else the newest), ``latest``, ``best``, or the
+            path of a checkpoint file.
+
+    Raises:
+        CheckpointError: No such directory or file, or no checkpoint of the kind asked for.
+    """
+    run = Path(run)
+    if run.is_file():
+        return run
+    if which not in CHOICES:
+        path = Path(which)
+        if not path.is_file():
+            raise CheckpointError(f"no such checkpoint file: {which} (use latest, best or a file's path)")
+        return path
+    if not run.is_dir():
+        raise CheckpointError(f"no such run directory or checkpoint: {run}")
+    best, latest = best_checkpoint(run), latest_checkpoint(run)
+    if which == "best" and best is None:
+        raise CheckpointError(f"{run} has no {BEST_NAME} (runs keep one when eval_every > 0); use --checkpoint latest")
+    found = latest if which == "latest" else (best or latest)
+    if found is None:
+        raise CheckpointError(f"no checkpoint in {run} (train first: cnnlab train --model-dir {run} ...)")
+    return found

@@ -1,0 +1,301 @@
+"""A trained run at inference time: load it, prepare inputs as recorded, predict (with TTA), evaluate.
+
+Everything that runs a trained model goes through here: ``cnnlab evaluate`` and ``predict`` (through
+`Classifier`), ``report`` and ``plot`` (`cnnlab.analysis`), ``export`` and ``serve``; the training loop
+evaluates with the same `predict_logits`. The run's recorded precision (bf16/fp32), memory layout
+(channels_last), test-time augmentation and preprocessing (`cnnlab.preprocess.Preprocess`) are read from the
+checkpoint and used as recorded, so every path computes the same logits. Nothing here imports `cnnlab.train`.
+
+    trained = load_trained("runs/lenet5-mnist")
+    print(trained.predict("digit.png")[0]["label"])
+    print(trained.evaluate_split("test").accuracy)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ck
+from .data import ArrayDataset, load_dataset
+from .data.augment import fit_to_size
+from .data.images import as_batch
+from .errors import CheckpointError, CnnlabError, ConfigError, DataError
+from .models import create_model
+from .modes import eval_mode
+from .preprocess import Preprocess, check_input, flexible_size
+
+__all__ = ["EvalResult", "TrainedModel", "autocast", "describe_predictions", "eval_mode", "evaluate",
+           "find_checkpoint", "load_trained", "model_input", "predict_logits", "select_device", "to_input"]
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU; 'cuda' without a GPU is a ConfigError."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} requested but no CUDA GPU is available")
+    return torch.device(spec)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 or fp16 autocast context when asked for, else a no-op."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+def to_input(images_u8: torch.Tensor, input_size: tuple[int, int, int], channels_last: bool = False, *,
+             crop: tuple[int, int] | None = None, flexible: bool = False, name: str = "the model") -> torch.Tensor:
+    """uint8 [N,C,H,W] -> float [0,1] [N,C,h,w], the model's input.
+
+    Args:
+        images_u8: Images at the run's recorded size.
+        input_size: The model's (C, H, W).
+        channels_last: Return a channels_last tensor (as the run was trained).
+        crop: The run's recorded centre crop (H, W), if it evaluates on one.
+        flexible: The model takes any input size (``ModelMeta.flexible_size``).
+        name: The model's name, for the error message.
+
+    Raises:
+        ModelError: The images (after the recorded crop) are not what the model takes. Nothing is cropped or
+            padded silently.
+    """
+    x = images_u8.float().div_(255.0)
+    if crop is not None:
+        x = fit_to_size(x, tuple(crop))
+    check_input(tuple(x.shape[1:]), tuple(input_size), flexible=flexible, name=name)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def model_input(model: nn.Module, images_u8: torch.Tensor, crop: tuple[int, int] | None = None,
+                channels_last: bool = False) -> torch.Tensor:
+    """`to_input` for ``model`` (its input size, name and whether it takes any size from its ``meta``)."""
+    meta = model.meta
+    return to_input(images_u8, meta.input_size, channels_last, crop=crop, flexible=flexible_size(meta),
+                    name=meta.name)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    n: int
+    logits: torch.Tensor  # [N, num_classes], on CPU
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "accuracy": self.accuracy, "n": self.n}
+
+
+def _tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views whose logits are averaged: the image, its mirror and/or 1-pixel shifts (airbench's TTA)."""
+    views = [x]
+    if mode in ("flip", "flip-translate"):
+        views.append(x.flip(-1))
+    if mode in ("translate", "flip-translate"):
+        for v in list(views):
+            views.append(F.pad(v, (1, 0, 1, 0), mode="replicate")[..., :-1, :-1])  # shift right/down by 1
+            views.append(F.pad(v, (0, 1, 0, 1), mode="replicate")[..., 1:, 1:])  # shift left/up by 1
+    return views
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int = 1000, tta: str = "none",
+                   device: torch.device | None = None, precision: str = "fp32", channels_last: bool = False,
+                   crop: tuple[int, int] | None = None) -> torch.Tensor:
+    """Logits [N, num_classes] on CPU for uint8 images [N,C,H,W], in eval mode (the mode is restored after).
+
+    Keywords are the run's recorded settings (`TrainedModel.inference_kw` gives them for a loaded run):
+    test-time augmentation, precision ('fp32', or 'bf16' / 'fp16' autocast), layout and centre crop (see `to_input`).
+    """
+    device = device or next(model.parameters()).device
+    out = []
+    with eval_mode(model):
+        for i in range(0, len(images_u8), batch_size):
+            x = model_input(model, images_u8[i:i + batch_size].to(device), crop, channels_last)
+            with autocast(device, precision):
+                views = _tta_views(x, tta)
+                logits = sum(model(v).float() for v in views) / len(views)
+            out.append(logits.cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.meta.num_classes)
+
+
+def evaluate(model: nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, **kw) -> EvalResult:
+    """Accuracy and mean cross-entropy of ``model`` on a labelled set (keywords as `predict_logits`)."""
+    return eval_result(predict_logits(model, images_u8, **kw), labels)
+
+
+def eval_result(logits: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+    """Accuracy and mean cross-entropy of logits [N, K] against labels [N]."""
+    labels = labels.cpu()
+    loss = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
+    acc = (logits.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
+    return EvalResult(loss=loss, accuracy=acc, n=len(labels), logits=logits)
+
+
+def describe_predictions(probs: torch.Tensor, classes: list[str], top_k: int = 3) -> list[dict]:
+    """Turn probabilities [N, K] into readable dicts: class index and label, its probability, the top-k, all."""
+    out = []
+    k = max(1, min(top_k, probs.shape[1]))
+    for p in probs:
+        vals, idx = p.topk(k)
+        out.append({"class": int(idx[0]), "label": classes[int(idx[0])], "probability": float(vals[0]),
+                    "top_k": [{"class": int(i), "label": classes[int(i)], "probability": float(v)}
+                              for v, i in zip(vals, idx)],
+                    "probabilities": [float(v) for v in p]})
+    return out
+
+
+class _Dataset(NamedTuple):  # what `Preprocess.for_dataset` reads of a DatasetInfo
+    name: str
+    shape: tuple[int, int, int]
+
+
+@dataclass
+class TrainedModel:
+    """A model ready for inference, with what is needed to feed it and name its outputs.
+
+    Attributes:
+        model: The network, in eval mode, on its device (channels_last when the run trained so).
+        classes: Class names in label order.
+        data_shape: (C, H, W) of the training images (inputs are resized to this).
+        dataset: The dataset the run trained on ('' when unknown).
+        step: Optimisation steps done.
+        config: The run's TrainConfig as a dict.
+        path: The checkpoint file.
+        preprocess: How inputs are prepared (None: the defaults of a run saved before it was recorded).
+    """
+
+    model: nn.Module
+    classes: list[str]
+    data_shape: tuple[int, int, int]
+    dataset: str
+    step: int
+    config: dict
+    path: Path
+    preprocess: Preprocess | None = None
+
+    def __post_init__(self) -> None:
+        if self.preprocess is None:
+            self.preprocess = Preprocess.for_dataset(_Dataset(self.dataset, tuple(self.data_shape)),
+                                                     self.model.meta.input_size)
+
+    @property
+    def precision(self) -> str:
+        return self.config.get("precision") or "fp32"
+
+    @property
+    def channels_last(self) -> bool:
+        return bool(self.config.get("channels_last", False))
+
+    @property
+    def tta(self) -> str:
+        tta = self.config.get("tta", "none")
+        return {True: "flip", False: "none"}.get(tta, tta or "none")  # older runs stored a bool (True: mirror)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def inference_kw(self, batch_size: int | None = None) -> dict:
+        """The `predict_logits` keywords of this run: its TTA, precision, layout, crop and eval batch size."""
+        return {"batch_size": batch_size or int(self.config.get("eval_batch_size") or 1000), "tta": self.tta,
+                "precision": self.precision, "channels_last": self.channels_last, "crop": self.preprocess.crop}
+
+    def logits(self, images_u8: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Logits [N, K] on CPU of uint8 images [N,C,H,W] at the recorded size, computed as the run evaluates."""
+        return predict_logits(self.model, images_u8, **self.inference_kw(batch_size))
+
+    def evaluate(self, images_u8: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+        """Accuracy and loss on labelled uint8 images, computed exactly as the training loop's evaluation."""
+        return eval_result(self.logits(images_u8), labels)
+
+    def load_split(self, split: str = "test", data_dir: str | None = None, download: bool = True) -> ArrayDataset:
+        """A split of the run's own dataset; DataError if it cannot be found or its classes do not match."""
+        name = self.dataset or self.config.get("dataset", "")
+        if not name:
+            raise DataError(f"{self.path} does not record its dataset")
+        ds = load_dataset(name, split, data_dir=data_dir, download=download)
+        if len(ds.info.class_names) != len(self.classes):
+            raise DataError(f"{ds.info.name} has {len(ds.info.class_names)} classes, the model {len(self.classes)}")
+        return ds
+
+    def evaluate_split(self, split: str = "test", data_dir: str | None = None) -> EvalResult:
+        """`evaluate` on a split of the run's dataset."""
+        ds = self.load_split(split, data_dir)
+        return self.evaluate(ds.images, ds.labels)
+
+    def prepare(self, images, invert: str | None = None, centre: bool = False) -> torch.Tensor:
+        """Paths, PIL images, arrays or a tensor -> uint8 [N,C,H,W] as the run prepares images.
+
+        Args:
+            images: What `cnnlab.data.images.as_batch` takes.
+            invert: 'auto' | 'yes' | 'no' to override the run's recorded polarity (None: as recorded).
+            centre: Grayscale only: frame the ink as MNIST frames its digits.
+        """
+        p = self.preprocess
+        extra = {}  # passed only when not the default, so image readers without these keywords still work
+        if p.resize != "stretch":
+            extra["resize"] = p.resize
+        if p.interpolation != "bilinear":
+            extra["interpolation"] = p.interpolation
+        return as_batch(images, p.channels, p.size, invert or p.invert, centre, **extra)
+
+    def predict_proba(self, images, invert: str | None = None, centre: bool = False) -> torch.Tensor:
+        """Class probabilities [N, K] of images (as `prepare` takes them)."""
+        return torch.softmax(self.logits(self.prepare(images, invert, centre)), 1)
+
+    def predict(self, images, top_k: int = 3, invert: str | None = None, centre: bool = False) -> list[dict]:
+        """One dict per image (see `describe_predictions`)."""
+        return describe_predictions(self.predict_proba(images, invert, centre), self.classes, top_k)
+
+
+def find_checkpoint(path: str | Path, which: str = "auto") -> Path:
+    """``path`` itself if it is a file, else the run's best checkpoint when it kept one, else its newest
+    (``which``: auto, latest, best or a file; see `cnnlab.checkpoint.choose_checkpoint`)."""
+    return ck.choose_checkpoint(path, which)
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu", prefer_ema: bool = True,
+                 checkpoint: str = "auto") -> TrainedModel:
+    """Load a run's best checkpoint (else its newest; or a given checkpoint file) in eval mode, as the run
+    recorded it.
+
+    The architecture is rebuilt from the name and arguments stored in the checkpoint; weights must match it
+    exactly. With ``prefer_ema`` the averaged weights are used when the run kept them. ``checkpoint`` chooses
+    another one of the run's: latest, best or a file. The model is put in channels_last layout when the run
+    trained so; its preprocessing is checked against the model here, so a server fails before it opens a port.
+
+    Raises:
+        CheckpointError: No checkpoint, a corrupt one, or one whose model cannot be rebuilt.
+        ModelError: The recorded preprocessing does not give the model's input size.
+    """
+    file = find_checkpoint(path, checkpoint)
+    tensors, meta = ck.load_checkpoint(file)
+    try:
+        m = meta["model"]
+        model = create_model(m["name"], **m["args"])
+    except KeyError as e:
+        raise CheckpointError(f"{file}: checkpoint header lacks {e}") from None
+    except CnnlabError as e:
+        raise CheckpointError(f"{file}: cannot rebuild its model: {e}") from None
+    state = ck.section(tensors, "ema") if prefer_ema else {}
+    ck.load_state_strict(model, state or ck.section(tensors, "model"), str(file))
+    data, config = meta.get("data", {}), meta.get("config", {})
+    if config.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    model.to(device).eval()
+    classes = data.get("classes") or [str(i) for i in range(model.meta.num_classes)]
+    pre = Preprocess.from_json(data["preprocess"]) if data.get("preprocess") else None
+    shape = pre.shape if pre else tuple(data.get("shape") or model.meta.input_size)
+    trained = TrainedModel(model=model, classes=list(classes), data_shape=shape, dataset=data.get("dataset", ""),
+                           step=meta.get("step", 0), config=config, path=file, preprocess=pre)
+    p, mm = trained.preprocess, model.meta
+    check_input((p.channels, *p.input_hw), mm.input_size, flexible=flexible_size(mm), name=mm.name)
+    return trained

@@ -1,0 +1,92 @@
+"""The command line explains itself: train --help from TrainConfig, --model-dir everywhere a run is taken,
+folder:PATH in `cnnlab datasets`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from cnnlab.cli import main
+from cnnlab.config import TrainConfig, describe_fields
+from cnnlab.data import folder
+
+
+def test_train_help_lists_every_config_key_with_type_default_and_description(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
+    for f in dataclasses.fields(TrainConfig):
+        line = rows.get(f.name)
+        assert line is not None, f"{f.name} missing from train --help"
+        assert str(f.type) in line and f.metadata["help"] in line, line
+    assert "tf-estimator-cnn" in rows["model"] and "1.0,1.0" in rows["contrast"] and "true" in rows["channels_last"]
+
+
+def test_describe_fields_follows_the_dataclass():
+    assert [r[0] for r in describe_fields()] == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert dict((r[0], r[2]) for r in describe_fields())["lr"] == str(TrainConfig().lr)
+
+
+@pytest.mark.parametrize("argv", [["evaluate", "--json"], ["predict", "x.png"], ["report"], ["export"], ["serve"],
+                                  ["plot", "curves"]])
+def test_a_run_is_required(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "a run is required: give RUN or --model-dir RUN" in err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "report", "export", "serve"])
+def test_two_different_runs_are_refused(command, tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(tmp_path / "a"), "--model-dir", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "two runs given" in err, err
+
+
+def test_evaluate_with_model_dir_matches_positional(tiny_run, capsys):
+    data = ["--data-dir", str(tiny_run.data)]
+    assert main(["evaluate", "--model-dir", str(tiny_run.path), "--json", *data]) == 0
+    by_flag = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(tiny_run.path), "--json", *data]) == 0
+    by_position = json.loads(capsys.readouterr().out)
+    assert by_flag == by_position and by_flag["step"] == 4 and by_flag["n"] == 32
+    # The same run both ways is not a conflict.
+    assert main(["evaluate", str(tiny_run.path), "--model-dir", f"{tiny_run.path}/", "--json", *data]) == 0
+    assert json.loads(capsys.readouterr().out) == by_flag
+
+
+def test_predict_with_model_dir_takes_every_positional_as_an_image(tiny_run, tmp_path, capsys):
+    from PIL import Image
+
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for p in paths:
+        Image.new("L", (28, 28)).save(p)
+    assert main(["predict", "--model-dir", str(tiny_run.path), *map(str, paths), "--json"]) == 0
+    assert [p["file"] for p in json.loads(capsys.readouterr().out)] == [str(p) for p in paths]
+
+
+def test_datasets_lists_folder_with_its_options(capsys):
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("folder:PATH"))
+    for key in folder._OPTIONS:
+        assert f"{key}=" in line
+    assert "mnist" in out
+
+
+def test_library_messages_reach_the_user_once_on_stderr(capsys):
+    from cnnlab.data import sources
+
+    for _ in range(2):  # however often main() runs in one process
+        assert main(["recipes"]) == 0
+    capsys.readouterr()
+    sources.log.info("downloading %s into %s", "mnist", "/somewhere")
+    captured = capsys.readouterr()
+    assert captured.err == "cnnlab: downloading mnist into /somewhere\n" and captured.out == ""

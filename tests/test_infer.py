@@ -1,0 +1,260 @@
+"""The inference layer: layering of the imports, the preprocessing record, one evaluation path, eval mode."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save as st_save
+
+import cnnlab
+from cnnlab import checkpoint as ck
+from cnnlab.analysis import analyze
+from cnnlab.cli import main
+from cnnlab.errors import CheckpointError, ModelError
+from cnnlab.infer import eval_mode, load_trained, predict_logits, to_input
+from cnnlab.models import create_model
+from cnnlab.preprocess import Preprocess, for_training
+from cnnlab.train import Classifier
+
+SRC = Path(cnnlab.__file__).parent
+QUIET = ["--no-progress", "--no-report", "--log_every=2", "--threads=1"]
+
+
+# --------------------------------------------------------------------------- layering
+
+
+def _resolve(text: str, package: list[str]) -> set[str]:
+    """Absolute names of the modules (and imported names) of source ``text`` living in ``package``."""
+    found = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)  # `from .. import train` names a module
+    return found
+
+
+def _imported_modules(path: Path) -> set[str]:
+    return _resolve(path.read_text(encoding="utf-8"), ["cnnlab", *path.parent.relative_to(SRC).parts])
+
+
+INFERENCE_FILES = ["export.py", "infer.py", "checkpoint.py", "io.py", "preprocess.py", "modes.py", "bench.py",
+                   *(f"serve/{p.name}" for p in sorted((SRC / "serve").glob("*.py"))),
+                   *(f"analysis/{p.name}" for p in sorted((SRC / "analysis").glob("*.py")))]
+
+
+@pytest.mark.parametrize("name", INFERENCE_FILES)
+def test_inference_side_imports_nothing_from_train(name):
+    train = sorted(m for m in _imported_modules(SRC / name) if m == "cnnlab.train" or m.startswith("cnnlab.train."))
+    assert not train, f"{name} imports {train}"
+
+
+def test_import_scanner_resolves_relative_imports():
+    # The layering test is only as good as its scanner: `..train` from inside a subpackage is cnnlab.train.
+    text = "from ..train.loop import fit\nfrom .. import train\nimport cnnlab.train.steps\nfrom .batcher import B\n"
+    found = _resolve(text, ["cnnlab", "serve"])
+    assert {"cnnlab.train.loop", "cnnlab.train", "cnnlab.train.steps", "cnnlab.serve.batcher"} <= found
+    assert "cnnlab.infer" in _imported_modules(SRC / "serve" / "app.py")
+
+
+# --------------------------------------------------------------------------- small units
+
+
+def test_cuda_rng_keys_in_device_order():
+    keys = ["rng/torch", "rng/cuda10", "rng/cuda2", "model/w", "rng/cuda0", "rng/cuda1", "rng/cudax"]
+    assert ck.cuda_rng_keys(keys) == ["rng/cuda0", "rng/cuda1", "rng/cuda2", "rng/cuda10"]
+    assert sorted(k for k in keys if k.startswith("rng/cuda")) != ck.cuda_rng_keys(keys)  # text order was wrong
+
+
+def test_eval_mode_restores_every_submodule_also_on_error():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.Dropout())
+    model.train()
+    model[1].eval()  # e.g. a frozen backbone's batch norm, kept in eval mode while the rest trains
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("boom")
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+
+
+def test_predict_logits_restores_train_mode_when_the_model_fails():
+    model = create_model("lenet5").train()
+    with pytest.raises(ModelError):
+        predict_logits(model, torch.zeros(2, 1, 32, 32, dtype=torch.uint8))  # wrong size: raises inside
+    assert model.training
+
+
+def test_preprocess_json_round_trip_and_bad_records():
+    p = Preprocess(size=(32, 32), channels=3, crop=(24, 24), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert Preprocess.from_json(json.loads(json.dumps(p.to_json()))) == p
+    assert p.input_hw == (24, 24) and p.shape == (3, 32, 32)
+    with pytest.raises(CheckpointError, match="unknown keys colour"):
+        Preprocess.from_json({**p.to_json(), "colour": 1})
+    with pytest.raises(CheckpointError, match="invert 'sometimes'"):
+        Preprocess.from_json({**p.to_json(), "invert": "sometimes"})
+
+
+def test_defaults_for_runs_saved_before_the_record():
+    def info(name: str, shape: tuple[int, int, int]) -> SimpleNamespace:
+        return SimpleNamespace(name=name, shape=shape)
+
+    assert Preprocess.for_dataset(info("mnist", (1, 28, 28)), (1, 28, 28)).invert == "auto"
+    assert Preprocess.for_dataset(info("fashion-mnist", (1, 28, 28)), (1, 28, 28)).invert == "auto"
+    assert Preprocess.for_dataset(info("folder:/x", (1, 28, 28)), (1, 28, 28)).invert == "no"
+    old_cifar = Preprocess.for_dataset(info("cifar10", (3, 32, 32)), (3, 24, 24))
+    assert old_cifar.invert == "no" and old_cifar.size == (32, 32) and old_cifar.crop == (24, 24)
+
+
+def test_no_silent_crop_or_pad():
+    meta = create_model("lenet5").meta  # 1x28x28
+    cifar_like = SimpleNamespace(name="x", shape=(1, 32, 32))
+    with pytest.raises(ModelError, match="images are 32x32 but lenet5 takes 28x28"):
+        for_training(cifar_like, meta, random_crop=False)
+    assert for_training(cifar_like, meta, random_crop=True).crop == (28, 28)  # the CIFAR tutorial's scheme
+    with pytest.raises(ModelError, match="images are 20x20"):
+        for_training(SimpleNamespace(name="x", shape=(1, 20, 20)), meta, random_crop=True)  # never padded
+    flexible = SimpleNamespace(name="any", input_size=(1, 28, 28), flexible_size=True)
+    assert for_training(cifar_like, flexible, random_crop=False).crop is None  # fed the recorded size
+    with pytest.raises(ModelError, match="img_size=32"):
+        to_input(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), (1, 28, 28))
+    assert to_input(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), (1, 28, 28), crop=(28, 28)).shape == (1, 1, 28, 28)
+
+
+# --------------------------------------------------------------------------- trained runs
+
+
+def test_bf16_run_same_accuracy_from_fit_evaluate_and_report(tiny_data, tmp_path, capsys):
+    run = tmp_path / "bf16"
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--steps=6", "--batch_size=16",
+                 "--eval_batch_size=16", "--precision=bf16", "--channels_last=true", "--lr=0.05", *QUIET]) == 0
+    fit_res = json.loads((run / "results.json").read_text())["test"]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    cli_res = json.loads(capsys.readouterr().out)
+    report = analyze(run)
+    assert cli_res["accuracy"] == fit_res["accuracy"] == report.metrics.accuracy
+    assert cli_res["loss"] == fit_res["loss"] and cli_res["n"] == fit_res["n"] == report.metrics.n
+    # The recorded precision is what makes them agree: the same weights in fp32 give other logits.
+    trained = load_trained(run)
+    assert trained.precision == "bf16" and trained.channels_last
+    ds = trained.load_split("test")
+    fp32 = predict_logits(trained.model, ds.images, batch_size=16)
+    assert not torch.equal(fp32, report.logits)
+
+
+def test_preprocess_is_recorded_in_checkpoint_and_config(tiny_data, tmp_path):
+    run = tmp_path / "cifar"
+    assert main(["train", "--recipe", "cifar10-prettytensor", "--model-dir", str(run), "--steps=2",
+                 "--batch_size=8", "--eval_batch_size=20", *QUIET]) == 0
+    _, header = ck.load_checkpoint(ck.latest_checkpoint(run))
+    want = {"size": [32, 32], "channels": 3, "invert": "no", "resize": "stretch", "interpolation": "bilinear",
+            "mean": None, "std": None, "crop": [24, 24]}  # random 24x24 crops in training, the centre one after
+    assert header["data"]["preprocess"] == want
+    assert json.loads((run / "config.json").read_text())["data"]["preprocess"] == want
+    assert load_trained(run).preprocess.crop == (24, 24)
+
+
+def test_size_mismatch_fails_before_training(tiny_data, tmp_path, capsys):
+    code = main(["train", "--model=lenet5", "--dataset=cifar10", "--model-dir", str(tmp_path / "r"), "--steps=1",
+                 *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and "images are 32x32 but lenet5 takes 28x28" in err and err.count("\n") == 1
+    assert not list((tmp_path / "r").glob("ckpt-*"))
+
+
+def _strip_preprocess(ckpt: Path) -> None:
+    """Rewrite a checkpoint as a version without the preprocessing record wrote it."""
+    tensors, meta = ck.load_checkpoint(ckpt)
+    del meta["data"]["preprocess"]
+    ckpt.write_bytes(st_save(tensors, metadata={"cnnlab": json.dumps(meta)}))
+
+
+def test_old_checkpoint_without_record_gets_dataset_defaults(tiny_data, tmp_path):
+    run = tmp_path / "old"
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--steps=2", "--batch_size=16",
+                 "--eval_batch_size=16", *QUIET]) == 0
+    recorded = load_trained(run).preprocess
+    _strip_preprocess(ck.latest_checkpoint(run))
+    assert load_trained(run).preprocess == recorded == Preprocess(size=(28, 28), channels=1, invert="auto")
+
+
+def _gray_folder(root: Path) -> Path:
+    """Two classes of dark shapes on a light background (a light border), grayscale PNGs."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for c, name in enumerate(["bar", "dot"]):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = np.full((16, 16), 230, np.uint8)
+                if c == 0:
+                    a[4:12, 7:9] = 20
+                else:
+                    a[6:10, 6:10] = 20
+                a = np.clip(a.astype(int) + rng.integers(-10, 10, a.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(a, "L").save(d / f"{i}.png")
+    return root
+
+
+def test_folder_run_predicts_with_its_recorded_polarity(data_env, tmp_path, capsys):
+    root = _gray_folder(tmp_path / "shapes")
+    run = tmp_path / "run"
+    assert main(["train", "--model-dir", str(run), f"--dataset=folder:{root}?size=16", "--lr=0.01",
+                 "--model=spec:in1x16x16-conv4k3-pool2-fc2", "--steps=2", "--batch_size=4", "--eval_batch_size=4",
+                 *QUIET]) == 0
+    trained = load_trained(run)
+    assert trained.preprocess.invert == "no"  # folders train on their pixels as they are
+    file = root / "val" / "bar" / "0.png"
+    raw = torch.from_numpy(np.array(Image.open(file)))[None, None]
+    assert torch.equal(trained.prepare(file), raw)  # light border, yet not inverted
+    assert torch.equal(trained.prepare(file, invert="yes"), 255 - raw)  # an explicit choice still wins
+    clf = Classifier(model_dir=run)
+    assert torch.equal(clf.predict_proba(file), clf.predict_proba(file, invert="no"))
+    assert not torch.allclose(clf.predict_proba(file), clf.predict_proba(file, invert="auto"))
+    capsys.readouterr()
+    assert main(["predict", str(run), str(file), "--json", "--all-probs"]) == 0
+    cli = json.loads(capsys.readouterr().out)[0]["probabilities"]
+    assert cli == pytest.approx(clf.predict_proba(file)[0].tolist(), abs=0)
+
+
+def test_classifier_refuses_another_model_for_an_existing_run(tiny_data, tmp_path):
+    run = tmp_path / "lenet"
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--steps=1", "--batch_size=16",
+                 "--eval_batch_size=16", *QUIET]) == 0
+    assert Classifier(model="lenet5", model_dir=run).config.model == "lenet5"
+    with pytest.raises(cnnlab.errors.ConfigError, match="holds a lenet5 run, not tf2-convnet"):
+        Classifier(model="tf2-convnet", model_dir=run)
+
+
+def test_server_decodes_as_the_run_recorded(data_env, tmp_path):
+    pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
+    from cnnlab.serve.decode import decode, plan_file
+
+    root = _gray_folder(tmp_path / "shapes")
+    run = tmp_path / "run"
+    assert main(["train", "--model-dir", str(run), f"--dataset=folder:{root}?size=16", "--lr=0.01",
+                 "--model=spec:in1x16x16-conv4k3-pool2-fc2", "--steps=1", "--batch_size=4", "--eval_batch_size=4",
+                 *QUIET]) == 0
+    trained = load_trained(run)
+    assert trained.preprocess.resize == "shorter-crop"  # the folder default: a wide photo is not squashed
+    wide = np.tile(np.linspace(0, 255, 24, dtype=np.uint8), (16, 1))
+    wide[:, :4] = 0  # left edge dark: a stretch and a centre crop differ
+    file = tmp_path / "wide.png"
+    Image.fromarray(wide, "L").save(file)
+    p = trained.preprocess
+    served = decode(plan_file(file.read_bytes(), trained.data_shape, False), trained.data_shape, p.invert, False,
+                    p.resize)
+    assert torch.equal(served, trained.prepare(file))
+    stretched = decode(plan_file(file.read_bytes(), trained.data_shape, False), trained.data_shape, p.invert, False)
+    assert not torch.equal(served, stretched)  # what the server did before it read the record

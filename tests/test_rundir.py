@@ -1,0 +1,200 @@
+"""Run directories (fault catalogue): one writer at a time, users' files never touched, SIGTERM resumes exactly,
+odd paths and full disks end in one line."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from runs import train_tiny_run
+
+from cnnlab import checkpoint as ck
+from cnnlab import rundir
+from cnnlab.cli import main
+from cnnlab.train import hooks
+
+pytestmark = pytest.mark.robust
+
+TINY = ["--recipe", "lenet5-mnist", "--batch_size=16", "--log_every=2", "--eval_batch_size=16", "--no-report",
+        "--no-progress"]
+
+
+def one_line_error(capsys, code: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("cnnlab: error: "), err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("rundir"))
+
+
+@pytest.fixture
+def run(tiny_data, template, tmp_path) -> Path:
+    return Path(shutil.copytree(template, tmp_path / "run"))
+
+
+def contents(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+
+
+# --- the lock ------------------------------------------------------------------------------------------------
+
+def _train_cmd(model_dir: Path) -> list[str]:
+    # ckpt_every above steps: the only checkpoint before the end is the one SIGTERM asks for
+    return [sys.executable, "-m", "cnnlab", "train", *TINY, "--steps=12", "--ckpt_every=100", "--model-dir",
+            str(model_dir)]
+
+
+def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = ck.load_checkpoint(ck.latest_checkpoint(model_dir))[0]
+    return {k: v for k, v in tensors.items() if k.startswith(("model/", "optim/"))}
+
+
+def test_second_trainer_is_refused_and_sigterm_resumes_bit_identically(tiny_data, tmp_path, capsys):
+    env = {**os.environ, "CNNLAB_DATA": str(tiny_data)}
+    subprocess.run(_train_cmd(tmp_path / "ref"), env=env, check=True, capture_output=True)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run), env={**env, "CNNLAB_TEST_PAUSE_AT_STEP": "5"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = Path(f"{run}.paused-5")
+    deadline = time.monotonic() + 300
+    while not marker.exists():  # the trainer has finished step 5 and waits for a signal
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    # A second trainer on the same directory stops at once, naming the first one.
+    one_line_error(capsys, main(["train", *TINY, "--steps=12", "--model-dir", str(run)]),
+                   f"in use by another cnnlab train (pid {proc.pid})")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == rundir.PREEMPTED_EXIT, err
+    assert "stopped by SIGTERM at step 5" in err and "Traceback" not in err, err
+    assert [p.name for p in ck.list_checkpoints(run)] == ["ckpt-00000005.safetensors"]
+    assert not (run / "results.json").exists()
+    rerun = subprocess.run(_train_cmd(run), env=env, capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0 and "resuming from ckpt-00000005" in rerun.stdout, rerun.stderr
+    want, got = _tensors(tmp_path / "ref"), _tensors(run)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_lock_held_in_this_process_is_named(run, capsys):
+    with rundir.lock(run):
+        one_line_error(capsys, main(["train", *TINY, "--steps=6", "--model-dir", str(run)]),
+                       f"(pid {os.getpid()})")
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(run, capsys):
+    (run / rundir.LOCK_NAME).write_text(f"{dead_pid()}\n")
+    assert main(["train", *TINY, "--steps=6", "--model-dir", str(run)]) == 0
+    assert ck.latest_checkpoint(run).name == "ckpt-00000006.safetensors"
+
+
+def test_lock_is_released_after_a_failed_run(run, capsys):
+    one_line_error(capsys, main(["train", *TINY, "--steps=8", "--lr=1e38", "--model-dir", str(run)]), "loss became")
+    with rundir.lock(run):  # free again
+        pass
+
+
+# --- ownership -----------------------------------------------------------------------------------------------
+
+def test_directory_with_user_files_is_refused_and_left_alone(tiny_data, tmp_path, capsys):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "config.json").write_text('{"theme": "dark"}')
+    (d / "results.json").write_text('{"score": 3}')
+    (d / "metrics.jsonl").write_text("my own log line\n")
+    (d / ".data.tmp-5").write_text("a user's temp file")
+    before = contents(d)
+    one_line_error(capsys, main(["train", *TINY, "--steps=2", "--model-dir", str(d)]),
+                   "holds files cnnlab did not write", "'.data.tmp-5'", "'config.json'", "--force")
+    assert contents(d) == before
+    assert main(["train", *TINY, "--steps=2", "--model-dir", str(d), "--force"]) == 0
+    assert (d / ".data.tmp-5").read_text() == "a user's temp file"  # never cnnlab's to delete
+
+
+def test_only_cnnlab_temp_files_are_removed(run):
+    pid = dead_pid()
+    own = [f".ckpt-00000002.safetensors{rundir.TEMP_MARK}{pid}", f".config.json.tmp-{pid}"]  # new and old style
+    theirs = [f".notes.txt.tmp-{pid}", "draft.tmp-1", f".config.json{rundir.TEMP_MARK}{os.getpid() + 10**7}x"]
+    for name in own + theirs:
+        (run / name).write_text("partial")
+    assert sorted(p.name for p in rundir.remove_stale_temps(run)) == sorted(own)
+    assert all((run / n).exists() for n in theirs)
+
+
+def test_a_run_directory_cnnlab_wrote_is_all_its_own(run):
+    (run / "plots").mkdir()
+    (run / "tensorboard").mkdir()
+    (run / "report.html").write_text("<!doctype html><html><head><title>cnnlab report: run</title>")
+    assert rundir.foreign_entries(run) == []
+    (run / "report.html").write_text("<html>my page</html>")
+    assert rundir.foreign_entries(run) == ["report.html"]
+
+
+def test_export_never_writes_over_a_checkpoint_or_record(run, capsys):
+    pytest.importorskip("onnx")
+    for target in (ck.latest_checkpoint(run), run / "config.json", run / "metrics.jsonl"):
+        before = target.read_bytes()
+        one_line_error(capsys, main(["export", str(run), "--out", str(target)]), "refusing to write over")
+        assert target.read_bytes() == before
+
+
+# --- odd paths, full disks, foreign records ------------------------------------------------------------------
+
+def test_non_utf8_run_directory_trains_and_loads(tiny_data, tmp_path):
+    d = os.path.join(os.fsencode(tmp_path), b"run-\xff")  # Linux allows any bytes but / in a name
+    env = {**os.environ, "CNNLAB_DATA": str(tiny_data), "LC_ALL": "C.UTF-8", "PYTHONUTF8": "0"}  # strict stdout
+    for argv in (["train", *TINY, "--steps=2", "--model-dir", d], ["evaluate", d]):
+        p = subprocess.run([sys.executable, "-m", "cnnlab", *argv], env=env, capture_output=True, check=False)
+        assert p.returncode == 0 and b"Traceback" not in p.stderr, p.stderr
+    assert b"run-\xff step 2: test accuracy" in p.stdout  # the path printed as its own bytes
+
+
+def test_disk_full_while_appending_metrics_is_one_line(run, monkeypatch, capsys):
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(hooks, "open", lambda *a, **kw: Full(), raising=False)
+    one_line_error(capsys, main(["train", *TINY, "--steps=8", "--model-dir", str(run)]),
+                   "cannot append to", "metrics.jsonl", "No space left on device")
+
+
+def test_foreign_config_json_in_a_run_is_one_line(run, capsys):
+    (run / "config.json").write_text("[1, 2, 3]")
+    for argv in (["evaluate", str(run)], ["report", str(run)]):
+        one_line_error(capsys, main(argv), "config.json is not a cnnlab run record")
+
+
+def test_huge_image_warning_is_not_printed(template, tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("1", (10000, 10000)).save(big)  # 100 megapixels, a few kB
+    p = subprocess.run([sys.executable, "-m", "cnnlab", "predict", str(template), str(big)], capture_output=True,
+                       text=True, check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "image too large" in p.stderr, p.stderr
+    assert "site-packages" not in p.stderr
