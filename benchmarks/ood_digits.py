@@ -97,6 +97,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="overrides passed to every training run")
     args = ap.parse_args()
+    if args.n < 1:
+        raise SystemExit(f"ood_digits: --n must be >= 1, got {args.n}")
     if args.data_dir:
         os.environ["CNNLAB_DATA"] = args.data_dir
     if args.runs:
