@@ -276,3 +276,14 @@ def test_hub_failure_is_one_line(monkeypatch):
     with pytest.raises(ModelError, match=r"^cannot build timm:resnet10t with pretrained weights: "
                                          r"cannot reach the hub$"):
         create_model("timm:resnet10t", pretrained=True)
+
+
+def test_folder_without_size_takes_the_pretrained_input_size():
+    from cnnlab.config import TrainConfig
+    from cnnlab.train.loop import sized_dataset
+    cfg = TrainConfig(model="timm:resnet18", dataset="folder:/photos")
+    assert sized_dataset(cfg).dataset == "folder:/photos?size=224x224"  # resnet18's pretrained config
+    cfg = TrainConfig(model="timm:resnet18", dataset="folder:/photos", model_args={"img_size": 64})
+    assert sized_dataset(cfg).dataset == "folder:/photos?size=64x64"
+    cfg = TrainConfig(model="timm:resnet18", dataset="folder:/photos?size=32")
+    assert sized_dataset(cfg) is cfg  # a size given is kept
