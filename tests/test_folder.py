@@ -404,3 +404,20 @@ def test_folder_without_size_is_decoded_at_the_models_input_size(folder, tmp_pat
     assert cfg["data"]["shape"] == [3, 28, 28]
     assert cfg["config"]["dataset"] == f"folder:{folder}?seed=1&size=28x28"
     assert main(["evaluate", str(run), "--json"]) == 0  # evaluate loads the recorded (sized) name
+
+
+def test_random_resized_crop_of_bigger_images_evaluates_the_centre_crop(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = train_args(run, folder, 2)
+    args[3] = f"--dataset=folder:{folder}?size=32"  # decoded at 32, the model takes 28
+    assert main(args) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["preprocess"]["size"] == [32, 32] and cfg["data"]["preprocess"]["crop"] == [28, 28]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 6
+    args = train_args(tmp_path / "small", folder, 2)
+    args[3] = f"--dataset=folder:{folder}?size=20"
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert "random_resized_crop" in err and "20x20" in err and "\n" not in err

@@ -126,6 +126,11 @@ def test_no_silent_crop_or_pad():
         for_training(SimpleNamespace(name="x", shape=(1, 20, 20)), meta, random_crop=True)  # never padded
     flexible = SimpleNamespace(name="any", input_size=(1, 28, 28), flexible_size=True)
     assert for_training(cifar_like, flexible, random_crop=False).crop is None  # fed the recorded size
+    # Random-resized crops are brought to the model's input: evaluation takes the centre crop of that size.
+    for model in (meta, flexible):
+        assert for_training(cifar_like, model, random_crop=False, resized_crop=True).crop == (28, 28)
+        with pytest.raises(ModelError, match="random_resized_crop .* 28x28 crops but the images are 20x20"):
+            for_training(SimpleNamespace(name="x", shape=(1, 20, 20)), model, False, resized_crop=True)
     with pytest.raises(ModelError, match="img_size=32"):
         to_input(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), (1, 28, 28))
     assert to_input(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), (1, 28, 28), crop=(28, 28)).shape == (1, 1, 28, 28)

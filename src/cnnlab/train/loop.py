@@ -32,7 +32,7 @@ from ..errors import CheckpointError, CnnlabError
 from ..infer import EvalResult, model_input, select_device
 from ..models.layers import pool_before_relu, use_onednn_linear
 from ..models.registry import INIT_ONLY_ARGS, create_model, create_model_for_data
-from ..preprocess import for_training
+from ..preprocess import Preprocess, for_training
 from ..runinfo import run_info
 from ..runtime import linear_backend
 from . import controls, distributed, finetune
@@ -80,6 +80,12 @@ def build_model(config: TrainConfig, info, resuming: bool = False) -> torch.nn.M
                                  **config.model_args)
 
 
+def run_preprocess(config: TrainConfig, info, model_meta) -> Preprocess:
+    """How the run feeds its model (`cnnlab.preprocess.for_training` with the run's crop settings)."""
+    return for_training(info, model_meta, config.random_crop,
+                        resized_crop=tuple(config.random_resized_crop) != (0.0, 0.0))
+
+
 def sized_dataset(config: TrainConfig) -> TrainConfig:
     """``config`` with a ``folder:`` dataset that names no ``size=`` decoded at the model's input size.
 
@@ -115,7 +121,7 @@ def prepare_model(config: TrainConfig, train_set: ArrayDataset, device: torch.de
     """
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
     model = build_model(config, train_set.info, resuming).to(device)
-    crop = for_training(train_set.info, model.meta, config.random_crop).crop  # a size mismatch fails here
+    crop = run_preprocess(config, train_set.info, model.meta).crop  # a size mismatch fails here
     pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
     # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py); compile and CUDA keep nn.Linear
     fp32_linear = linear_backend() if device.type == "cpu" and not config.compile else "torch"
@@ -162,7 +168,7 @@ def data_record(config: TrainConfig, info, model_meta) -> dict:
     """What the run knows about its data, saved in config.json and in every checkpoint; ``preprocess`` is what
     `cnnlab.infer` prepares inputs with."""
     return {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape),
-            "preprocess": for_training(info, model_meta, config.random_crop).to_json()}
+            "preprocess": run_preprocess(config, info, model_meta).to_json()}
 
 
 def write_run_record(model_dir: Path, config: TrainConfig, state: TrainState, data_meta: dict, *, total: int,
@@ -373,7 +379,7 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
     class_weight = controls.class_weights(train_set.labels, train_set.info.num_classes, config.class_weights)
     class_weight = class_weight.to(device) if class_weight is not None else None
     augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
-    crop = for_training(train_set.info, model.meta, config.random_crop).crop  # the run's recorded centre crop
+    crop = run_preprocess(config, train_set.info, model.meta).crop  # the run's recorded centre crop
     eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device, precision=config.precision,
                    channels_last=config.channels_last, crop=crop)
     model.train()
