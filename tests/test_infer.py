@@ -158,6 +158,24 @@ def test_bf16_run_same_accuracy_from_fit_evaluate_and_report(tiny_data, tmp_path
     assert not torch.equal(fp32, report.logits)
 
 
+def test_fp32_run_same_figures_from_fit_evaluate_and_report(tiny_data, tmp_path, capsys, monkeypatch):
+    """fit evaluates through the CPU rewrites (oneDNN dense layers, whose rounding differs from torch's BLAS);
+    evaluate and report rebuild the model with the same rewrites, so all three give the same figures."""
+    monkeypatch.setenv("CNNLAB_LINEAR", "onednn")  # the rewrite on any machine; its 3136x1024 layer is large
+    run = tmp_path / "fp32"
+    assert main(["train", "--recipe", "tf-estimator-cnn-mnist-short", "--model-dir", str(run), "--steps=4",
+                 "--batch_size=16", "--eval_batch_size=32", "--precision=fp32", "--lr=0.05", *QUIET]) == 0
+    assert json.loads((run / "config.json").read_text())["fp32_linear"] == "onednn"
+    fit_res = json.loads((run / "results.json").read_text())["test"]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    cli_res = json.loads(capsys.readouterr().out)
+    report = analyze(run)
+    assert cli_res["accuracy"] == fit_res["accuracy"] == report.metrics.accuracy
+    assert cli_res["loss"] == fit_res["loss"] and cli_res["n"] == fit_res["n"] == report.metrics.n
+    assert any(type(m).__name__ == "OneDnnLinear" for m in load_trained(run).model.modules())
+
+
 def test_preprocess_is_recorded_in_checkpoint_and_config(tiny_data, tmp_path):
     run = tmp_path / "cifar"
     assert main(["train", "--recipe", "cifar10-prettytensor", "--model-dir", str(run), "--steps=2",
