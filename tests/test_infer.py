@@ -176,6 +176,28 @@ def test_fp32_run_same_figures_from_fit_evaluate_and_report(tiny_data, tmp_path,
     assert any(type(m).__name__ == "OneDnnLinear" for m in load_trained(run).model.modules())
 
 
+def test_predict_and_report_take_the_checkpoint_option(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--steps=4", "--batch_size=16",
+                 "--eval_batch_size=16", "--ckpt_every=2", "--lr=0.05", *QUIET]) == 0
+    image = tmp_path / "digit.png"
+    Image.fromarray((np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)).save(image)
+    early = ck.checkpoint_path(run, 2)
+    probs = {}
+    for which in ("latest", str(early)):
+        capsys.readouterr()
+        assert main(["predict", str(run), str(image), "--json", "--all-probs", "--checkpoint", which]) == 0
+        probs[which] = json.loads(capsys.readouterr().out)[0]["probabilities"]
+    assert probs[str(early)] != probs["latest"]  # two steps of training apart
+    want = load_trained(early).predict([image])[0]["probabilities"]
+    assert np.allclose(probs[str(early)], want, atol=1e-6)
+    assert main(["report", str(run), "--checkpoint", str(early), "--out", str(tmp_path / "r.html")]) == 0
+    assert f"{run} step 2:" in capsys.readouterr().out
+    assert main(["report", str(run), "--checkpoint", "best"]) != 0  # the run kept no best checkpoint
+    err = capsys.readouterr().err.strip()
+    assert "best.safetensors" in err and "\n" not in err
+
+
 def test_preprocess_is_recorded_in_checkpoint_and_config(tiny_data, tmp_path):
     run = tmp_path / "cifar"
     assert main(["train", "--recipe", "cifar10-prettytensor", "--model-dir", str(run), "--steps=2",
