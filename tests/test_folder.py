@@ -371,7 +371,7 @@ def test_old_unused_cache_files_are_pruned_when_a_new_one_is_written(folder, dat
     assert not old.exists() and len(list(decoded_dir().glob("*.npy"))) == 2
 
 
-def test_val_split_picks_the_model_and_test_is_evaluated_once(folder, tmp_path):
+def test_val_split_picks_the_model_and_test_is_evaluated_once(folder, tmp_path, capsys):
     """With val/ and test/ folders, evaluations during training use val; test is evaluated once, at the end."""
     for name in COLOURS:  # three test images per class (val/ has two): the record sizes tell the splits apart
         (folder / "test" / name).mkdir(parents=True)
@@ -385,6 +385,9 @@ def test_val_split_picks_the_model_and_test_is_evaluated_once(folder, tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["val"]["n"] == 6 and results["test"]["n"] == 9
     assert results["best"]["metric"] == "val_accuracy" and results["best"]["step"] in (2, 4, 6)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--split", "val", "--checkpoint", "latest", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**results["val"], "step": 6, "split": "val"}
 
 
 def test_folder_without_test_folder_evaluates_its_val_split_as_test(folder, tmp_path):

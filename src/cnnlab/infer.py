@@ -29,7 +29,7 @@ from .data.augment import fit_to_size
 from .data.images import as_batch
 from .errors import CheckpointError, CnnlabError, ConfigError, DataError
 from .models import create_model
-from .models.layers import pool_before_relu, use_onednn_linear
+from .models.layers import use_onednn_linear
 from .modes import eval_mode
 from .preprocess import Preprocess, check_input, flexible_size
 
@@ -278,10 +278,10 @@ def recorded_linear_backend(checkpoint_file: Path) -> str:
 
 
 def apply_cpu_rewrites(model: nn.Module, linear: str, device: str | torch.device) -> None:
-    """The rewrites training evaluates through (`cnnlab.models.layers`): ReLU after max-pool (exact) and, on
-    the CPU, the recorded fp32 dense-layer backend, whose rounding differs from torch's. Applying them makes
-    `evaluate` give the logits training reported; ONNX export still traces ``nn.Linear``'s own path."""
-    pool_before_relu(model)
+    """On the CPU, run fp32 dense layers through the backend training evaluated with (`cnnlab.models.layers`):
+    oneDNN's rounding differs from torch's BLAS, so this makes `evaluate` give the figures training reported.
+    ONNX export still traces ``nn.Linear``'s own path. Training's other rewrite, max-pool before ReLU, gives
+    bit-identical outputs and is left out, so inspection sees the layers in the architecture's own order."""
     use_onednn_linear(model, linear if torch.device(device).type == "cpu" else "torch")
 
 
