@@ -369,3 +369,58 @@ def test_old_unused_cache_files_are_pruned_when_a_new_one_is_written(folder, dat
     os.utime(old, (month_ago, month_ago))
     load_dataset(f"folder:{folder}?size=12", "train")
     assert not old.exists() and len(list(decoded_dir().glob("*.npy"))) == 2
+
+
+def test_val_split_picks_the_model_and_test_is_evaluated_once(folder, tmp_path, capsys):
+    """With val/ and test/ folders, evaluations during training use val; test is evaluated once, at the end."""
+    for name in COLOURS:  # three test images per class (val/ has two): the record sizes tell the splits apart
+        (folder / "test" / name).mkdir(parents=True)
+        for i in range(3):
+            draw(name, i + 5, (32, 32)).save(folder / "test" / name / f"{name}{i}.png")
+    run = tmp_path / "run"
+    assert main(train_args(run, folder, 6, "--eval_every=2")) == 0
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["split"], r["step"], r["n"]) for r in evals if r["kind"] == "eval"]
+    assert evals == [("val", 2, 6), ("val", 4, 6), ("val", 6, 6), ("test", 6, 9)]
+    results = json.loads((run / "results.json").read_text())
+    assert results["val"]["n"] == 6 and results["test"]["n"] == 9
+    assert results["best"]["metric"] == "val_accuracy" and results["best"]["step"] in (2, 4, 6)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--split", "val", "--checkpoint", "latest", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**results["val"], "step": 6, "split": "val"}
+
+
+def test_folder_without_test_folder_evaluates_its_val_split_as_test(folder, tmp_path):
+    run = tmp_path / "run"
+    assert main(train_args(run, folder, 4, "--eval_every=2")) == 0
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in evals if r["kind"] == "eval"] == [("test", 2), ("test", 4)]
+    assert "val" not in json.loads((run / "results.json").read_text())
+
+
+def test_folder_without_size_is_decoded_at_the_models_input_size(folder, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(run, folder, 2)
+    args[3] = f"--dataset=folder:{folder}?seed=1"  # no size=: the spec model takes 28x28
+    assert main(args) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["shape"] == [3, 28, 28]
+    assert cfg["config"]["dataset"] == f"folder:{folder}?seed=1&size=28x28"
+    assert main(["evaluate", str(run), "--json"]) == 0  # evaluate loads the recorded (sized) name
+
+
+def test_random_resized_crop_of_bigger_images_evaluates_the_centre_crop(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = train_args(run, folder, 2)
+    args[3] = f"--dataset=folder:{folder}?size=32"  # decoded at 32, the model takes 28
+    assert main(args) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["preprocess"]["size"] == [32, 32] and cfg["data"]["preprocess"]["crop"] == [28, 28]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 6
+    args = train_args(tmp_path / "small", folder, 2)
+    args[3] = f"--dataset=folder:{folder}?size=20"
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert "random_resized_crop" in err and "20x20" in err and "\n" not in err

@@ -126,6 +126,11 @@ def test_no_silent_crop_or_pad():
         for_training(SimpleNamespace(name="x", shape=(1, 20, 20)), meta, random_crop=True)  # never padded
     flexible = SimpleNamespace(name="any", input_size=(1, 28, 28), flexible_size=True)
     assert for_training(cifar_like, flexible, random_crop=False).crop is None  # fed the recorded size
+    # Random-resized crops are brought to the model's input: evaluation takes the centre crop of that size.
+    for model in (meta, flexible):
+        assert for_training(cifar_like, model, random_crop=False, resized_crop=True).crop == (28, 28)
+        with pytest.raises(ModelError, match="random_resized_crop .* 28x28 crops but the images are 20x20"):
+            for_training(SimpleNamespace(name="x", shape=(1, 20, 20)), model, False, resized_crop=True)
     with pytest.raises(ModelError, match="img_size=32"):
         to_input(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), (1, 28, 28))
     assert to_input(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), (1, 28, 28), crop=(28, 28)).shape == (1, 1, 28, 28)
@@ -151,6 +156,46 @@ def test_bf16_run_same_accuracy_from_fit_evaluate_and_report(tiny_data, tmp_path
     ds = trained.load_split("test")
     fp32 = predict_logits(trained.model, ds.images, batch_size=16)
     assert not torch.equal(fp32, report.logits)
+
+
+def test_fp32_run_same_figures_from_fit_evaluate_and_report(tiny_data, tmp_path, capsys, monkeypatch):
+    """fit evaluates through the CPU rewrites (oneDNN dense layers, whose rounding differs from torch's BLAS);
+    evaluate and report rebuild the model with the same rewrites, so all three give the same figures."""
+    monkeypatch.setenv("CNNLAB_LINEAR", "onednn")  # the rewrite on any machine; its 3136x1024 layer is large
+    run = tmp_path / "fp32"
+    assert main(["train", "--recipe", "tf-estimator-cnn-mnist-short", "--model-dir", str(run), "--steps=4",
+                 "--batch_size=16", "--eval_batch_size=32", "--precision=fp32", "--lr=0.05", *QUIET]) == 0
+    assert json.loads((run / "config.json").read_text())["fp32_linear"] == "onednn"
+    fit_res = json.loads((run / "results.json").read_text())["test"]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    cli_res = json.loads(capsys.readouterr().out)
+    report = analyze(run)
+    assert cli_res["accuracy"] == fit_res["accuracy"] == report.metrics.accuracy
+    assert cli_res["loss"] == fit_res["loss"] and cli_res["n"] == fit_res["n"] == report.metrics.n
+    assert any(type(m).__name__ == "OneDnnLinear" for m in load_trained(run).model.modules())
+
+
+def test_predict_and_report_take_the_checkpoint_option(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--steps=4", "--batch_size=16",
+                 "--eval_batch_size=16", "--ckpt_every=2", "--lr=0.05", *QUIET]) == 0
+    image = tmp_path / "digit.png"
+    Image.fromarray((np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)).save(image)
+    early = ck.checkpoint_path(run, 2)
+    probs = {}
+    for which in ("latest", str(early)):
+        capsys.readouterr()
+        assert main(["predict", str(run), str(image), "--json", "--all-probs", "--checkpoint", which]) == 0
+        probs[which] = json.loads(capsys.readouterr().out)[0]["probabilities"]
+    assert probs[str(early)] != probs["latest"]  # two steps of training apart
+    want = load_trained(early).predict([image])[0]["probabilities"]
+    assert np.allclose(probs[str(early)], want, atol=1e-6)
+    assert main(["report", str(run), "--checkpoint", str(early), "--out", str(tmp_path / "r.html")]) == 0
+    assert f"{run} step 2:" in capsys.readouterr().out
+    assert main(["report", str(run), "--checkpoint", "best"]) != 0  # the run kept no best checkpoint
+    err = capsys.readouterr().err.strip()
+    assert "best.safetensors" in err and "\n" not in err
 
 
 def test_preprocess_is_recorded_in_checkpoint_and_config(tiny_data, tmp_path):

@@ -242,6 +242,19 @@ def test_init_from_replaces_the_head_for_other_classes(tmp_path):
         assert torch.equal(target.features.net.conv1[0].weight, source.features.net.conv1[0].weight)
 
 
+def test_init_from_a_run_takes_its_best_checkpoint(tmp_path):
+    newest, best = small(num_classes=5), small(num_classes=5)
+    with torch.no_grad():
+        best.head.classifier.weight.add_(1.0)  # tell the two apart
+    save_run(tmp_path / "ckpt-00000009.safetensors", newest, list("abcde"))
+    target = small(num_classes=5)
+    finetune.init_from(target, str(tmp_path), list("abcde"))  # no best file: the newest checkpoint
+    assert torch.equal(target.head.classifier.weight, newest.head.classifier.weight)
+    save_run(tmp_path / ck.BEST_NAME, best, list("abcde"))
+    finetune.init_from(target, str(tmp_path), list("abcde"))
+    assert torch.equal(target.head.classifier.weight, best.head.classifier.weight)
+
+
 def test_init_from_mismatch_is_one_line(tmp_path):
     file = save_run(tmp_path / "a.safetensors", small(), list("abc"))
     grey = create_model("timm:resnet10t", num_classes=3, in_chans=1, img_size=32)
@@ -276,3 +289,14 @@ def test_hub_failure_is_one_line(monkeypatch):
     with pytest.raises(ModelError, match=r"^cannot build timm:resnet10t with pretrained weights: "
                                          r"cannot reach the hub$"):
         create_model("timm:resnet10t", pretrained=True)
+
+
+def test_folder_without_size_takes_the_pretrained_input_size():
+    from cnnlab.config import TrainConfig
+    from cnnlab.train.loop import sized_dataset
+    cfg = TrainConfig(model="timm:resnet18", dataset="folder:/photos")
+    assert sized_dataset(cfg).dataset == "folder:/photos?size=224x224"  # resnet18's pretrained config
+    cfg = TrainConfig(model="timm:resnet18", dataset="folder:/photos", model_args={"img_size": 64})
+    assert sized_dataset(cfg).dataset == "folder:/photos?size=64x64"
+    cfg = TrainConfig(model="timm:resnet18", dataset="folder:/photos?size=32")
+    assert sized_dataset(cfg) is cfg  # a size given is kept

@@ -138,7 +138,7 @@ def cmd_predict(args, extra: list[str]) -> int:
     from .predict_files import PredictionWriter, image_files, predictions
     from .train.classifier import Classifier
 
-    clf = Classifier(model_dir=args.run_dir)
+    clf = Classifier(model_dir=args.run_dir, checkpoint=args.checkpoint)
     files = image_files(args.images)
     results = predictions(lambda batch: clf.predict(batch, top_k=args.top_k, invert=args.invert, centre=args.centre),
                           files, args.batch_size)
@@ -210,7 +210,7 @@ def _folder_help() -> str:
 def cmd_report(args, extra: list[str]) -> int:
     from .analysis import analyze, write_report
 
-    a = analyze(args.run_dir, args.split, data_dir=args.data_dir, require_data=False)
+    a = analyze(args.run_dir, args.split, data_dir=args.data_dir, require_data=False, checkpoint=args.checkpoint)
     if a.data_error:
         print(f"cnnlab: warning: no {args.split} metrics in the report: {a.data_error}", file=sys.stderr)
     else:
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", allow_abbrev=False, help="accuracy and loss of a trained run")
     _add_run(p)
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_checkpoint_choice(p)
     _add_common_data(p)
@@ -372,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "mid-image), for digits photographed or drawn small or off-centre")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--all-probs", action="store_true", help="with --json: include every class probability")
+    _add_checkpoint_choice(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", allow_abbrev=False, help="training throughput and prediction latency of a model")
@@ -403,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "activations of a run in one HTML file with embedded images.")
     _add_run(p)
     p.add_argument("--out", help="output file (default RUN_DIR/report.html)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    _add_checkpoint_choice(p)
     _add_common_data(p)
     p.set_defaults(func=cmd_report)
 
@@ -420,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=NON_NEGATIVE, default=0, help="activations/augment/probs: example of the split")
     p.add_argument("--image", help="activations/augment/probs: an image file instead of --index")
     p.add_argument("-n", type=_number(int, 1, 25), default=16, help="images in a grid (at most 25)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
     _add_common_data(p)
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("export", allow_abbrev=False, help="export a trained run to ONNX (checked against onnxruntime)")

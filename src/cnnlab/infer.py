@@ -14,6 +14,7 @@ checkpoint and used as recorded, so every path computes the same logits. Nothing
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +29,7 @@ from .data.augment import fit_to_size
 from .data.images import as_batch
 from .errors import CheckpointError, CnnlabError, ConfigError, DataError
 from .models import create_model
+from .models.layers import use_onednn_linear
 from .modes import eval_mode
 from .preprocess import Preprocess, check_input, flexible_size
 
@@ -262,6 +264,27 @@ def find_checkpoint(path: str | Path, which: str = "auto") -> Path:
     return ck.choose_checkpoint(path, which)
 
 
+def recorded_linear_backend(checkpoint_file: Path) -> str:
+    """The fp32 dense-layer backend ("torch" or "onednn") the run evaluated with, from its config.json.
+
+    A checkpoint without its run's config.json (copied alone, or saved before this was recorded) gets "torch".
+    """
+    try:
+        record = json.loads((checkpoint_file.parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return "torch"
+    backend = record.get("fp32_linear") if isinstance(record, dict) else None
+    return backend if backend in ("torch", "onednn") else "torch"
+
+
+def apply_cpu_rewrites(model: nn.Module, linear: str, device: str | torch.device) -> None:
+    """On the CPU, run fp32 dense layers through the backend training evaluated with (`cnnlab.models.layers`):
+    oneDNN's rounding differs from torch's BLAS, so this makes `evaluate` give the figures training reported.
+    ONNX export still traces ``nn.Linear``'s own path. Training's other rewrite, max-pool before ReLU, gives
+    bit-identical outputs and is left out, so inspection sees the layers in the architecture's own order."""
+    use_onednn_linear(model, linear if torch.device(device).type == "cpu" else "torch")
+
+
 def load_trained(path: str | Path, device: str | torch.device = "cpu", prefer_ema: bool = True,
                  checkpoint: str = "auto") -> TrainedModel:
     """Load a run's best checkpoint (else its newest; or a given checkpoint file) in eval mode, as the run
@@ -287,6 +310,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", prefer_em
         raise CheckpointError(f"{file}: cannot rebuild its model: {e}") from None
     state = ck.section(tensors, "ema") if prefer_ema else {}
     ck.load_state_strict(model, state or ck.section(tensors, "model"), str(file))
+    apply_cpu_rewrites(model, recorded_linear_backend(file), device)
     data, config = meta.get("data", {}), meta.get("config", {})
     if config.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)

@@ -141,19 +141,22 @@ def check_input(shape: tuple[int, int, int], input_size: tuple[int, int, int], *
                          f"recorded; build the model for the data (img_size={h}) or resize the dataset")
 
 
-def for_training(info, model_meta, random_crop: bool) -> Preprocess:
+def for_training(info, model_meta, random_crop: bool, resized_crop: bool = False) -> Preprocess:
     """The record a new run saves: the dataset's size, channels and polarity, and how the model is fed.
 
     Images of the model's input size (or any size, for a flexible model) are fed whole. Larger images are
-    fed as a crop only when the run trains on random crops of them (``random_crop``), as the CIFAR-10
-    tutorial does: then evaluation and prediction use the centre crop. Any other mismatch is an error, raised
-    before training starts rather than silently cropping or padding every image.
+    fed as a crop only when the run trains on random crops of them (``random_crop``, as the CIFAR-10
+    tutorial does, or ``resized_crop``: random-resized crops brought to the model's input size, as ImageNet
+    training does): then evaluation and prediction use the centre crop of the model's input size, the size
+    the model saw in training. Any other mismatch is an error, raised before training starts rather than
+    silently cropping or padding every image.
 
     Args:
         info: The training set's `DatasetInfo` (its ``preprocess`` attribute, when a dataset has one, gives
             the resize and polarity it was prepared with).
         model_meta: The model's `ModelMeta`.
         random_crop: The run's ``random_crop`` setting.
+        resized_crop: Whether the run trains on random-resized crops (``random_resized_crop`` set).
 
     Raises:
         ModelError: The images cannot be fed to the model as the run would train it.
@@ -168,7 +171,14 @@ def for_training(info, model_meta, random_crop: bool) -> Preprocess:
     std = getattr(model_meta, "std", None) or args.get("std")
     mc, mh, mw = (int(v) for v in model_meta.input_size)
     crop = None
-    if c == mc and (h, w) != (mh, mw) and not flexible_size(model_meta) and random_crop and h >= mh and w >= mw:
+    if resized_crop and c == mc and (h, w) != (mh, mw):
+        # Training sees crops resized to the model's input whatever the model; evaluation its centre crop.
+        if h < mh or w < mw:
+            raise ModelError(f"random_resized_crop trains {model_meta.name} on {mh}x{mw} crops but the images are "
+                             f"{h}x{w}, too small for a {mh}x{mw} evaluation crop; decode them at least that big "
+                             f"(e.g. folder:DIR?size={max(mh, mw)})")
+        crop = (mh, mw)
+    elif c == mc and (h, w) != (mh, mw) and not flexible_size(model_meta) and random_crop and h >= mh and w >= mw:
         crop = (mh, mw)  # train on random crops, evaluate on the centre one
     record = Preprocess(size=base.size, channels=base.channels, invert=base.invert, resize=base.resize,
                         interpolation=base.interpolation, mean=mean if mean is not None else base.mean,

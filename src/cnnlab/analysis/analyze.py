@@ -91,7 +91,8 @@ class Analysis:
 
 
 def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = None,
-            device: str | torch.device = "cpu", limit: int | None = None, require_data: bool = True) -> Analysis:
+            device: str | torch.device = "cpu", limit: int | None = None, require_data: bool = True,
+            checkpoint: str = "auto") -> Analysis:
     """Load a run and evaluate it on ``split`` of its dataset.
 
     Args:
@@ -102,8 +103,10 @@ def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = 
         limit: Evaluate only the first ``limit`` images (None: all).
         require_data: When False, a dataset that cannot be loaded leaves the evaluation empty (with
             ``data_error`` set) instead of raising, so plots that need no data still work.
+        checkpoint: Which of the run's checkpoints: auto (the best when kept, else the newest), latest, best
+            or a file.
     """
-    trained = load_trained(run_dir, device)
+    trained = load_trained(run_dir, device, checkpoint=checkpoint)
     run_dir = Path(run_dir) if Path(run_dir).is_dir() else trained.path.parent
     config_file = run_dir / "config.json"
     run = read_record(config_file)

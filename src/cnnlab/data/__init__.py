@@ -7,6 +7,6 @@ Typical use::
 """
 
 from . import folder  # noqa: F401  (registers the folder:PATH dataset prefix)
-from .sources import ArrayDataset, DatasetInfo, dataset_info, list_datasets, load_dataset
+from .sources import ArrayDataset, DatasetInfo, dataset_info, list_datasets, load_dataset, validation_split
 
-__all__ = ["ArrayDataset", "DatasetInfo", "dataset_info", "list_datasets", "load_dataset"]
+__all__ = ["ArrayDataset", "DatasetInfo", "dataset_info", "list_datasets", "load_dataset", "validation_split"]

@@ -373,4 +373,5 @@ def resolve_folder(argument: str) -> DatasetSpec:
         return read_images(files, scan.shape, scan.resize, workers=_workers_for(opts), cache=opts.cache,
                            what=f"{opts.path.name}/{split}")
 
-    return DatasetSpec(info=info, load=load, splits=SPLITS)
+    same = {"test": "val"} if scan.splits["test"] is scan.splits["val"] else {}
+    return DatasetSpec(info=info, load=load, splits=SPLITS, same_as=same)

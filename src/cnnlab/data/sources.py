@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -112,11 +112,14 @@ class DatasetSpec:
         load: Called as ``load(split, data_dir, download)``; returns images
             uint8 [N, C, H, W] and labels int64 [N] as numpy arrays.
         splits: The split names ``load`` accepts.
+        same_as: Split -> the split it holds the same files as (e.g. a folder without ``test/`` has
+            ``{"test": "val"}``), so that a run evaluates that data once.
     """
 
     info: DatasetInfo
     load: Loader
     splits: tuple[str, ...] = SPLITS
+    same_as: dict[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------- registry
@@ -204,6 +207,19 @@ def dataset_info(name: str) -> DatasetInfo:
         DataError: The name is unknown; the message lists the known names.
     """
     return _resolve(name).info
+
+
+def validation_split(name: str) -> str | None:
+    """The split that picks the model (best checkpoint, early stopping) when it is not the test split.
+
+    Returns:
+        ``"val"`` when the dataset has a val split holding other files than its test split, else None (then
+        the test split also serves as validation, as for MNIST and CIFAR-10).
+    """
+    spec = _resolve(name)
+    if "val" not in spec.splits or spec.same_as.get("test") == "val" or spec.same_as.get("val") == "test":
+        return None
+    return "val"
 
 
 def load_dataset(

@@ -104,13 +104,13 @@ def classifier_keys(model: nn.Module) -> set[str]:
 
 
 def _read_source(source: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
-    """Weights (the averaged ones when the run kept them) and class names of a run or checkpoint file."""
+    """Weights (the averaged ones when the run kept them) and class names of a run (its best checkpoint, else
+    its newest) or of a checkpoint file."""
     path = Path(source)
     if path.is_dir():
-        found = ck.latest_checkpoint(path)
-        if found is None:
+        if ck.best_checkpoint(path) is None and ck.latest_checkpoint(path) is None:
             raise CheckpointError(f"init_from {source}: no checkpoint in that directory")
-        path = found
+        path = ck.choose_checkpoint(path)  # the best one (chosen by validation) when the run kept one
     elif not path.is_file():
         raise CheckpointError(f"init_from {source}: no such run directory or checkpoint file")
     tensors, meta = ck.load_checkpoint(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -23,14 +24,15 @@ import torch
 from .. import checkpoint as ck
 from .. import rundir
 from ..config import TrainConfig
-from ..data import ArrayDataset, load_dataset
+from ..data import ArrayDataset, load_dataset, validation_split
 from ..data.augment import Augment
+from ..data.folder import sized_for_model
 from ..data.loader import BatchSource
 from ..errors import CheckpointError, CnnlabError
 from ..infer import EvalResult, model_input, select_device
 from ..models.layers import pool_before_relu, use_onednn_linear
-from ..models.registry import create_model_for_data
-from ..preprocess import for_training
+from ..models.registry import INIT_ONLY_ARGS, create_model, create_model_for_data
+from ..preprocess import Preprocess, for_training
 from ..runinfo import run_info
 from ..runtime import linear_backend
 from . import controls, distributed, finetune
@@ -78,6 +80,26 @@ def build_model(config: TrainConfig, info, resuming: bool = False) -> torch.nn.M
                                  **config.model_args)
 
 
+def run_preprocess(config: TrainConfig, info, model_meta) -> Preprocess:
+    """How the run feeds its model (`cnnlab.preprocess.for_training` with the run's crop settings)."""
+    return for_training(info, model_meta, config.random_crop,
+                        resized_crop=tuple(config.random_resized_crop) != (0.0, 0.0))
+
+
+def sized_dataset(config: TrainConfig) -> TrainConfig:
+    """``config`` with a ``folder:`` dataset that names no ``size=`` decoded at the model's input size.
+
+    The size is the one the model takes when built without data: a fixed model's input, or for a
+    flexible-size model (``timm:...``) its pretrained configuration's (224 for resnet18) unless
+    ``img_size`` is given. The resolved name is what the run records, so evaluate and predict use it too.
+    """
+    if sized_for_model(config.dataset, (1, 1)) == config.dataset:  # not a folder name, or it has a size
+        return config
+    args = {k: v for k, v in config.model_args.items() if k not in INIT_ONLY_ARGS}  # no weights needed for a size
+    size = tuple(create_model(config.model, **args).meta.input_size[1:])
+    return dataclasses.replace(config, dataset=sized_for_model(config.dataset, size))
+
+
 def init_from_data(model: torch.nn.Module, images_u8: torch.Tensor, crop: tuple[int, int] | None = None) -> None:
     """Let layers that set themselves from data (e.g. airbench's patch whitening) see some training images.
 
@@ -99,7 +121,7 @@ def prepare_model(config: TrainConfig, train_set: ArrayDataset, device: torch.de
     """
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
     model = build_model(config, train_set.info, resuming).to(device)
-    crop = for_training(train_set.info, model.meta, config.random_crop).crop  # a size mismatch fails here
+    crop = run_preprocess(config, train_set.info, model.meta).crop  # a size mismatch fails here
     pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
     # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py); compile and CUDA keep nn.Linear
     fp32_linear = linear_backend() if device.type == "cpu" and not config.compile else "torch"
@@ -146,7 +168,7 @@ def data_record(config: TrainConfig, info, model_meta) -> dict:
     """What the run knows about its data, saved in config.json and in every checkpoint; ``preprocess`` is what
     `cnnlab.infer` prepares inputs with."""
     return {"dataset": config.dataset, "classes": list(info.class_names), "shape": list(info.shape),
-            "preprocess": for_training(info, model_meta, config.random_crop).to_json()}
+            "preprocess": run_preprocess(config, info, model_meta).to_json()}
 
 
 def write_run_record(model_dir: Path, config: TrainConfig, state: TrainState, data_meta: dict, *, total: int,
@@ -279,8 +301,12 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     model_dir = _make_model_dir(model_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
+    if train_set is None:
+        config = sized_dataset(config)
     train_set = train_set or load_dataset(config.dataset, "train", data_dir=data_dir)
     test_set = test_set or load_dataset(config.dataset, "test", data_dir=data_dir)
+    if val_set is None and validation_split(config.dataset):  # e.g. a folder's val/ beside its test/
+        val_set = load_dataset(config.dataset, "val", data_dir=data_dir)
     val_set = val_set or test_set
 
     resuming = ck.latest_checkpoint(model_dir) is not None
@@ -297,7 +323,7 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
 
     all_hooks = _make_hooks(model_dir, total, state.step, dist, log, progress, hooks)
     try:
-        final, test = train_loop(state, config, train_set, test_set, total=total, dist=dist, t0=t0,
+        final, test, val = train_loop(state, config, train_set, test_set, total=total, dist=dist, t0=t0,
                             emit=lambda rec: [h.on_record(rec) for h in all_hooks],
                                  save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
                                  last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set,
@@ -310,8 +336,8 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     if state.step < total:
         log(selection.stop_message(state.step))
     seconds = time.perf_counter() - t0
-    result = {"step": state.step, "test": test.as_dict(), "seconds": round(seconds, 3),
-              **controls.results_record(selection, state.step, total)}
+    result = {"step": state.step, "test": test.as_dict(), **({"val": val.as_dict()} if val is not None else {}),
+              "seconds": round(seconds, 3), **controls.results_record(selection, state.step, total)}
     dist.on_main(ck.atomic_write_bytes, model_dir / "results.json", json.dumps(result, indent=2).encode())
     return FitResult(model=final, step=state.step, test=test, seconds=seconds, model_dir=model_dir)
 
@@ -321,7 +347,7 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
                save: Callable[[], None], last_good: Callable[[], Path | None], val_set: ArrayDataset | None = None,
                selection: controls.Selection | None = None,
                save_best: Callable[[], None] = lambda: None,
-               stop: rundir.StopRequest | None = None) -> tuple[torch.nn.Module, EvalResult]:
+               stop: rundir.StopRequest | None = None) -> tuple[torch.nn.Module, EvalResult, EvalResult | None]:
     """Run the optimisation steps from ``state.step`` to ``total`` (or an early stop), then evaluate on the
     test split.
 
@@ -341,7 +367,8 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         stop: Set by SIGTERM: the step is saved, then `rundir.Preempted` is raised.
 
     Returns:
-        The model to use (the EMA copy when EMA is on) and its test-set result.
+        The model to use (the EMA copy when EMA is on), its test-set result, and its result on a separate
+        validation split (None when the test split is the validation split).
     """
     device, model, optimizer, ema = dist.device, state.model, state.optimizer, state.ema
     batches = BatchSource(train_set.images, train_set.labels, device, config.data_memory_gb)
@@ -352,7 +379,7 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
     class_weight = controls.class_weights(train_set.labels, train_set.info.num_classes, config.class_weights)
     class_weight = class_weight.to(device) if class_weight is not None else None
     augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
-    crop = for_training(train_set.info, model.meta, config.random_crop).crop  # the run's recorded centre crop
+    crop = run_preprocess(config, train_set.info, model.meta).crop  # the run's recorded centre crop
     eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device, precision=config.precision,
                    channels_last=config.channels_last, crop=crop)
     model.train()
@@ -404,9 +431,13 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         save()  # stopped early: keep the weights it stopped with, so a rerun stops there too
     final = ema or model
     if val_set is test_set and last_eval[0] == state.step:  # stopped right after evaluating the test split
-        return final, last_eval[1]
+        return final, last_eval[1], None
+    val = None
+    if val_set is not test_set:  # the final weights on the validation split, beside the test figure
+        val = last_eval[1] if last_eval[0] == state.step else dist.evaluate(final, val_set.images, val_set.labels,
+                                                                             **eval_kw)
     test = dist.evaluate(final, test_set.images, test_set.labels, **eval_kw)
     emit({"kind": "eval", "split": "test", "step": state.step, **test.as_dict()})
     if config.eval_every and val_set is test_set and selection.update(test.as_dict(), state.step):
         save_best()
-    return final, test
+    return final, test, val
