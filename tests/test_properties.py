@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 import torch
 from fakedata import cifar_batch_dict, cifar_meta_dict, idx_bytes, py2_pickle
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cnnlab.data import formats
 from cnnlab.data.images import open_image
 from cnnlab.errors import CnnlabError, DataError, ModelError
 from cnnlab.models.spec import build_from_spec, spec_from_toml
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 FAST = settings(max_examples=60, deadline=None)
 

@@ -28,7 +28,6 @@ from cnnlab.labels import printable
 
 pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
 pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
-hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
