@@ -139,10 +139,9 @@ def test_no_silent_crop_or_pad():
 # --------------------------------------------------------------------------- trained runs
 
 
-def test_bf16_run_same_accuracy_from_fit_evaluate_and_report(tiny_data, tmp_path, capsys):
-    run = tmp_path / "bf16"
-    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--steps=6", "--batch_size=16",
-                 "--eval_batch_size=16", "--precision=bf16", "--channels_last=true", "--lr=0.05", *QUIET]) == 0
+def _three_paths_agree(run, capsys):
+    """Asserts that results.json (written by fit), `cnnlab evaluate --json` and the report's analysis give the
+    same accuracy, loss and count for ``run``; returns the analysis."""
     fit_res = json.loads((run / "results.json").read_text())["test"]
     capsys.readouterr()
     assert main(["evaluate", str(run), "--json"]) == 0
@@ -150,6 +149,14 @@ def test_bf16_run_same_accuracy_from_fit_evaluate_and_report(tiny_data, tmp_path
     report = analyze(run)
     assert cli_res["accuracy"] == fit_res["accuracy"] == report.metrics.accuracy
     assert cli_res["loss"] == fit_res["loss"] and cli_res["n"] == fit_res["n"] == report.metrics.n
+    return report
+
+
+def test_bf16_run_same_accuracy_from_fit_evaluate_and_report(tiny_data, tmp_path, capsys):
+    run = tmp_path / "bf16"
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--steps=6", "--batch_size=16",
+                 "--eval_batch_size=16", "--precision=bf16", "--channels_last=true", "--lr=0.05", *QUIET]) == 0
+    report = _three_paths_agree(run, capsys)
     # The recorded precision is what makes them agree: the same weights in fp32 give other logits.
     trained = load_trained(run)
     assert trained.precision == "bf16" and trained.channels_last
@@ -166,13 +173,7 @@ def test_fp32_run_same_figures_from_fit_evaluate_and_report(tiny_data, tmp_path,
     assert main(["train", "--recipe", "tf-estimator-cnn-mnist-short", "--model-dir", str(run), "--steps=4",
                  "--batch_size=16", "--eval_batch_size=32", "--precision=fp32", "--lr=0.05", *QUIET]) == 0
     assert json.loads((run / "config.json").read_text())["fp32_linear"] == "onednn"
-    fit_res = json.loads((run / "results.json").read_text())["test"]
-    capsys.readouterr()
-    assert main(["evaluate", str(run), "--json"]) == 0
-    cli_res = json.loads(capsys.readouterr().out)
-    report = analyze(run)
-    assert cli_res["accuracy"] == fit_res["accuracy"] == report.metrics.accuracy
-    assert cli_res["loss"] == fit_res["loss"] and cli_res["n"] == fit_res["n"] == report.metrics.n
+    _three_paths_agree(run, capsys)
     assert any(type(m).__name__ == "OneDnnLinear" for m in load_trained(run).model.modules())
 
 
