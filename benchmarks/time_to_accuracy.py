@@ -37,6 +37,7 @@ from common import (
 )
 
 from cnnlab.config import load_recipe
+from cnnlab.runtime import resolve_precision
 
 # (recipe, accuracy target, seconds target)
 TARGETS = {
@@ -49,7 +50,7 @@ TARGETS = {
 
 def run_recipe(recipe: str, acc_target: float, sec_target: float, host: dict, args, log) -> dict:
     """Train ``recipe`` once per seed; its result with per-run rows, each time also as ratios to the host."""
-    precision = load_recipe(recipe).values.get("precision", "fp32")
+    precision = resolve_precision(load_recipe(recipe).values.get("precision", "fp32"))  # what the run will use
     rows = []
     for seed in range(args.runs):
         model_dir = Path(args.out) / f"{recipe}-s{seed}"

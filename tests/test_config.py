@@ -86,3 +86,29 @@ def test_mutable_defaults_are_not_shared():
     a, b = TrainConfig(), TrainConfig()
     a.model_args["dropout"] = 0.5
     assert b.model_args == {} and TrainConfig().model_args == {}
+
+
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    from cnnlab import runtime
+
+    cases = (("fpu sse avx2 avx512f", "fp32"), ("avx512f avx512_bf16", "bf16"), ("amx_bf16 amx_tile", "bf16"))
+    for flags, want in cases:
+        monkeypatch.setattr(runtime, "cpuinfo", lambda key, f=flags: f if key == "flags" else "")
+        assert runtime.resolve_precision("auto") == want
+        assert runtime.resolve_precision("fp32") == "fp32" and runtime.resolve_precision("bf16") == "bf16"
+
+
+def test_auto_precision_run_records_what_it_used(tiny_data, tmp_path, monkeypatch):
+    import json
+
+    from cnnlab import runtime
+    from cnnlab.cli import main
+
+    monkeypatch.setattr(runtime, "cpuinfo", lambda key: "avx2" if key == "flags" else "")
+    run = tmp_path / "run"
+    assert main(["train", "--model", "lenet5", "--model-dir", str(run), "--steps=2", "--batch_size=8",
+                 "--eval_batch_size=16", "--precision=auto", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["config"]["precision"] == "fp32"
+    # a rerun of the same command resumes (same resolved config), it is not refused as another run
+    assert main(["train", "--model", "lenet5", "--model-dir", str(run), "--steps=2", "--batch_size=8",
+                 "--eval_batch_size=16", "--precision=auto", "--no-progress"]) == 0

@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine", "linear", "triangle")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 SELECT_METRICS = ("val_accuracy", "val_loss")
 CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("shuffle", "balanced")
@@ -90,8 +90,9 @@ class TrainConfig:
     # Execution.
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
-    precision: str = opt("fp32", "fp32 | bf16 | fp16 (autocast of the forward pass, loss in fp32; "
-                                     "fp16 on CUDA only, with a GradScaler)")
+    precision: str = opt("fp32", "fp32 | bf16 | fp16 | auto (autocast of the forward pass, loss in fp32; "
+                                     "fp16 on CUDA only, with a GradScaler; auto: bf16 where the device "
+                                     "runs it natively, else fp32; the run records the choice)")
     channels_last: bool = opt(True, "train and evaluate in channels-last memory layout")
     compile: bool = opt(False, "torch.compile the training model (the first steps pay for the compilation)")
     # Training controls (train/controls.py).

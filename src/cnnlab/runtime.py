@@ -55,6 +55,24 @@ def cpuinfo(key: str) -> str:
     return ""
 
 
+def native_bf16(device_type: str = "cpu") -> bool:
+    """Whether bf16 arithmetic is native on this device: a CUDA GPU that supports it, or an x86 CPU with
+    AVX512-BF16 or AMX-BF16 (elsewhere bf16 autocast is emulated and runs slower than fp32; docs/speed.md)."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    flags = cpuinfo("flags").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device_type: str = "cpu") -> str:
+    """``precision`` with 'auto' replaced by what this device runs fastest: bf16 where native, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device_type) else "fp32"
+
+
 def cpu_vendor() -> str:
     """The CPU vendor string from /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``, ...); '' when unknown."""
     return cpuinfo("vendor_id")

@@ -34,7 +34,7 @@ from ..models.layers import pool_before_relu, use_onednn_linear
 from ..models.registry import INIT_ONLY_ARGS, create_model, create_model_for_data
 from ..preprocess import Preprocess, for_training
 from ..runinfo import run_info
-from ..runtime import linear_backend
+from ..runtime import linear_backend, resolve_precision
 from . import controls, distributed, finetune
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
 from .steps import lr_factor, make_optimizer, step_generator, train_step
@@ -297,6 +297,8 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
          test_set, val_set, log, progress, hooks, stop: rundir.StopRequest) -> FitResult:
     """`fit` in one process of a (possibly one-process) run: data, model, resume, run record, loop, results."""
     t0 = time.perf_counter()
+    # 'auto' is decided here, from the device only (never a timing), and the run records the outcome
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, dist.device.type))
     controls.check_precision(config.precision, dist.device)
     model_dir = _make_model_dir(model_dir)
     if config.threads:
