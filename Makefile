@@ -21,9 +21,9 @@ $(BIN)/cnnlab: pyproject.toml
 
 setup: $(BIN)/cnnlab
 
-# The main job, about a minute and a half on 2 CPU cores: train and evaluate the tf.estimator MNIST CNN with the
-# tutorial's settings shortened to 2,000 steps (the tutorial runs 20,000), then the fast MNIST recipe (99% in
-# ~10 s). Each run gets an HTML report (runs/*/report.html).
+# The main job (a few minutes on 2 CPU cores; figures in the README): train and evaluate the tf.estimator MNIST CNN
+# with the tutorial's settings shortened to 2,000 steps (the tutorial runs 20,000), then the fast MNIST recipe (99%).
+# Each run gets an HTML report (runs/*/report.html).
 main: setup
 	$(BIN)/cnnlab train --recipe tf-estimator-cnn-mnist-short --model-dir runs/tf-estimator-cnn-short
 	$(BIN)/cnnlab evaluate runs/tf-estimator-cnn-short
