@@ -50,6 +50,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..errors import DataError
+from ..preprocess import Preprocess
 from .cache import cache_key, cached_array, cached_json
 from .images import MAX_PIXELS, RESIZES, image_to_tensor, open_image
 from .sources import DatasetInfo, DatasetSpec, register_dataset_prefix
@@ -341,19 +342,13 @@ class FolderInfo(DatasetInfo):
     """A folder's `DatasetInfo` plus how its files were prepared (``preprocess``: size, channels, polarity,
     resize, interpolation), which a run records so that predicting a file prepares it the same way."""
 
-    preprocess: object = None
+    preprocess: Preprocess | None = None
 
 
-def _preprocess_record(shape: tuple[int, int, int], resize: str):
-    """The `cnnlab.preprocess.Preprocess` of a folder (a look-alike record where that module is absent)."""
-    fields = {"size": tuple(shape[1:]), "channels": shape[0], "invert": "no", "resize": resize,
-              "interpolation": "bilinear"}
-    try:
-        from ..preprocess import Preprocess
-    except ImportError:
-        from types import SimpleNamespace
-        return SimpleNamespace(**fields, mean=None, std=None, crop=None)
-    return Preprocess(**fields)
+def _preprocess_record(shape: tuple[int, int, int], resize: str) -> Preprocess:
+    """The `cnnlab.preprocess.Preprocess` of a folder: its size, channels and resize, never inverted."""
+    return Preprocess(size=tuple(shape[1:]), channels=shape[0], invert="no", resize=resize,
+                      interpolation="bilinear")
 
 
 @register_dataset_prefix("folder")
