@@ -6,9 +6,11 @@ Tests get it through the ``tiny_run`` / ``tiny_run_copy`` fixtures (conftest.py)
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import pytest
 from fakedata import write_mnist
 
 from cnnlab.cli import main
@@ -41,3 +43,22 @@ def train_tiny_run(root: Path, steps: int = 4, ckpt_every: int = 4) -> Path:
 def copy_run(run: TinyRun, dest: Path) -> TinyRun:
     """A private copy of ``run``'s directory at ``dest`` (the data root is shared: nothing writes there)."""
     return TinyRun(path=Path(shutil.copytree(run.path, dest)), data=run.data)
+
+
+def crash_during_step(monkeypatch: pytest.MonkeyPatch, n: int, train: Callable[[], object]) -> None:
+    """Runs ``train`` with the loop's `train_step` raising KeyboardInterrupt on its ``n``-th call, as a process
+    killed during that step would stop; asserts the training did stop there, then puts the real step back."""
+    from cnnlab.train import loop
+
+    real, calls = loop.train_step, {"n": 0}
+
+    def crash(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(loop, "train_step", real)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from runs import crash_during_step
 
 from cnnlab import checkpoint as ck
 from cnnlab import create_model, load_dataset
@@ -312,18 +313,8 @@ def test_mixup_cutmix_resume_is_bit_identical(tiny_data, tmp_path, monkeypatch):
                      eval_every=4, steps=12, random_crop=True, translate=2)
     sets = _sets()
     fit(config, tmp_path / "a", **sets, **QUIET)
-    real, calls = loop_mod.train_step, {"n": 0}
-
-    def crash_at_7(*args, **kw):  # dies during step 7, after checkpoint 4 was written
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(loop_mod, "train_step", crash_at_7)
-    with pytest.raises(KeyboardInterrupt):
-        fit(config, tmp_path / "b", **sets, **QUIET)
-    monkeypatch.setattr(loop_mod, "train_step", real)
+    # dies during step 7, after checkpoint 4 was written
+    crash_during_step(monkeypatch, 7, lambda: fit(config, tmp_path / "b", **sets, **QUIET))
     torch.manual_seed(123)
     fit(config, tmp_path / "b", **sets, **QUIET)
     for name in ("ckpt-00000012.safetensors", "best.safetensors"):
@@ -339,18 +330,7 @@ def test_mixup_cutmix_resume_is_bit_identical(tiny_data, tmp_path, monkeypatch):
 def test_balanced_sampler_resume_is_bit_identical(tiny_data, tmp_path, monkeypatch):
     config = _config(sampler="balanced", steps=8)
     fit(config, tmp_path / "a", **QUIET)
-    real, calls = loop_mod.train_step, {"n": 0}
-
-    def crash_at_6(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(loop_mod, "train_step", crash_at_6)
-    with pytest.raises(KeyboardInterrupt):
-        fit(config, tmp_path / "b", **QUIET)
-    monkeypatch.setattr(loop_mod, "train_step", real)
+    crash_during_step(monkeypatch, 6, lambda: fit(config, tmp_path / "b", **QUIET))
     fit(config, tmp_path / "b", **QUIET)
     a, b = _weights(ck.latest_checkpoint(tmp_path / "a")), _weights(ck.latest_checkpoint(tmp_path / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runs import crash_during_step
 
 from cnnlab import Classifier, create_model, load_dataset, train_step
 from cnnlab import checkpoint as ck
 from cnnlab.cli import main
 from cnnlab.config import make_config
 from cnnlab.errors import CheckpointError
-from cnnlab.train import loop as loop_mod
 from cnnlab.train.loop import fit
 
 TINY = ["--batch_size=16", "--log_every=2", "--ckpt_every=4", "--eval_batch_size=16", "--no-report"]
@@ -82,19 +82,9 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_data, tmp_path, monke
                           "batch_size": 24, "steps": 12, "ckpt_every": 4, "log_every": 4, "eval_batch_size": 32})
     fit(config, tmp_path / "a", progress=False, log=lambda *_: None)
 
-    real_step, calls = loop_mod.train_step, {"n": 0}
-
-    def crash_at_7(*args, **kw):  # dies during step 7, after checkpoint 4 was written
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_step(*args, **kw)
-
-    monkeypatch.setattr(loop_mod, "train_step", crash_at_7)
-    with pytest.raises(KeyboardInterrupt):
-        fit(config, tmp_path / "b", progress=False, log=lambda *_: None)
+    # dies during step 7, after checkpoint 4 was written
+    crash_during_step(monkeypatch, 7, lambda: fit(config, tmp_path / "b", progress=False, log=lambda *_: None))
     assert ck.latest_checkpoint(tmp_path / "b").name == "ckpt-00000004.safetensors"
-    monkeypatch.setattr(loop_mod, "train_step", real_step)
     torch.manual_seed(123)  # resume must not depend on the process's RNG state before it
     fit(config, tmp_path / "b", progress=False, log=lambda *_: None)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
