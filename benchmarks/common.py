@@ -46,6 +46,27 @@ def run_cli_train(recipe: str, model_dir: Path, overrides: list[str], log_file: 
     return result
 
 
+def ensure_lenet5_run(run_dir: str | None, out: Path, name: str, overrides: list[str]) -> Path:
+    """``run_dir`` when given, else ``out/name``: a lenet5-mnist run with ``overrides``, trained once (a later call
+    reuses it once it holds a checkpoint)."""
+    from cnnlab.errors import CnnlabError
+    from cnnlab.infer import find_checkpoint
+
+    if run_dir:
+        return Path(run_dir)
+    run = out / name
+    try:
+        find_checkpoint(run)
+        return run
+    except CnnlabError:
+        pass
+    print(f"training a lenet5 run in {run} ...", flush=True)
+    run.mkdir(parents=True, exist_ok=True)
+    res = run_cli_train("lenet5-mnist", run, overrides, log_file=out / "train.log")
+    print(f"trained: test accuracy {res['test']['accuracy']:.4f} in {res['wall']:.0f} s", flush=True)
+    return run
+
+
 def run_worker_json(cmd: list[str], env: dict | None = None) -> dict:
     """Run a benchmark worker in a fresh process (``env`` added to ours); return the JSON of its last line.
 

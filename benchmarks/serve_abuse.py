@@ -38,10 +38,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, run_cli_train
+from common import ensure_lenet5_run, hardware_line
 
-from cnnlab.errors import CnnlabError
-from cnnlab.infer import find_checkpoint
 from cnnlab.serve.server import free_port
 
 HOST = "127.0.0.1"  # loopback only
@@ -49,17 +47,7 @@ HOST = "127.0.0.1"  # loopback only
 
 def ensure_run(run_dir: str | None, out: Path) -> Path:
     """The given run, or a tiny lenet5 run (20 steps: accuracy does not matter here) trained once under ``out``."""
-    if run_dir:
-        return Path(run_dir)
-    run = out / "lenet5-tiny"
-    try:
-        find_checkpoint(run)
-        return run
-    except CnnlabError:
-        pass
-    run.mkdir(parents=True, exist_ok=True)
-    run_cli_train("lenet5-mnist", run, ["--steps=20", "--ckpt_every=20", "--log_every=10"], log_file=out / "train.log")
-    return run
+    return ensure_lenet5_run(run_dir, out, "lenet5-tiny", ["--steps=20", "--ckpt_every=20", "--log_every=10"])
 
 
 def rss_mb(pid: int) -> float:

@@ -27,10 +27,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, run_cli_train
+from common import ensure_lenet5_run, hardware_line
 
 from cnnlab.errors import CnnlabError
-from cnnlab.infer import find_checkpoint
 from cnnlab.serve.server import serve_subprocess
 
 HOST = "127.0.0.1"  # loopback only: a load test never targets another machine
@@ -38,20 +37,8 @@ HOST = "127.0.0.1"  # loopback only: a load test never targets another machine
 
 def ensure_run(run_dir: str | None, out: Path) -> Path:
     """The given run, or a small lenet5 run trained once under ``out`` (Adam, 600 steps; ~98% on MNIST)."""
-    if run_dir:
-        return Path(run_dir)
-    run = out / "lenet5-run"
-    try:
-        find_checkpoint(run)
-        return run
-    except CnnlabError:
-        pass
-    print(f"training a small lenet5 run in {run} ...", flush=True)
-    run.mkdir(parents=True, exist_ok=True)
-    res = run_cli_train("lenet5-mnist", run, ["--steps=600", "--optimizer=adam", "--lr=0.002", "--batch_size=64",
-                                              "--ckpt_every=600", "--log_every=200"], log_file=out / "train.log")
-    print(f"trained: test accuracy {res['test']['accuracy']:.4f} in {res['wall']:.0f} s", flush=True)
-    return run
+    return ensure_lenet5_run(run_dir, out, "lenet5-run", ["--steps=600", "--optimizer=adam", "--lr=0.002",
+                                                          "--batch_size=64", "--ckpt_every=600", "--log_every=200"])
 
 
 def payloads(run: Path, n: int) -> tuple[list[bytes], list[int] | None]:

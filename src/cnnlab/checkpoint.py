@@ -139,11 +139,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def remove_stale_temps(model_dir: Path) -> list[Path]:
-    """Delete partial files left by cnnlab's own killed writes (see `rundir.is_own_temp`); return them."""
-    return rundir.remove_stale_temps(model_dir)
-
-
 def latest_checkpoint(model_dir: Path) -> Path | None:
     """The newest checkpoint in ``model_dir``, or None."""
     found = list_checkpoints(model_dir)

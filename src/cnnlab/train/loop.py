@@ -147,7 +147,7 @@ def resume(state: TrainState, model_dir: Path, config: TrainConfig, dist: distri
            log: Callable[[str], None]) -> None:
     """Restore ``state`` (weights, optimiser, EMA, RNG, step) from the newest checkpoint in ``model_dir``, if any."""
     if dist.is_main:
-        ck.remove_stale_temps(model_dir)  # partial writes of a killed run; the checkpoints themselves are whole
+        rundir.remove_stale_temps(model_dir)  # partial writes of a killed run; the checkpoints themselves are whole
     last = ck.latest_checkpoint(model_dir)
     if last is not None:
         tensors, meta = ck.load_checkpoint(last)
