@@ -31,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,15 +85,15 @@ def post(port: int, body: bytes, kind: str, timeout: float) -> int:
 class Probe(threading.Thread):
     """Asks /health every ``every`` s; keeps latencies (ms) and failures."""
 
-    def __init__(self, port: int, every: float = 0.2):
+    def __init__(self, port: int, every: float = 0.2, timeout: float = 5.0):
         super().__init__(daemon=True)
-        self.port, self.every, self.latencies, self.failures = port, every, [], 0
+        self.port, self.every, self.timeout, self.latencies, self.failures = port, every, timeout, [], 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             t0 = time.perf_counter()
-            conn = http.client.HTTPConnection(HOST, self.port, timeout=5)
+            conn = http.client.HTTPConnection(HOST, self.port, timeout=self.timeout)
             try:
                 conn.request("GET", "/health")
                 ok = conn.getresponse().status == 200
@@ -134,64 +135,96 @@ def half_open(port: int, n: int) -> list[socket.socket]:
     return socks
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", help="trained run to serve (default: train a tiny lenet5 run first)")
-    ap.add_argument("--seconds", type=float, default=30.0, help="how long the abuse lasts")
-    ap.add_argument("--clients", type=int, default=16, help="threads sending image requests")
-    ap.add_argument("--half-open", type=int, default=1100, help="slow connections held open")
-    ap.add_argument("--server-nofile", type=int, default=1024,
-                    help="the server's open-file limit (1024, a common default, is below --half-open)")
-    ap.add_argument("--out", default="bench-out/serve-abuse", help="where the tiny run is trained")
-    ap.add_argument("--data-dir", help="dataset root (else $CNNLAB_DATA, ~/.cache/cnnlab)")
-    args = ap.parse_args()
-    if args.data_dir:
-        os.environ["CNNLAB_DATA"] = args.data_dir
+@dataclass
+class AbuseResult:
+    """What one abuse run saw; `as_dict` is the --json output."""
 
-    run = ensure_run(args.run_dir, Path(args.out))
+    run: str
+    seconds: float
+    clients: int
+    half_open: int
+    half_open_held: int
+    server_nofile: int
+    idle_mb: float
+    peak_mb: float
+    health_answers: int
+    health_failures: int
+    health_ms: list[float]
+    too_many_open_files: int
+    statuses: dict[str, dict[str, int]]
+
+    @property
+    def peak_over_idle_mb(self) -> float:
+        return self.peak_mb - self.idle_mb
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "health_ms"}
+        lat = np.array(self.health_ms) if self.health_ms else np.array([float("nan")])
+        d.update(peak_over_idle_mb=round(self.peak_over_idle_mb, 1), health_p50_ms=float(np.percentile(lat, 50)),
+                 health_max_ms=float(lat.max()), host=hardware_line())
+        return d
+
+
+def payloads() -> dict[str, tuple[bytes, str]]:
+    """The abuse mix: (body, content type) by name."""
     bomb = base64.b64encode(encoded(Image.new("1", (5000, 5000)), "PNG")).decode()
-    payloads = {
+    return {
         "40 x 25 MP in one JSON": (json.dumps({"images": [bomb] * 40}).encode(), "application/json"),
         "25 MP RGB PNG": (encoded(Image.new("RGB", (5000, 5000), (9, 9, 9)), "PNG"), "image/png"),
         "16383x1500 WebP": (encoded(Image.new("RGB", (16383, 1500)), "WEBP"), "image/webp"),
         "JSON 200,000 deep": (b"[" * 200_000 + b"]" * 200_000, "application/json"),
     }
+
+
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float) -> bool:
+    """True once ``port`` accepts connections; False if ``proc`` exits or ``timeout`` s pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return True
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+
+def run_abuse(run: Path, seconds: float, clients: int, n_half_open: int, server_nofile: int,
+              health_timeout: float = 5.0) -> AbuseResult:
+    """Serve ``run`` in a subprocess with its default limits and throw the abuse mix at it for ``seconds``.
+
+    Raises:
+        RuntimeError: the server did not start (its log's tail is in the message).
+    """
+    bodies = payloads()
     port = free_port()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run), "--host", HOST, "--port",
                                  str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
-        _limit_files(proc.pid, args.server_nofile)  # long before it listens: importing torch takes seconds
+        _limit_files(proc.pid, server_nofile)  # long before it listens: importing torch takes seconds
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    socket.create_connection((HOST, port), timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        log.seek(0)
-                        print(f"the server did not start: {log.read()[-2000:]}", file=sys.stderr)
-                        return 1
-                    time.sleep(0.2)
+            if not wait_listening(proc, port, 120):
+                log.seek(0)
+                raise RuntimeError(f"the server did not start: {log.read()[-2000:]}")
             time.sleep(1.0)
             idle = rss_mb(proc.pid)
-            probe, sampler = Probe(port), Sampler(proc.pid)
+            probe, sampler = Probe(port, timeout=health_timeout), Sampler(proc.pid)
             probe.start()
             sampler.start()
-            statuses: dict[str, Counter] = {name: Counter() for name in payloads}
-            end = time.monotonic() + args.seconds
+            statuses: dict[str, Counter] = {name: Counter() for name in bodies}
+            socks = half_open(port, n_half_open)
+            end = time.monotonic() + seconds  # from when the slow connections are all open
 
             def client(i: int) -> None:
-                names = list(payloads)
+                names = list(bodies)
                 k = i
                 while time.monotonic() < end:
                     name = names[k % len(names)]
                     k += 1
-                    statuses[name][post(port, *payloads[name], timeout=60)] += 1
+                    statuses[name][post(port, *bodies[name], timeout=60)] += 1
 
-            socks = half_open(port, args.half_open)
-            with ThreadPoolExecutor(args.clients) as pool:
-                list(pool.map(client, range(args.clients)))
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(client, range(clients)))
             held = sum(1 for s in socks if _still_open(s))
             for s in socks:
                 s.close()
@@ -207,19 +240,51 @@ def main() -> int:
                 proc.kill()
             log.seek(0)
             log_text = log.read()
+    return AbuseResult(
+        run=str(run), seconds=seconds, clients=clients, half_open=len(socks), half_open_held=held,
+        server_nofile=server_nofile, idle_mb=idle, peak_mb=sampler.peak, health_answers=len(probe.latencies),
+        health_failures=probe.failures, health_ms=probe.latencies,
+        too_many_open_files=log_text.count("Too many open files"),
+        statuses={name: {str(code or "conn-error"): n for code, n in sorted(c.items())}
+                  for name, c in statuses.items()})
 
-    lat = np.array(probe.latencies) if probe.latencies else np.array([float("nan")])
-    print(hardware_line())
-    print(f"server: cnnlab serve {run} (default limits, open-file limit {args.server_nofile}); "
-          f"{args.clients} client threads for {args.seconds:g} s, "
-          f"{len(socks)} half-open connections ({held} still open at the end); loopback, shared machine")
-    print(f"server RSS: idle {idle:.0f} MB, peak {sampler.peak:.0f} MB, peak over idle {sampler.peak - idle:.0f} MB")
-    print(f"/health: {len(probe.latencies)} answers, {probe.failures} failures; latency ms p50 "
-          f"{np.percentile(lat, 50):.1f}  max {lat.max():.1f}")
-    log_tail = log_text.count("Too many open files")
-    print(f"server log: {log_tail} 'Too many open files' lines")
-    for name, counts in statuses.items():
-        print(f"  {name:<24} " + "  ".join(f"{code or 'conn-error'}: {n}" for code, n in sorted(counts.items())))
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", help="trained run to serve (default: train a tiny lenet5 run first)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="how long the abuse lasts")
+    ap.add_argument("--clients", type=int, default=16, help="threads sending image requests")
+    ap.add_argument("--half-open", type=int, default=1100, help="slow connections held open")
+    ap.add_argument("--server-nofile", type=int, default=1024,
+                    help="the server's open-file limit (1024, a common default, is below --half-open)")
+    ap.add_argument("--health-timeout", type=float, default=5.0, help="seconds a /health probe may take")
+    ap.add_argument("--out", default="bench-out/serve-abuse", help="where the tiny run is trained")
+    ap.add_argument("--data-dir", help="dataset root (else $CNNLAB_DATA, ~/.cache/cnnlab)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = ap.parse_args()
+    if args.data_dir:
+        os.environ["CNNLAB_DATA"] = args.data_dir
+
+    run = ensure_run(args.run_dir, Path(args.out))
+    try:
+        r = run_abuse(run, args.seconds, args.clients, args.half_open, args.server_nofile, args.health_timeout)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(r.as_dict()))
+        return 0
+    d = r.as_dict()
+    print(d["host"])
+    print(f"server: cnnlab serve {run} (default limits, open-file limit {r.server_nofile}); "
+          f"{r.clients} client threads for {r.seconds:g} s, "
+          f"{r.half_open} half-open connections ({r.half_open_held} still open at the end); loopback, shared machine")
+    print(f"server RSS: idle {r.idle_mb:.0f} MB, peak {r.peak_mb:.0f} MB, peak over idle {r.peak_over_idle_mb:.0f} MB")
+    print(f"/health: {r.health_answers} answers, {r.health_failures} failures; latency ms p50 "
+          f"{d['health_p50_ms']:.1f}  max {d['health_max_ms']:.1f}")
+    print(f"server log: {r.too_many_open_files} 'Too many open files' lines")
+    for name, counts in r.statuses.items():
+        print(f"  {name:<24} " + "  ".join(f"{code}: {n}" for code, n in counts.items()))
     return 0
 
 
