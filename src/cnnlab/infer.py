@@ -14,7 +14,6 @@ checkpoint and used as recorded, so every path computes the same logits. Nothing
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +31,7 @@ from .models import create_model
 from .models.layers import use_onednn_linear
 from .modes import eval_mode
 from .preprocess import Preprocess, check_input, flexible_size
+from .rundir import read_record
 
 __all__ = ["EvalResult", "TrainedModel", "autocast", "describe_predictions", "eval_mode", "evaluate",
            "find_checkpoint", "load_trained", "model_input", "predict_logits", "select_device", "to_input"]
@@ -267,13 +267,14 @@ def find_checkpoint(path: str | Path, which: str = "auto") -> Path:
 def recorded_linear_backend(checkpoint_file: Path) -> str:
     """The fp32 dense-layer backend ("torch" or "onednn") the run evaluated with, from its config.json.
 
-    A checkpoint without its run's config.json (copied alone, or saved before this was recorded) gets "torch".
+    A checkpoint without its run's config.json (copied alone, beside someone else's config.json, or saved before
+    this was recorded) gets "torch": the checkpoint itself is all a model needs.
     """
     try:
-        record = json.loads((checkpoint_file.parent / "config.json").read_text())
-    except (OSError, ValueError):
+        record = read_record(checkpoint_file.parent / "config.json")
+    except (CnnlabError, OSError, ValueError):
         return "torch"
-    backend = record.get("fp32_linear") if isinstance(record, dict) else None
+    backend = record.get("fp32_linear")
     return backend if backend in ("torch", "onednn") else "torch"
 
 
