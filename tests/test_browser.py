@@ -31,7 +31,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from cnnlab import Classifier
-from cnnlab.data.hand_digits import CANVAS, hand, digit_strokes, canvas_paths
+from cnnlab.data.hand_digits import CANVAS, canvas_paths, digit_strokes, hand
 from cnnlab.serve.server import serve_subprocess
 
 CHROMIUM = shutil.which("chromium")

@@ -270,11 +270,15 @@ def render(paths: list[list[tuple[int, int]]], size: int = CANVAS, pen: int = PE
     return np.asarray(im, dtype=np.uint8)
 
 
-def make_hand_digits(n: int = 500, seed: int = 0, fill: tuple[float, float] = (0.45, 0.85)) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` pen-drawn digits rendered on the page's canvas and framed as MNIST, deterministic from ``seed``.
+def make_hand_digits(n: int = 1000, seed: int = 0, fill: tuple[float, float] = (0.3, 0.9),
+                     pen: tuple[int, int] = (12, 30), jitter: tuple[float, float] = (0.5, 2.0),
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` pen-drawn digits rendered on a canvas of the page's size and framed as MNIST, deterministic from ``seed``.
 
-    Sample ``i`` shows digit ``i % 10`` in hand ``HANDS[(i // 10) % len(HANDS)]`` with its own jitter, drawn at a
-    random size (``fill``, fraction of the canvas height) and position.
+    Sample ``i`` shows digit ``i % 10`` in hand ``HANDS[(i // 10) % len(HANDS)]``; each gets its own jitter scale
+    (``jitter``), size (``fill``, the digit's height as a fraction of the canvas), position and pen width
+    (``pen``, px on the 280 px canvas; the page's pen is 22). A digit drawn small with a wide pen comes out
+    bold once framed, one drawn large with a narrow pen thin, as on a phone or a tablet.
 
     Returns:
         (images uint8 [n, 28, 28], labels int64 [n]).
@@ -285,9 +289,9 @@ def make_hand_digits(n: int = 500, seed: int = 0, fill: tuple[float, float] = (0
     labels = np.arange(n, dtype=np.int64) % 10
     images = []
     for i, d in enumerate(labels):
-        strokes = digit_strokes(int(d), HANDS[(i // 10) % len(HANDS)], rng)
+        strokes = digit_strokes(int(d), HANDS[(i // 10) % len(HANDS)], rng, jitter=float(rng.uniform(*jitter)))
         f = float(rng.uniform(*fill))
-        room = max(0.0, (1 - f) / 2 - 0.05)  # keep the digit on the canvas
+        room = max(0.0, (1 - f) / 2 - 0.05)  # keeps the digit on the canvas
         paths = canvas_paths(strokes, fill=f, offset=tuple(rng.uniform(-room, room, size=2)))
-        images.append(centre_digit(render(paths)))
+        images.append(centre_digit(render(paths, pen=int(rng.integers(pen[0], pen[1] + 1)))))
     return np.stack(images), labels
