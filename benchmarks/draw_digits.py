@@ -33,10 +33,11 @@ from cnnlab.data.hand_digits import CANVAS, HANDS, canvas_paths, digit_strokes, 
 Paths = list[list[tuple[int, int]]]
 
 
-def drawings(repeats: int, seed: int) -> list[tuple[str, int, int, Paths]]:
-    """(hand, repeat, digit, mouse paths) for every hand, repeat and digit, deterministic from ``seed``."""
+def drawings(repeats: int, seed: int, fill: float = 0.75) -> list[tuple[str, int, int, Paths]]:
+    """(hand, repeat, digit, mouse paths) for every hand, repeat and digit, deterministic from ``seed``; each digit
+    ``fill`` of the canvas high, in its middle."""
     rng = np.random.default_rng(seed)
-    return [(h.name, r, d, canvas_paths(digit_strokes(d, h, rng)))
+    return [(h.name, r, d, canvas_paths(digit_strokes(d, h, rng), fill=fill))
             for h in HANDS for r in range(repeats) for d in range(10)]
 
 
@@ -151,24 +152,29 @@ def main() -> int:
                     help="draw on the served page in Chromium, or render the strokes and predict them")
     ap.add_argument("--repeats", type=int, default=1, help="jittered drawings of each digit per hand")
     ap.add_argument("--seed", type=int, default=0, help="seed of the jitter")
+    ap.add_argument("--fill", type=float, default=0.75,
+                    help="height of the drawn digits as a fraction of the canvas (the pen stays 22 px wide)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/draw"))
     ap.add_argument("--data-dir", help="dataset root for training (else CNNLAB_DATA)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args()
     if args.repeats < 1:
         raise SystemExit(f"draw_digits: --repeats must be >= 1, got {args.repeats}")
+    if not 0.1 <= args.fill <= 1.0:
+        raise SystemExit(f"draw_digits: --fill must be in [0.1, 1], got {args.fill}")
     if args.data_dir:
         os.environ["CNNLAB_DATA"] = args.data_dir
     run = ensure_run(args.run, args.recipe, args.out)
-    items = drawings(args.repeats, args.seed)
+    items = drawings(args.repeats, args.seed, args.fill)
     labels = (read_via_page if args.via == "page" else read_via_predict)(run, items)
     result = tally(items, labels)
     if args.json:
         print(json.dumps({"run": str(run), "via": args.via, "repeats": args.repeats, "seed": args.seed,
-                          "host": host_info(), **result}))
+                          "fill": args.fill, "host": host_info(), **result}))
         return 0
     print(hardware_line())
-    print(f"run {run}; drawn via {args.via}; {args.repeats} drawing(s) of each digit per hand, jitter seed {args.seed}")
+    print(f"run {run}; drawn via {args.via}; {args.repeats} drawing(s) of each digit per hand, {args.fill:.0%} of "
+          f"the canvas high, jitter seed {args.seed}")
     print_table(["hand", *map(str, range(10)), "read"], table(result, args.repeats))
     for m in result["misread"]:
         print(f"misread: {m['hand']} #{m['repeat']} digit {m['digit']} read as {m['read']}")
