@@ -107,7 +107,7 @@ def bezier(*control: tuple[float, float]) -> Stroke:
 
 
 def chain(*parts: Stroke) -> Stroke:
-    """One stroke made of pieces drawn without lifting the pen (each piece starts where the last ended)."""
+    """One stroke made of pieces drawn without lifting the pen (a gap between two pieces is drawn straight)."""
     return _resample(np.concatenate(parts))
 
 
