@@ -3,11 +3,14 @@
     python benchmarks/ood_digits.py                                  # train every MNIST recipe once, seed 0
     python benchmarks/ood_digits.py --only mnist-fast tf2-convnet-mnist --seeds 0 1
     python benchmarks/ood_digits.py --runs runs/a runs/b --json      # score existing run directories
+    python benchmarks/ood_digits.py --runs runs/a --source hand      # the pen-drawn digits instead of the fonts
 
-The OOD set is `cnnlab.data.ood_digits`: digits 0-9 rendered from the fonts bundled with matplotlib at random
-sizes, stroke widths, slants, widths, rotations, positions and blurs, framed as MNIST (white on black, centre of
-mass centred in 28x28). Each run is scored on it as on MNIST's test set: the run's recorded test-time
-augmentation and precision, its averaged weights when it kept them. The MNIST column is the run's own
+The OOD set (``--source fonts``, the default) is `cnnlab.data.ood_digits`: digits 0-9 rendered from the fonts
+bundled with matplotlib at random sizes, stroke widths, slants, widths, rotations, positions and blurs, framed as
+MNIST (white on black, centre of mass centred in 28x28). ``--source hand`` is `cnnlab.data.hand_digits`: the
+digits written stroke by stroke in five hands with seeded jitter, drawn with a round pen at random sizes and pen
+widths on the web page's canvas, framed the same way. Each run is scored on it as on MNIST's test set: the run's
+recorded test-time augmentation and precision, its averaged weights when it kept them. The MNIST column is the run's own
 results.json. Training runs need MNIST (set CNNLAB_DATA); accuracy only, no time is reported.
 """
 
@@ -28,7 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware_line, host_info, print_table, run_cli_train
 
 from cnnlab.config import list_recipes, load_recipe
+from cnnlab.data.hand_digits import make_hand_digits
 from cnnlab.data.ood_digits import make_ood_digits
+
+SOURCES = {"fonts": (make_ood_digits, "rendered font digits"), "hand": (make_hand_digits, "pen-drawn digits")}
 from cnnlab.infer import TrainedModel, load_trained, predict_logits
 
 
@@ -92,6 +98,8 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--n", type=int, default=1000, help="size of the OOD set")
     ap.add_argument("--ood-seed", type=int, default=0, help="seed of the OOD set")
+    ap.add_argument("--source", choices=sorted(SOURCES), default="fonts",
+                    help="the OOD set: digits rendered from fonts, or drawn with pen strokes (hand)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/ood"))
     ap.add_argument("--data-dir")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -112,14 +120,16 @@ def main() -> int:
         if unknown:
             raise SystemExit(f"ood_digits: not an MNIST recipe: {', '.join(unknown)}")
         runs = train_runs(recipes, args.seeds, args.out, args.extra)
-    x, y = make_ood_digits(args.n, args.ood_seed)
+    make, what = SOURCES[args.source]
+    x, y = make(args.n, args.ood_seed)
     images, labels = torch.from_numpy(x)[:, None], torch.from_numpy(y)
     rows = [score_run(r, name, images, labels) for r, name in runs]
     if args.json:
-        print(json.dumps({"ood": {"n": args.n, "seed": args.ood_seed}, "host": host_info(), "runs": rows}))
+        ood = {"source": args.source, "n": args.n, "seed": args.ood_seed}
+        print(json.dumps({"ood": ood, "host": host_info(), "runs": rows}))
         return 0
     print(hardware_line())
-    print(f"OOD set: {args.n} rendered digits, seed {args.ood_seed}")
+    print(f"OOD set: {args.n} {what}, seed {args.ood_seed}")
     print_table(["recipe", "runs", "seeds", "MNIST test acc", "OOD acc (mean)", "OOD min-max"], summarise(rows))
     return 0
 
