@@ -208,7 +208,7 @@ def read_drawn(driver, paths: list[list[tuple[int, int]]], count: int) -> str:
 
 
 def test_default_model_reads_digits_drawn_by_hand(default_run, browser, tmp_path):
-    """Issue 17: the ten digits written with the mouse, stroke by stroke; the served default model reads >= 9.
+    """The ten digits written with the mouse, stroke by stroke; the served default model reads >= 9.
 
     Digit ``d`` is written in hand ``HANDS[d % 5]``, so the ten cover the hands' variants (a flagged 1, an open
     4, a barred 7, a ringed 8, ...), each with its own seeded jitter.
