@@ -9,7 +9,9 @@ digit is written as a PNG and ``ab -k -n N -c C -p digit.png -T image/png URL/pr
 (after one uncounted warm-up round each time the server starts): ab is a C program with one keep-alive
 connection per concurrent client, so the figures are the server's and not a Python client's. ab sends
 HTTP/1.0 requests asking for keep-alive; its "Keep-Alive requests" line tells whether the server kept the
-connections open. Every round is bounded by -n and by ab's own timeout (-s), and the server is stopped at the end.
+connections open. ab's -l is added: the answers' length varies by a few bytes (the last digits of the
+probabilities depend on which requests shared a forward pass), which ab would otherwise count as failures;
+connection errors and non-2xx answers still count. Every round is bounded by -n and by ab's own timeout (-s), and the server is stopped at the end.
 
 With ``--baseline-src`` a second server is started from that source tree (its ``src`` directory, put first on
 PYTHONPATH) and the two are measured in alternating rounds, so a machine whose load changes affects both alike;
@@ -84,7 +86,7 @@ def parse_ab(text: str) -> dict:
 
 def run_ab(url: str, png: Path, requests: int, concurrency: int, timeout_s: int) -> dict:
     """One ab round against ``url``/predict; its parsed figures."""
-    cmd = ["ab", "-q", "-k", "-s", str(timeout_s), "-n", str(requests), "-c", str(concurrency), "-p", str(png),
+    cmd = ["ab", "-q", "-k", "-l", "-s", str(timeout_s), "-n", str(requests), "-c", str(concurrency), "-p", str(png),
            "-T", "image/png", f"{url}/predict"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s * 4 + 600)
     try:

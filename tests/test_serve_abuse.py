@@ -325,6 +325,48 @@ def test_http10_keep_alive_is_answered_and_kept_open(server_httptools):
         assert _closed_by_server(s)
 
 
+def test_coalesced_writes_send_a_response_head_with_its_body():
+    from cnnlab.serve.server import CoalescedWrites
+
+    class Transport:
+        def __init__(self):
+            self.sent, self.closed = [], False
+
+        def write(self, data):
+            self.sent.append(data)
+
+        def is_closing(self):
+            return self.closed
+
+        def close(self):
+            self.closed = True
+
+        def get_extra_info(self, name):
+            return name
+
+    class Loop:
+        def __init__(self):
+            self.soon = []
+
+        def call_soon(self, fn):
+            self.soon.append(fn)
+
+    t, loop = Transport(), Loop()
+    w = CoalescedWrites(t, loop)
+    w.write(b"HEAD")
+    assert t.sent == []
+    w.write(b"body")
+    w.write(b"more")
+    assert t.sent == [b"HEADbody", b"more"]
+    loop.soon[0]()  # the end-of-turn flush has nothing left to send
+    assert t.sent == [b"HEADbody", b"more"] and w.get_extra_info("peername") == "peername"
+    t2 = Transport()
+    w2 = CoalescedWrites(t2, Loop())
+    w2.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # a head with no body yet: sent at close at the latest
+    w2.close()
+    assert t2.sent == [b"HTTP/1.1 100 Continue\r\n\r\n"] and t2.closed and w2.is_closing()
+
+
 @pytest.fixture(scope="module")
 def server_httptools(trained):
     app = create_app(trained.path, trained=trained, max_wait_ms=1)

@@ -205,9 +205,49 @@ def guarded_h11(limits: ConnectionLimits) -> type:
 KEEP_ALIVE_HEADER = (b"connection", b"keep-alive")
 
 
+class CoalescedWrites:
+    """Stands in for the transport of one request/response cycle so that a response's head and its body leave
+    in one send() (uvicorn writes them separately: two system calls, and two TCP segments to the client).
+
+    The first write (the head, or a 100 Continue) is held until the next write or the end of the event-loop
+    turn, whichever comes first; everything else goes straight through, in order.
+    """
+
+    __slots__ = ("_transport", "_loop", "_held", "_first")
+
+    def __init__(self, transport, loop):
+        self._transport, self._loop, self._held, self._first = transport, loop, None, True
+
+    def write(self, data: bytes) -> None:
+        if self._first:
+            self._first, self._held = False, data
+            self._loop.call_soon(self.flush)
+            return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
 def guarded_httptools(limits: ConnectionLimits) -> type:
     """uvicorn's httptools protocol (a C parser) with the guards of `guarded_h11`, a cap on the bytes of an
-    incomplete request head (400 beyond ``limits.max_head_bytes``, as h11's limit), and HTTP/1.0 keep-alive.
+    incomplete request head (400 beyond ``limits.max_head_bytes``, as h11's limit), HTTP/1.0 keep-alive, and
+    each response's head and body written together (`CoalescedWrites`).
 
     An HTTP/1.0 client that sends ``Connection: keep-alive`` (ApacheBench's -k, some proxies) is answered
     with ``connection: keep-alive`` and the connection stays open; uvicorn itself closes every HTTP/1.0
@@ -238,8 +278,10 @@ def guarded_httptools(limits: ConnectionLimits) -> type:
             before = self.cycle
             super().on_headers_complete()
             cycle = self.cycle
-            if (cycle is not before and self.scope["http_version"] == "1.0" and self.parser.should_keep_alive()
-                    and not self.parser.should_upgrade()):
+            if cycle is before:  # an upgrade request: no cycle was made
+                return
+            cycle.transport = CoalescedWrites(self.transport, self.loop)
+            if self.scope["http_version"] == "1.0" and self.parser.should_keep_alive():
                 cycle.keep_alive = True
                 cycle.default_headers = [*cycle.default_headers, KEEP_ALIVE_HEADER]
 
