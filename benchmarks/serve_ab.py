@@ -11,7 +11,8 @@ connection per concurrent client, so the figures are the server's and not a Pyth
 HTTP/1.0 requests asking for keep-alive; its "Keep-Alive requests" line tells whether the server kept the
 connections open. ab's -l is added: the answers' length varies by a few bytes (the last digits of the
 probabilities depend on which requests shared a forward pass), which ab would otherwise count as failures;
-connection errors and non-2xx answers still count. Every round is bounded by -n and by ab's own timeout (-s), and the server is stopped at the end.
+connection errors and non-2xx answers still count. Every round is bounded by -n and by ab's own timeout
+(-s), and the server is stopped at the end.
 
 With ``--baseline-src`` a second server is started from that source tree (its ``src`` directory, put first on
 PYTHONPATH) and the two are measured in alternating rounds, so a machine whose load changes affects both alike;

@@ -288,6 +288,18 @@ def test_raw_image_route_takes_only_requests_it_understands_completely():
     assert raw_image_route(_scope(method="GET")) is None and raw_image_route(_scope(path="/health")) is None
 
 
+def test_describe_row_is_describe_predictions_for_one_row():
+    from cnnlab.infer import describe_predictions
+    from cnnlab.serve.fastpath import describe_row
+
+    labels = [f"c{i}" for i in range(10)]
+    rows = torch.cat([torch.softmax(torch.randn(4, 10, generator=torch.Generator().manual_seed(0)) * 9, 1),
+                      torch.tensor([[1.0] + [0.0] * 9, [0.1] * 10])])  # ties: saturated and uniform
+    for row in rows:
+        for k in (1, 3, 10, 50):
+            assert describe_row(row, labels, k) == describe_predictions(row[None], labels, k)[0]
+
+
 @pytest.mark.robust
 def test_lean_path_answers_as_the_full_path_does(served):
     """The same raw body sent once through the lean path and once with a query only the full path takes

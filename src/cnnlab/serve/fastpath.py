@@ -21,9 +21,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import torch
 from starlette.concurrency import run_in_threadpool
 
-from ..infer import describe_predictions
 from .batcher import MicroBatcher
 from .decode import decode, plan_file
 from .limits import BadRequest, Limits, PixelBudget, check_request_pixels
@@ -93,6 +93,16 @@ def _query(query: bytes, length: int) -> RawImageRequest | None:
     return RawImageRequest(length, int(top_k), invert.decode() if invert else None, CENTRES[centre])
 
 
+def describe_row(probs: torch.Tensor, labels: list[str], top_k: int) -> dict:
+    """`cnnlab.infer.describe_predictions` for one row of probabilities [K] (the same dict): one ``topk`` and two
+    ``tolist`` instead of a tensor index per number."""
+    vals, idx = probs.topk(max(1, min(top_k, probs.shape[0])))
+    values, order = probs.tolist(), idx.tolist()
+    return {"class": order[0], "label": labels[order[0]], "probability": values[order[0]],
+            "top_k": [{"class": i, "label": labels[i], "probability": values[i]} for i in order],
+            "probabilities": values}
+
+
 def json_body(payload) -> bytes:
     """``payload`` as Starlette's JSONResponse encodes it (so both paths answer the same bytes)."""
     return json.dumps(payload, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
@@ -156,7 +166,7 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
                 probs = await batcher.submit(images)
             except RuntimeError as e:  # shutting down
                 raise BadRequest(str(e), 503, {"Retry-After": "1"}) from None
-        return describe_predictions(probs, labels, req.top_k)[0]
+        return describe_row(probs[0], labels, req.top_k)
 
     async def handle(scope, receive, send, req: RawImageRequest) -> None:
         deadline = asyncio.get_running_loop().time() + read_timeout
