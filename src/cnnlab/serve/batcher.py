@@ -1,10 +1,11 @@
 """Micro-batching: requests that arrive within a few milliseconds of each other share one forward pass.
 
 Each request puts its images (uint8 [n, C, H, W], already the training shape) on a queue with a future and
-wakes the collector. One collector task takes the first waiting request, keeps taking more for up to ``max_wait_ms`` or
-until ``max_batch`` images are gathered, runs the model once on the concatenation in a worker thread (so the
-event loop keeps accepting requests meanwhile), and hands each request its rows of the result. While a forward
-pass runs, new requests queue up and form the next batch, so under load batches grow by themselves.
+wakes the collector. One collector task takes the first waiting request, runs the model once on it and
+whatever else is queued (up to ``max_batch`` images) in a worker thread (so the event loop keeps accepting and
+decoding requests meanwhile), and hands each request its rows of the result. A request that finds the model
+idle waits up to ``max_wait_ms`` for company; requests that queued up while a pass ran go into the next pass
+at once, so under load batches form by themselves and the model works while the next requests are decoded.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class MicroBatcher:
     Args:
         forward: Maps uint8 images [N, C, H, W] to a result tensor [N, ...]; runs in one worker thread.
         max_batch: Most images in one forward pass (a single larger request still runs, alone).
-        max_wait_ms: How long the first request of a batch waits for company.
+        max_wait_ms: How long a request that finds the model idle waits for company (requests that queued
+            while a forward pass ran go into the next pass at once).
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 64,
@@ -109,9 +111,16 @@ class MicroBatcher:
         return self._queue.popleft()
 
     async def _gather(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
-        first, self._carry = self._carry or await self._next(None), None
+        # Requests that queued up while the last forward pass ran have waited already: they go at once, with
+        # whatever else is queued, so the next pass overlaps with the decoding of the requests still arriving
+        # (waiting for them would let the model and the event loop take turns instead of working together).
+        # Only a request that finds the model idle waits up to max_wait for company.
+        first, self._carry = self._carry or (self._queue.popleft() if self._queue else None), None
+        busy = first is not None
+        if first is None:
+            first = await self._next(None)
         items, count = [first], len(first[0])
-        deadline = asyncio.get_running_loop().time() + self.max_wait
+        deadline = asyncio.get_running_loop().time() + (0.0 if busy else self.max_wait)
         while count < self.max_batch:
             # Take what is already queued without waiting, then wait out the rest of the window.
             item = await self._next(deadline)
