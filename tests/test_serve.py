@@ -314,7 +314,11 @@ def test_lean_path_answers_as_the_full_path_does(served):
 
     bomb = io.BytesIO()
     Image.new("1", (8000, 8000)).save(bomb, format="PNG")  # over the per-image cap, a few KB
-    bodies = {"digit": digit_png(images, 3, scale=2), "truncated": digit_png(images, 0)[:40], "empty": b"",
+    good = digit_png(images, 3, scale=2)
+    broken = bytearray(good)
+    broken[-20] ^= 0xFF  # inside the image data: the header reads, the decoder fails
+    bodies = {"digit": good, "gray-alpha": png_bytes(np.full((30, 20, 2), 200, np.uint8)),
+              "truncated": good[:40], "broken data": bytes(broken), "header only": good[:24], "empty": b"",
               "text": b"hello", "bomb": bomb.getvalue(), "over": b"\x89PNG" + b"\0" * (UPLOAD_LIMIT + 1)}
     app.fast_predict = counting
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from .batcher import MicroBatcher
-from .decode import decode, plan_file
+from .decode import Pending, decode, max_pixels, plan_file
 from .limits import BadRequest, Limits, PixelBudget, check_request_pixels
 
 INLINE_BYTES = 64 * 1024  # bodies up to this have their header read on the event loop
@@ -93,6 +94,24 @@ def _query(query: bytes, length: int) -> RawImageRequest | None:
     return RawImageRequest(length, int(top_k), invert.decode() if invert else None, CENTRES[centre])
 
 
+PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"  # signature, then the IHDR chunk's length and type
+
+
+def plan_png(data: bytes) -> list[Pending] | None:
+    """`plan_file` for a PNG read from its IHDR chunk alone (its width and height are the decoded size), without
+    opening it in PIL; None when ``data`` does not start as a PNG or claims no or too many pixels.
+
+    Whatever this lets through is still fully checked: the decoder opens the file as `plan_file` would, and
+    every refusal on the lean path is re-derived through `plan_file` (see `fast_predict_handler`).
+    """
+    if len(data) < 24 or not data.startswith(PNG_HEAD):
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    if not 0 < width * height <= max_pixels():
+        return None
+    return [Pending(data, width * height, "upload")]
+
+
 def describe_row(probs: torch.Tensor, labels: list[str], top_k: int) -> dict:
     """`cnnlab.infer.describe_predictions` for one row of probabilities [K] (the same dict): one ``topk`` and two
     ``tolist`` instead of a tensor index per number."""
@@ -156,8 +175,20 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
 
     async def predict(body: bytes, req: RawImageRequest) -> dict:
         small = len(body) <= INLINE_BYTES
+        pending = plan_png(body) if small else None
+        if pending is not None:  # priced from the PNG header without opening the file twice
+            try:
+                return await answer(body, pending, req, small)
+            except BadRequest:
+                # The full path refuses a file that PIL cannot open before anything else: so does this one, with
+                # the same message; else the refusal stands.
+                plan_file(body, shape, req.centre)
+                raise
         pending = plan_file(body, shape, req.centre) if small else await run_in_threadpool(
             plan_file, body, shape, req.centre)
+        return await answer(body, pending, req, small)
+
+    async def answer(body: bytes, pending: list[Pending], req: RawImageRequest, small: bool) -> dict:
         pixels = check_request_pixels([p.pixels for p in pending], limits.max_request_pixels)
         with budget.hold(sum(p.cost for p in pending)):
             args = (pending, shape, req.invert or invert, req.centre, resize)
