@@ -124,9 +124,9 @@ class ServeApp(FastAPI):
 
     async def __call__(self, scope, receive, send) -> None:
         if self.fast_predict is not None and scope["type"] == "http":
-            query = raw_image_route(scope)
-            if query is not None:
-                return await self.fast_predict(scope, receive, send, query)
+            request = raw_image_route(scope)
+            if request is not None:
+                return await self.fast_predict(scope, receive, send, request)
         return await super().__call__(scope, receive, send)
 
 

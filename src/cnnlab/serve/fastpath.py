@@ -6,7 +6,8 @@ path answers the same requests with the same answers and errors, and keeps every
 body size (413), body deadline (408), the body's bytes and the decoded pixels reserved in the in-flight
 budget (503 with Retry-After), per-request pixels read from the header before decoding (413). Small bodies
 and images are read and decoded on the event loop (a 28x28 PNG costs less than a hop to a thread); larger
-ones still go to a worker thread so the loop keeps answering.
+ones still go to a worker thread so the loop keeps answering. A small PNG is priced from its IHDR chunk, so
+PIL opens it once (to decode) instead of twice.
 
 It takes only requests whose route, content type, length and query it understands completely (see
 `raw_image_route`): anything else (a chunked body, a query FastAPI would refuse or read differently) goes
