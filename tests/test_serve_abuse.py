@@ -284,21 +284,29 @@ def test_unknown_or_missing_http_parser_is_a_config_error(monkeypatch):
     assert server_module.guarded_protocol(ConnectionLimits()).__name__ == "GuardedH11Protocol"
 
 
-def _read_response(s: socket.socket) -> tuple[bytes, dict[bytes, bytes], bytes]:
-    """One response with a Content-Length from ``s``: (status line, headers lower-cased, body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        assert chunk, f"connection closed before a response head: {data!r}"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    status, *lines = head.split(b"\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines)}
-    while len(body) < int(headers[b"content-length"]):
-        chunk = s.recv(65536)
-        assert chunk, "connection closed inside a response body"
-        body += chunk
-    return status, headers, body
+class _Responses:
+    """Reads responses with a Content-Length one after another from a socket (one read may hold several)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buf = sock, b""
+
+    def _more(self, what: str) -> None:
+        chunk = self.sock.recv(65536)
+        assert chunk, f"connection closed {what}: {self.buf!r}"
+        self.buf += chunk
+
+    def next(self) -> tuple[bytes, dict[bytes, bytes], bytes]:
+        """(status line, headers lower-cased, body) of the next response."""
+        while b"\r\n\r\n" not in self.buf:
+            self._more("before a response head")
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        status, *lines = head.split(b"\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines)}
+        size = int(headers[b"content-length"])
+        while len(self.buf) < size:
+            self._more("inside a response body")
+        body, self.buf = self.buf[:size], self.buf[size:]
+        return status, headers, body
 
 
 @NO_HTTPTOOLS
@@ -312,15 +320,16 @@ def test_http10_keep_alive_is_answered_and_kept_open(server_httptools):
     get = b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
     with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
         s.settimeout(WAIT_S)
+        responses = _Responses(s)
         for message in (post, get, post):  # three requests on one connection
             s.sendall(message)
-            status, headers, body = _read_response(s)
+            status, headers, body = responses.next()
             assert status.endswith(b" 200 OK") and headers[b"connection"] == b"keep-alive"
             assert json.loads(body)
     with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
         s.sendall(post.replace(b"Connection: Keep-Alive\r\n", b""))
         s.settimeout(WAIT_S)
-        status, headers, _ = _read_response(s)
+        status, headers, _ = _Responses(s).next()
         assert status.endswith(b" 200 OK") and headers.get(b"connection") == b"close"
         assert _closed_by_server(s)
 
@@ -517,3 +526,45 @@ def test_request_head_growing_past_the_limit_is_refused(trained, http):
             assert s.recv(65536).startswith(b"HTTP/1.1 400")
             assert _closed_by_server(s)
         assert request(srv.url + "/health")[0] == 200
+
+
+@NO_HTTPTOOLS
+def test_pipelined_request_head_growing_past_the_limit_is_refused(trained):
+    """A head that grows behind a request still being answered is capped at once (h11 caps it once the answer
+    is out), and no head deadline can be what closes it here."""
+    app = create_app(trained.path, trained=trained, max_wait_ms=1)
+    gate, forward = threading.Event(), app.state.batcher.forward
+    app.state.batcher.forward = lambda x: (gate.wait(3 * WAIT_S), forward(x))[1]  # the first request is held
+    digit = png(Image.new("L", (28, 28)))
+    try:
+        with background_server(app, limits=ConnectionLimits(head_timeout=600, http="httptools")) as srv:
+            with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
+                s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: "
+                          + str(len(digit)).encode() + b"\r\n\r\n" + digit
+                          + b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: ")
+                # More than one read of the server's (256 KiB): the head is counted from its second read on.
+                try:
+                    s.sendall(b"a" * 600_000)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # closed while sending: what is wanted
+                assert _closed_by_server(s)
+            gate.set()
+            assert request(srv.url + "/health")[0] == 200
+    finally:
+        gate.set()
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_a_large_body_before_a_pipelined_head_is_not_counted_as_head(trained, http):
+    app = create_app(trained.path, trained=trained, max_wait_ms=1)
+    body = b'{"images": [[[0, 255], [255, 0]]]}' + b" " * 40_000  # valid JSON, well over the head limit
+    first = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+             + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with background_server(app, limits=ConnectionLimits(head_timeout=600, http=http)) as srv:
+        with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
+            s.settimeout(WAIT_S)
+            s.sendall(first + b"GET /health HTTP/1.1\r\nHo")  # the second head completes in a later read
+            s.sendall(b"st: x\r\n\r\n")
+            responses = _Responses(s)
+            assert responses.next()[0].endswith(b" 200 OK")
+            assert responses.next()[0].endswith(b" 200 OK")

@@ -146,7 +146,6 @@ class _Guards:
 
     def _await_head(self) -> None:
         self._cancel_head_timer()
-        self._head_bytes = 0
         self.waiting[self] = None
         self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
 
@@ -258,22 +257,39 @@ def guarded_httptools(limits: ConnectionLimits) -> type:
 
     class GuardedHttpToolsProtocol(_Guards, HttpToolsProtocol):
         def connection_made(self, transport) -> None:
+            self._messages, self._in_head, self._in_body = 0, False, False  # the parser's position
             super().connection_made(transport)
             self._guard_new_connection()
 
         def data_received(self, data: bytes) -> None:
-            counting = self in self.waiting
-            if counting:
-                self._head_bytes += len(data)
+            # The parser keeps an incomplete head (a header's value, say) in memory, so its size is capped as
+            # h11 caps it. A read's bytes count towards a head when the read went on with that head or began
+            # with it; a head that begins after other bytes of a read counts from the next read (so the
+            # memory held is the cap plus one read at most, and a body before a head is never counted).
+            messages, in_head, in_body = self._messages, self._in_head, self._in_body
             super().data_received(data)
-            # Still no complete head (the bytes counted may include a body that followed a head: that head
-            # completed, so the connection left `waiting`, and nothing is refused).
-            if (counting and self in self.waiting and self._head_bytes > self.limits.max_head_bytes
-                    and not self.transport.is_closing()):
+            if not self._in_head or self.transport.is_closing():
+                return
+            if self._messages == messages:
+                self._head_bytes += len(data)
+            elif self._messages == messages + 1 and not in_head and not in_body:
+                self._head_bytes = len(data)
+            else:
+                self._head_bytes = 0
+            if self._head_bytes > self.limits.max_head_bytes:
                 self._head_received()
                 self.send_400_response("Request head too large.")
 
+        def on_message_begin(self) -> None:
+            self._messages, self._in_head, self._head_bytes = self._messages + 1, True, 0
+            super().on_message_begin()
+
+        def on_message_complete(self) -> None:
+            self._in_body = False
+            super().on_message_complete()
+
         def on_headers_complete(self) -> None:
+            self._in_head, self._in_body = False, True
             self._head_received()
             before = self.cycle
             super().on_headers_complete()
