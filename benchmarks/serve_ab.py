@@ -155,15 +155,17 @@ def main() -> int:
         for _ in range(args.rounds if args.baseline_src else 1):
             for label, env in servers.items():
                 results += measure(label, run, env, args, png, 1 if args.baseline_src else args.rounds)
+    for label in servers:  # each server's rounds numbered 1, 2, ... in the order they ran
+        for i, r in enumerate(r for r in results if r["server"] == label):
+            r["round"] = i + 1
 
     print(hardware_line())
     print(f"server: lenet5 run {run}; max batch {args.max_batch}, wait {args.max_wait_ms:g} ms; client: ab -k "
           f"-n {args.requests} -c {args.concurrency}, one {len(digit)}-byte "
           f"MNIST PNG, loopback; client and server share the machine")
     print_table(["server", "round", "requests/s", "p50 ms", "p99 ms", "max ms", "failed", "non-2xx", "keep-alive"],
-                [[r["server"], i + 1, f"{r['rps']:.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
-                  f"{r['max_ms']:.0f}", r["failed"], r["non_2xx"], r["keep_alive"]]
-                 for i, r in enumerate(results)])
+                [[r["server"], r["round"], f"{r['rps']:.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
+                  f"{r['max_ms']:.0f}", r["failed"], r["non_2xx"], r["keep_alive"]] for r in results])
     summaries = [summary(results, label) for label in servers]
     for s in summaries:
         print(f"{s['server']}: median of {s['rounds']} rounds: {s['rps']:.0f} requests/s, p50 {s['p50_ms']:.0f} ms, "
