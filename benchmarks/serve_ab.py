@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_lenet5_run, hardware_line, print_json, print_table
 
 from cnnlab.errors import CnnlabError
-from cnnlab.serve.server import serve_subprocess
+from cnnlab.serve.server import httptools_available, serve_subprocess
 
 
 def ensure_run(run_dir: str | None, out: Path) -> Path:
@@ -160,6 +160,9 @@ def main() -> int:
             r["round"] = i + 1
 
     print(hardware_line())
+    if not httptools_available():
+        print("note: httptools is not installed, so the server parses HTTP with h11, which closes every HTTP/1.0 "
+              "connection (ab's -k asks for keep-alive): pip install httptools (it is in the 'serve' extra)")
     print(f"server: lenet5 run {run}; max batch {args.max_batch}, wait {args.max_wait_ms:g} ms; client: ab -k "
           f"-n {args.requests} -c {args.concurrency}, one {len(digit)}-byte "
           f"MNIST PNG, loopback; client and server share the machine")
