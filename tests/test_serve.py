@@ -258,6 +258,99 @@ def test_decompression_bomb_is_refused(served):
     assert status == 413 and "too large" in json.loads(answer)["error"]
 
 
+# ----------------------------------------------------------------------------- the lean path for raw image bodies
+
+
+def _scope(query: bytes = b"", headers=((b"content-type", b"image/png"), (b"content-length", b"10")),
+           method: str = "POST", path: str = "/predict") -> dict:
+    return {"type": "http", "method": method, "path": path, "query_string": query, "headers": list(headers)}
+
+
+def test_raw_image_route_takes_only_requests_it_understands_completely():
+    from cnnlab.serve.fastpath import RawImageRequest, raw_image_route
+
+    assert raw_image_route(_scope()) == RawImageRequest(10)
+    assert raw_image_route(_scope(b"top_k=2&invert=yes&centre=true")) == RawImageRequest(10, 2, "yes", True)
+    assert raw_image_route(_scope(b"centre=0&top_k=1000")) == RawImageRequest(10, 1000, None, False)
+    octet = ((b"content-type", b"Application/Octet-Stream; x=1"), (b"content-length", b"0"))
+    assert raw_image_route(_scope(headers=octet)) == RawImageRequest(0)
+    # everything else is left to the full path, which answers it (or refuses it) as it always has
+    for query in (b"top_k=0", b"top_k=1001", b"top_k=x", b"top_k=", b"top_k", b"top_k=%33", b"top_k=+3",
+                  b"top_k=2&top_k=3", b"invert=maybe", b"centre=on", b"other=1"):
+        assert raw_image_route(_scope(query)) is None, query
+    for headers in (((b"content-type", b"image/png"),),  # no length: chunked
+                    ((b"content-type", b"image/png"), (b"content-length", b"10"), (b"transfer-encoding", b"chunked")),
+                    ((b"content-type", b"image/png"), (b"content-length", b"-1")),
+                    ((b"content-type", b"application/json"), (b"content-length", b"10")),
+                    ((b"content-type", b"image/png"), (b"content-type", b"image/png"), (b"content-length", b"1")),
+                    ((b"content-length", b"10"),)):
+        assert raw_image_route(_scope(headers=headers)) is None, headers
+    assert raw_image_route(_scope(method="GET")) is None and raw_image_route(_scope(path="/health")) is None
+
+
+def test_describe_row_is_describe_predictions_for_one_row():
+    from cnnlab.infer import describe_predictions
+    from cnnlab.serve.fastpath import describe_row
+
+    labels = [f"c{i}" for i in range(10)]
+    rows = torch.cat([torch.softmax(torch.randn(4, 10, generator=torch.Generator().manual_seed(0)) * 9, 1),
+                      torch.tensor([[1.0] + [0.0] * 9, [0.1] * 10])])  # ties: saturated and uniform
+    for row in rows:
+        for k in (1, 3, 10, 50):
+            assert describe_row(row, labels, k) == describe_predictions(row[None], labels, k)[0]
+
+
+@pytest.mark.robust
+def test_lean_path_answers_as_the_full_path_does(served):
+    """The same raw body sent once through the lean path and once with a query only the full path takes
+    (``top_k=%33`` is FastAPI's 3): same statuses, same answers, same error messages."""
+    server, app, _, images = served
+    taken = []
+    lean = app.fast_predict
+
+    async def counting(*args):
+        taken.append(1)
+        return await lean(*args)
+
+    bomb = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(bomb, format="PNG")  # over the per-image cap, a few KB
+    good = digit_png(images, 3, scale=2)
+    broken = bytearray(good)
+    broken[-20] ^= 0xFF  # inside the image data: the header reads, the decoder fails
+    bodies = {"digit": good, "gray-alpha": png_bytes(np.full((30, 20, 2), 200, np.uint8)),
+              "truncated": good[:40], "broken data": bytes(broken), "header only": good[:24], "empty": b"",
+              "text": b"hello", "bomb": bomb.getvalue(), "over": b"\x89PNG" + b"\0" * (UPLOAD_LIMIT + 1)}
+    app.fast_predict = counting
+    try:
+        for name, body in bodies.items():
+            before = len(taken)
+            s1, a1 = fetch(server.url + "/predict?top_k=3", "POST", body, {"Content-Type": "image/png"})
+            assert len(taken) == before + 1, name
+            s2, a2 = fetch(server.url + "/predict?top_k=%33", "POST", body, {"Content-Type": "image/png"})
+            assert len(taken) == before + 1, name
+            assert s1 == s2, (name, a1, a2)
+            a1, a2 = json.loads(a1), json.loads(a2)
+            if s1 == 200:
+                assert a1.keys() == a2.keys() and a1["class"] == a2["class"] and len(a1["top_k"]) == 3
+                assert np.allclose(a1["probabilities"], a2["probabilities"], atol=1e-6)
+            else:
+                assert a1 == a2, name
+    finally:
+        app.fast_predict = lean
+    assert settled_budget(app) == 0
+
+
+def settled_budget(app) -> int:
+    """The in-flight budget once finished requests have given theirs back (bounded wait, no timing assertion)."""
+    import time
+
+    budget = app.state.budget
+    deadline = time.monotonic() + 30
+    while budget.in_use and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return budget.in_use
+
+
 # ----------------------------------------------------------------------------- batching
 
 

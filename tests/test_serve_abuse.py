@@ -36,10 +36,13 @@ from cnnlab.serve import app as app_module
 from cnnlab.serve import background_server, create_app
 from cnnlab.serve.decode import decode_file, plan_file
 from cnnlab.serve.limits import BadRequest, Limits, PixelBudget, json_depth
-from cnnlab.serve.server import ConnectionLimits, guarded_h11
+from cnnlab.serve.server import ConnectionLimits, guarded_h11, guarded_httptools, httptools_available
 
 pytestmark = pytest.mark.robust
 WAIT_S = 30.0  # upper bound for events that must happen; reached only if the server hangs
+NO_HTTPTOOLS = pytest.mark.skipif(not httptools_available(), reason="httptools is not installed")
+# Each connection guard is tested on both HTTP parsers the server can run.
+PROTOCOLS = [pytest.param("h11", id="h11"), pytest.param("httptools", id="httptools", marks=NO_HTTPTOOLS)]
 
 
 def request(url: str, method: str = "GET", body: bytes | None = None,
@@ -191,7 +194,7 @@ def test_uvicorn_is_configured_with_the_connection_guards(server):
     srv, _ = server
     cfg = srv.config
     assert cfg.timeout_keep_alive == 5 and cfg.h11_max_incomplete_event_size == 16 * 1024 and cfg.backlog == 64
-    assert cfg.http.__name__ == "GuardedH11Protocol"
+    assert cfg.http.__name__ == ("GuardedHttpToolsProtocol" if httptools_available() else "GuardedH11Protocol")
     assert cfg.limit_concurrency is None  # see uvicorn_config: it would count idle connections against /health
 
 
@@ -208,9 +211,10 @@ def _closed_by_server(sock: socket.socket) -> bool:
         return False
 
 
-def test_half_open_request_head_is_dropped_and_health_answers(trained):
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_half_open_request_head_is_dropped_and_health_answers(trained, http):
     app = create_app(trained.path, trained=trained, max_wait_ms=1)
-    with background_server(app, limits=ConnectionLimits(head_timeout=0.2)) as srv:
+    with background_server(app, limits=ConnectionLimits(head_timeout=0.2, http=http)) as srv:
         port = urlsplit(srv.url).port
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Ty")  # and nothing more
@@ -224,9 +228,10 @@ def test_half_open_request_head_is_dropped_and_health_answers(trained):
         assert request(srv.url + "/health")[0] == 200
 
 
-def test_connection_cap_drops_the_oldest_idle_connection_for_a_new_one(trained):
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_connection_cap_drops_the_oldest_idle_connection_for_a_new_one(trained, http):
     app = create_app(trained.path, trained=trained, max_wait_ms=1)
-    with background_server(app, limits=ConnectionLimits(max_connections=4, head_timeout=600)) as srv:
+    with background_server(app, limits=ConnectionLimits(max_connections=4, head_timeout=600, http=http)) as srv:
         port = urlsplit(srv.url).port
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
         try:
@@ -240,11 +245,13 @@ def test_connection_cap_drops_the_oldest_idle_connection_for_a_new_one(trained):
                 s.close()
 
 
-def test_slow_body_is_408(trained):
+@pytest.mark.parametrize("http", PROTOCOLS)
+@pytest.mark.parametrize("kind", ["image/png", "application/json"])  # the lean path and the full one
+def test_slow_body_is_408(trained, http, kind):
     app = create_app(trained.path, trained=trained, max_wait_ms=1, read_timeout=0.2)
-    with background_server(app) as srv:
+    with background_server(app, limits=ConnectionLimits(http=http)) as srv:
         with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
-            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: " + kind.encode() + b"\r\n"
                       b"Content-Length: 1000\r\n\r\n" + b"\x89PNG" * 4)
             s.settimeout(WAIT_S)
             answer = b""
@@ -258,9 +265,122 @@ def test_slow_body_is_408(trained):
         assert settled(app.state.budget) == 0
 
 
-def test_guarded_protocol_classes_do_not_share_waiting_lists():
-    a, b = guarded_h11(ConnectionLimits(8)), guarded_h11(ConnectionLimits(8))
-    assert a.waiting is not b.waiting
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_guarded_protocol_classes_do_not_share_waiting_lists(http):
+    make = guarded_h11 if http == "h11" else guarded_httptools
+    a, b = make(ConnectionLimits(8)), make(ConnectionLimits(8))
+    assert a.waiting is not b.waiting and a.limits.max_connections == 8
+
+
+def test_unknown_or_missing_http_parser_is_a_config_error(monkeypatch):
+    from cnnlab.errors import ConfigError
+    from cnnlab.serve import server as server_module
+
+    with pytest.raises(ConfigError, match="unknown HTTP protocol 'h3'"):
+        ConnectionLimits(http="h3")
+    monkeypatch.setattr(server_module, "httptools_available", lambda: False)
+    with pytest.raises(ConfigError, match="httptools HTTP parser is not installed"):
+        ConnectionLimits(http="httptools")
+    assert server_module.guarded_protocol(ConnectionLimits()).__name__ == "GuardedH11Protocol"
+
+
+class _Responses:
+    """Reads responses with a Content-Length one after another from a socket (one read may hold several)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buf = sock, b""
+
+    def _more(self, what: str) -> None:
+        chunk = self.sock.recv(65536)
+        assert chunk, f"connection closed {what}: {self.buf!r}"
+        self.buf += chunk
+
+    def next(self) -> tuple[bytes, dict[bytes, bytes], bytes]:
+        """(status line, headers lower-cased, body) of the next response."""
+        while b"\r\n\r\n" not in self.buf:
+            self._more("before a response head")
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        status, *lines = head.split(b"\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines)}
+        size = int(headers[b"content-length"])
+        while len(self.buf) < size:
+            self._more("inside a response body")
+        body, self.buf = self.buf[:size], self.buf[size:]
+        return status, headers, body
+
+
+@NO_HTTPTOOLS
+def test_http10_keep_alive_is_answered_and_kept_open(server_httptools):
+    """An HTTP/1.0 client asking for keep-alive (as ApacheBench -k) gets it, on the lean path and the full one;
+    one that does not ask is closed after its answer."""
+    srv, _ = server_httptools
+    digit = png(Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)))
+    post = (b"POST /predict HTTP/1.0\r\nConnection: Keep-Alive\r\nContent-Type: image/png\r\n"
+            b"Content-Length: " + str(len(digit)).encode() + b"\r\n\r\n" + digit)
+    get = b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
+        s.settimeout(WAIT_S)
+        responses = _Responses(s)
+        for message in (post, get, post):  # three requests on one connection
+            s.sendall(message)
+            status, headers, body = responses.next()
+            assert status.endswith(b" 200 OK") and headers[b"connection"] == b"keep-alive"
+            assert json.loads(body)
+    with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
+        s.sendall(post.replace(b"Connection: Keep-Alive\r\n", b""))
+        s.settimeout(WAIT_S)
+        status, headers, _ = _Responses(s).next()
+        assert status.endswith(b" 200 OK") and headers.get(b"connection") == b"close"
+        assert _closed_by_server(s)
+
+
+def test_coalesced_writes_send_a_response_head_with_its_body():
+    from cnnlab.serve.server import CoalescedWrites
+
+    class Transport:
+        def __init__(self):
+            self.sent, self.closed = [], False
+
+        def write(self, data):
+            self.sent.append(data)
+
+        def is_closing(self):
+            return self.closed
+
+        def close(self):
+            self.closed = True
+
+        def get_extra_info(self, name):
+            return name
+
+    class Loop:
+        def __init__(self):
+            self.soon = []
+
+        def call_soon(self, fn):
+            self.soon.append(fn)
+
+    t, loop = Transport(), Loop()
+    w = CoalescedWrites(t, loop)
+    w.write(b"HEAD")
+    assert t.sent == []
+    w.write(b"body")
+    w.write(b"more")
+    assert t.sent == [b"HEADbody", b"more"]
+    loop.soon[0]()  # the end-of-turn flush has nothing left to send
+    assert t.sent == [b"HEADbody", b"more"] and w.get_extra_info("peername") == "peername"
+    t2 = Transport()
+    w2 = CoalescedWrites(t2, Loop())
+    w2.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # a head with no body yet: sent at close at the latest
+    w2.close()
+    assert t2.sent == [b"HTTP/1.1 100 Continue\r\n\r\n"] and t2.closed and w2.is_closing()
+
+
+@pytest.fixture(scope="module")
+def server_httptools(trained):
+    app = create_app(trained.path, trained=trained, max_wait_ms=1)
+    with background_server(app, limits=ConnectionLimits(http="httptools")) as srv:
+        yield srv, app
 
 
 # ----------------------------------------------------------------------------- fuzz: never a 500
@@ -396,10 +516,55 @@ def test_server_allocator_setting_honours_the_opt_out(monkeypatch):
         assert bound_allocator() is True
 
 
-def test_request_head_growing_past_the_limit_is_refused(server):
-    srv, _ = server
-    with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 20_000)  # no end of head: it would grow
-        s.settimeout(WAIT_S)
-        assert s.recv(65536).startswith(b"HTTP/1.1 400")
-    assert request(srv.url + "/health")[0] == 200
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_request_head_growing_past_the_limit_is_refused(trained, http):
+    app = create_app(trained.path, trained=trained, max_wait_ms=1)
+    with background_server(app, limits=ConnectionLimits(http=http)) as srv:
+        with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 20_000)  # no end of head: it would grow
+            s.settimeout(WAIT_S)
+            assert s.recv(65536).startswith(b"HTTP/1.1 400")
+            assert _closed_by_server(s)
+        assert request(srv.url + "/health")[0] == 200
+
+
+@NO_HTTPTOOLS
+def test_pipelined_request_head_growing_past_the_limit_is_refused(trained):
+    """A head that grows behind a request still being answered is capped at once (h11 caps it once the answer
+    is out), and no head deadline can be what closes it here."""
+    app = create_app(trained.path, trained=trained, max_wait_ms=1)
+    gate, forward = threading.Event(), app.state.batcher.forward
+    app.state.batcher.forward = lambda x: (gate.wait(3 * WAIT_S), forward(x))[1]  # the first request is held
+    digit = png(Image.new("L", (28, 28)))
+    try:
+        with background_server(app, limits=ConnectionLimits(head_timeout=600, http="httptools")) as srv:
+            with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
+                s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: "
+                          + str(len(digit)).encode() + b"\r\n\r\n" + digit
+                          + b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: ")
+                # More than one read of the server's (256 KiB): the head is counted from its second read on.
+                try:
+                    s.sendall(b"a" * 600_000)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # closed while sending: what is wanted
+                assert _closed_by_server(s)
+            gate.set()
+            assert request(srv.url + "/health")[0] == 200
+    finally:
+        gate.set()
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
+def test_a_large_body_before_a_pipelined_head_is_not_counted_as_head(trained, http):
+    app = create_app(trained.path, trained=trained, max_wait_ms=1)
+    body = b'{"images": [[[0, 255], [255, 0]]]}' + b" " * 40_000  # valid JSON, well over the head limit
+    first = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+             + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with background_server(app, limits=ConnectionLimits(head_timeout=600, http=http)) as srv:
+        with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
+            s.settimeout(WAIT_S)
+            s.sendall(first + b"GET /health HTTP/1.1\r\nHo")  # the second head completes in a later read
+            s.sendall(b"st: x\r\n\r\n")
+            responses = _Responses(s)
+            assert responses.next()[0].endswith(b" 200 OK")
+            assert responses.next()[0].endswith(b" 200 OK")

@@ -1,6 +1,7 @@
 """Serve a trained run over HTTP: a JSON/image API with micro-batching and a web page to draw or upload.
 
-Needs the 'serve' extra (fastapi, uvicorn, python-multipart): ``pip install 'cnnlab[serve]'``.
+Needs the 'serve' extra (fastapi, uvicorn, python-multipart, and httptools for the C HTTP parser):
+``pip install 'cnnlab[serve]'``.
 
     from cnnlab.serve import create_app, background_server
     with background_server(create_app("runs/lenet5-mnist")) as srv:

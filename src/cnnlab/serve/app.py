@@ -13,6 +13,7 @@ Routes:
                    {"error": message} with a 4xx.
 
 The model is loaded and checked once, when the app is created; requests are batched by a `MicroBatcher`.
+``POST /predict`` with a raw image body takes a lean path (`fastpath`) with the same answers and limits.
 Every error is a JSON ``{"error": message}``: 4xx for the client's mistakes, 503 (with Retry-After) when the
 server's memory budget for requests in flight is full; see `limits` for what a request may cost.
 """
@@ -41,6 +42,7 @@ from ..infer import TrainedModel, describe_predictions, load_trained, select_dev
 from ..labels import printable
 from .batcher import MicroBatcher
 from .decode import decode, plan_file, plan_json
+from .fastpath import fast_predict_handler, raw_image_route
 from .limits import (
     JSON_UNITS_PER_BYTE,
     MAX_IMAGES,
@@ -113,6 +115,21 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+class ServeApp(FastAPI):
+    """The FastAPI app with a lean path in front for the commonest request, ``POST /predict`` with a raw image
+    body (see `raw_image_route`): it skips FastAPI's routing, parameter models and middleware, and keeps every
+    limit of the full path. Everything else goes through FastAPI as usual."""
+
+    fast_predict = None  # set by create_app: an ASGI callable for the requests `raw_image_route` accepts
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.fast_predict is not None and scope["type"] == "http":
+            request = raw_image_route(scope)
+            if request is not None:
+                return await self.fast_predict(scope, receive, send, request)
+        return await super().__call__(scope, receive, send)
+
+
 def page_html(trained: TrainedModel) -> str:
     """The web page with the model's facts filled in (JSON in a script tag; '<' escaped so no text in class
     names can close the tag)."""
@@ -126,7 +143,7 @@ def page_html(trained: TrainedModel) -> str:
 def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max_wait_ms: float = 5.0,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_images: int = MAX_IMAGES,
                limits: Limits | None = None, read_timeout: float = READ_TIMEOUT_S,
-               trained: TrainedModel | None = None) -> FastAPI:
+               trained: TrainedModel | None = None) -> ServeApp:
     """Build the app for a run directory or checkpoint file (loaded and checked now, once).
 
     Args:
@@ -168,9 +185,12 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
         finally:
             await batcher.stop()
 
-    app = FastAPI(title=f"cnnlab: {model.meta.name}", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = ServeApp(title=f"cnnlab: {model.meta.name}", lifespan=lifespan, docs_url=None, redoc_url=None,
+                   openapi_url=None)
     app.state.trained, app.state.batcher, app.state.budget, app.state.limits = trained, batcher, budget, limits
+    app.fast_predict = fast_predict_handler(limits=limits, budget=budget, batcher=batcher, shape=shape, labels=labels,
+                                            invert=trained.preprocess.invert, resize=trained.preprocess.resize,
+                                            read_timeout=read_timeout)
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes, budget=budget, read_timeout=read_timeout)
     _add_error_handlers(app)
 

@@ -1,16 +1,18 @@
 """Micro-batching: requests that arrive within a few milliseconds of each other share one forward pass.
 
-Each request puts its images (uint8 [n, C, H, W], already the training shape) on an asyncio queue with a
-future. One collector task takes the first waiting request, keeps taking more for up to ``max_wait_ms`` or
-until ``max_batch`` images are gathered, runs the model once on the concatenation in a worker thread (so the
-event loop keeps accepting requests meanwhile), and hands each request its rows of the result. While a forward
-pass runs, new requests queue up and form the next batch, so under load batches grow by themselves.
+Each request puts its images (uint8 [n, C, H, W], already the training shape) on a queue with a future and
+wakes the collector. One collector task takes the first waiting request, runs the model once on it and
+whatever else is queued (up to ``max_batch`` images) in a worker thread (so the event loop keeps accepting and
+decoding requests meanwhile), and hands each request its rows of the result. A request that finds the model
+idle waits up to ``max_wait_ms`` for company; requests that queued up while a pass ran go into the next pass
+at once, so under load batches form by themselves and the model works while the next requests are decoded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +43,8 @@ class MicroBatcher:
     Args:
         forward: Maps uint8 images [N, C, H, W] to a result tensor [N, ...]; runs in one worker thread.
         max_batch: Most images in one forward pass (a single larger request still runs, alone).
-        max_wait_ms: How long the first request of a batch waits for company.
+        max_wait_ms: How long a request that finds the model idle waits for company (requests that queued
+            while a forward pass ran go into the next pass at once).
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 64,
@@ -50,14 +53,17 @@ class MicroBatcher:
         self.max_batch = max(1, int(max_batch))
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self.stats = BatchStats()
-        self._queue: asyncio.Queue | None = None
+        # A deque and one Event instead of an asyncio.Queue: a put and a timed get on a Queue cost a future, a
+        # task and a timer per request; here a request costs an append and a set.
+        self._queue: deque[tuple[torch.Tensor, asyncio.Future]] | None = None
+        self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._carry: tuple[torch.Tensor, asyncio.Future] | None = None  # taken but did not fit the last batch
 
     async def start(self) -> None:
         """Start the collector on the running event loop."""
-        self._queue = asyncio.Queue()
+        self._queue, self._wake = deque(), asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnlab-forward")
         self._task = asyncio.create_task(self._run(), name="cnnlab-batcher")
 
@@ -70,8 +76,8 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
         waiting = [self._carry] if self._carry else []
-        while self._queue is not None and not self._queue.empty():
-            waiting.append(self._queue.get_nowait())
+        while self._queue:
+            waiting.append(self._queue.popleft())
         for _, fut in waiting:
             if not fut.done():
                 fut.set_exception(RuntimeError("server is shutting down"))
@@ -84,25 +90,42 @@ class MicroBatcher:
         if self._queue is None or self._task is None or self._task.done():
             raise RuntimeError("batcher is not running")
         fut = asyncio.get_running_loop().create_future()
-        await self._queue.put((images, fut))
+        self._queue.append((images, fut))
+        self._wake.set()
         return await fut
 
+    async def _next(self, deadline: float | None) -> tuple[torch.Tensor, asyncio.Future] | None:
+        """The next queued request, waiting for one until ``deadline`` (loop time; None: for ever), or None."""
+        while not self._queue:
+            self._wake.clear()
+            if deadline is None:
+                await self._wake.wait()
+                continue
+            if deadline <= asyncio.get_running_loop().time():
+                return None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._wake.wait()
+            except TimeoutError:
+                return None
+        return self._queue.popleft()
+
     async def _gather(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
-        first, self._carry = self._carry or await self._queue.get(), None
+        # Requests that queued up while the last forward pass ran have waited already: they go at once, with
+        # whatever else is queued, so the next pass overlaps with the decoding of the requests still arriving
+        # (waiting for them would let the model and the event loop take turns instead of working together).
+        # Only a request that finds the model idle waits up to max_wait for company.
+        first, self._carry = self._carry or (self._queue.popleft() if self._queue else None), None
+        busy = first is not None
+        if first is None:
+            first = await self._next(None)
         items, count = [first], len(first[0])
-        deadline = time.monotonic() + self.max_wait
+        deadline = asyncio.get_running_loop().time() + (0.0 if busy else self.max_wait)
         while count < self.max_batch:
             # Take what is already queued without waiting, then wait out the rest of the window.
-            if self._queue.empty():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), left)
-                except TimeoutError:
-                    break
-            else:
-                item = self._queue.get_nowait()
+            item = await self._next(deadline)
+            if item is None:
+                break
             if count + len(item[0]) > self.max_batch:
                 self._carry = item  # it opens the next batch, so it cannot be overtaken for ever
                 break

@@ -189,4 +189,4 @@ def decode(pending: list[Pending], shape: tuple[int, int, int], invert: str, cen
         finally:
             if isinstance(image, Image.Image):
                 image.close()  # frees the full-size bitmap now, not at the next garbage collection
-    return torch.stack(out)
+    return out[0][None] if len(out) == 1 else torch.stack(out)

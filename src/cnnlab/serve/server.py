@@ -2,9 +2,10 @@
 
 Connections are guarded against slow or idle clients (see `ConnectionLimits`): uvicorn times out idle
 keep-alive connections, but not a connection that never finishes sending a request head, and it accepts
-connections until the process runs out of file descriptors. `guarded_h11` adds a deadline for the request
-head and a connection cap that drops the longest-waiting connection without a complete head to make room,
-so a crowd of half-open connections cannot lock out real clients (or `/health`).
+connections until the process runs out of file descriptors. `guarded_protocol` adds a deadline for the
+request head and a connection cap that drops the longest-waiting connection without a complete head to make
+room, so a crowd of half-open connections cannot lock out real clients (or `/health`). The HTTP parser is
+httptools (C) when it is installed, else h11 (pure Python); both carry the same guards.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -72,6 +73,18 @@ def default_max_connections() -> int:
     return max(8, min(1000, soft - FD_RESERVE))
 
 
+HTTP_PROTOCOLS = ("auto", "httptools", "h11")
+
+
+def httptools_available() -> bool:
+    """Whether the C HTTP parser (the 'httptools' package) can be imported."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """How the server treats connections.
@@ -83,68 +96,92 @@ class ConnectionLimits:
             from the end of its previous response).
         keep_alive: Seconds an idle keep-alive connection is kept.
         max_head_bytes: Most bytes of a request head (request line and headers) buffered while it is still
-            incomplete (400 beyond; h11's limit).
+            incomplete (400 beyond).
+        http: The HTTP parser: 'httptools' (C; HTTP/1.0 keep-alive too), 'h11' (pure Python) or 'auto'
+            (httptools when it is installed).
     """
 
     max_connections: int = 0  # 0: `default_max_connections()`
     head_timeout: float = HEAD_TIMEOUT_S
     keep_alive: int = KEEP_ALIVE_S
     max_head_bytes: int = MAX_HEAD_BYTES
+    http: str = "auto"
+
+    def __post_init__(self):
+        if self.http not in HTTP_PROTOCOLS:
+            raise ConfigError(f"unknown HTTP protocol {self.http!r}; expected one of: {', '.join(HTTP_PROTOCOLS)}")
+        if self.http == "httptools" and not httptools_available():
+            raise ConfigError("the httptools HTTP parser is not installed (pip install httptools)")
 
     def resolved(self) -> ConnectionLimits:
         """These limits with the default connection cap filled in."""
         if self.max_connections:
             return self
-        return ConnectionLimits(default_max_connections(), self.head_timeout, self.keep_alive, self.max_head_bytes)
+        return replace(self, max_connections=default_max_connections())
+
+
+class _Guards:
+    """The connection guards, mixed into a uvicorn HTTP protocol class (see `guarded_protocol`).
+
+    A connection is *waiting* from when it connects, or finishes a response, until its next request head is
+    complete; a waiting connection is closed at its head deadline, or to make room when the cap is reached.
+    Subclasses call `_await_head` / `_head_received` at those moments.
+    """
+
+    limits: ClassVar[ConnectionLimits]
+    waiting: ClassVar[dict]  # connections without a complete request head, oldest first (a dict keeps order)
+    dropped: ClassVar[int]  # connections closed for being slow or to make room
+
+    def _guard_new_connection(self) -> None:
+        self._head_timer = None
+        self._head_bytes = 0
+        self._await_head()
+        if len(self.connections) > self.limits.max_connections:
+            self._make_room()
+
+    def _make_room(self) -> None:
+        oldest = next((c for c in self.waiting if c is not self), self)
+        type(self).dropped += 1
+        oldest._drop()
+
+    def _await_head(self) -> None:
+        self._cancel_head_timer()
+        self.waiting[self] = None
+        self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
+
+    def _head_received(self) -> None:
+        self._cancel_head_timer()
+        self.waiting.pop(self, None)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self in self.waiting:
+            type(self).dropped += 1
+            self._drop()
+
+    def _drop(self) -> None:
+        self._head_received()
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 def guarded_h11(limits: ConnectionLimits) -> type:
     """uvicorn's h11 protocol with a request-head deadline and a connection cap (a new class per server, so
-    servers in one process do not share their list of waiting connections)."""
+    servers in one process do not share their list of waiting connections).
+
+    h11 closes every HTTP/1.0 connection after its response, keep-alive asked or not; `guarded_httptools`
+    keeps them open."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    limits = limits.resolved()
-
-    class GuardedH11Protocol(H11Protocol):
-        waiting: ClassVar[dict] = {}  # connections without a complete request head, oldest first (a dict keeps order)
-        dropped: ClassVar[int] = 0  # connections closed for being slow or to make room
-
+    class GuardedH11Protocol(_Guards, H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._head_timer = None
-            self._await_head()
-            if len(self.connections) > limits.max_connections:
-                self._make_room()
-
-        def _make_room(self) -> None:
-            oldest = next((c for c in self.waiting if c is not self), self)
-            type(self).dropped += 1
-            oldest._drop()
-
-        def _await_head(self) -> None:
-            self._cancel_head_timer()
-            self.waiting[self] = None
-            self._head_timer = self.loop.call_later(limits.head_timeout, self._head_timed_out)
-
-        def _head_received(self) -> None:
-            self._cancel_head_timer()
-            self.waiting.pop(self, None)
-
-        def _cancel_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_timed_out(self) -> None:
-            self._head_timer = None
-            if self in self.waiting:
-                type(self).dropped += 1
-                self._drop()
-
-        def _drop(self) -> None:
-            self._head_received()
-            if not self.transport.is_closing():
-                self.transport.close()
+            self._guard_new_connection()
 
         def handle_events(self) -> None:
             super().handle_events()
@@ -160,7 +197,130 @@ def guarded_h11(limits: ConnectionLimits) -> type:
             self._head_received()
             super().connection_lost(exc)
 
+    GuardedH11Protocol.limits, GuardedH11Protocol.waiting, GuardedH11Protocol.dropped = limits.resolved(), {}, 0
     return GuardedH11Protocol
+
+
+KEEP_ALIVE_HEADER = (b"connection", b"keep-alive")
+
+
+class CoalescedWrites:
+    """Stands in for the transport of one request/response cycle so that a response's head and its body leave
+    in one send() (uvicorn writes them separately: two system calls, and two TCP segments to the client).
+
+    The first write (the head, or a 100 Continue) is held until the next write or the end of the event-loop
+    turn, whichever comes first; everything else goes straight through, in order.
+    """
+
+    __slots__ = ("_transport", "_loop", "_held", "_first")
+
+    def __init__(self, transport, loop):
+        self._transport, self._loop, self._held, self._first = transport, loop, None, True
+
+    def write(self, data: bytes) -> None:
+        if self._first:
+            self._first, self._held = False, data
+            self._loop.call_soon(self.flush)
+            return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
+def guarded_httptools(limits: ConnectionLimits) -> type:
+    """uvicorn's httptools protocol (a C parser) with the guards of `guarded_h11`, a cap on the bytes of an
+    incomplete request head (400 beyond ``limits.max_head_bytes``, as h11's limit), HTTP/1.0 keep-alive, and
+    each response's head and body written together (`CoalescedWrites`).
+
+    An HTTP/1.0 client that sends ``Connection: keep-alive`` (ApacheBench's -k, some proxies) is answered
+    with ``connection: keep-alive`` and the connection stays open; uvicorn itself closes every HTTP/1.0
+    connection, so such a client would pay a new TCP connection per request. Every response of this app
+    carries a Content-Length, which an HTTP/1.0 client needs to find the end of a kept-alive response.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttpToolsProtocol(_Guards, HttpToolsProtocol):
+        def connection_made(self, transport) -> None:
+            self._messages, self._in_head, self._in_body = 0, False, False  # the parser's position
+            super().connection_made(transport)
+            self._guard_new_connection()
+
+        def data_received(self, data: bytes) -> None:
+            # The parser keeps an incomplete head (a header's value, say) in memory, so its size is capped as
+            # h11 caps it. A read's bytes count towards a head when the read went on with that head or began
+            # with it; a head that begins after other bytes of a read counts from the next read (so the
+            # memory held is the cap plus one read at most, and a body before a head is never counted).
+            messages, in_head, in_body = self._messages, self._in_head, self._in_body
+            super().data_received(data)
+            if not self._in_head or self.transport.is_closing():
+                return
+            if self._messages == messages:
+                self._head_bytes += len(data)
+            elif self._messages == messages + 1 and not in_head and not in_body:
+                self._head_bytes = len(data)
+            else:
+                self._head_bytes = 0
+            if self._head_bytes > self.limits.max_head_bytes:
+                self._head_received()
+                self.send_400_response("Request head too large.")
+
+        def on_message_begin(self) -> None:
+            self._messages, self._in_head, self._head_bytes = self._messages + 1, True, 0
+            super().on_message_begin()
+
+        def on_message_complete(self) -> None:
+            self._in_body = False
+            super().on_message_complete()
+
+        def on_headers_complete(self) -> None:
+            self._in_head, self._in_body = False, True
+            self._head_received()
+            before = self.cycle
+            super().on_headers_complete()
+            cycle = self.cycle
+            if cycle is before:  # an upgrade request: no cycle was made
+                return
+            cycle.transport = CoalescedWrites(self.transport, self.loop)
+            if self.scope["http_version"] == "1.0" and self.parser.should_keep_alive():
+                cycle.keep_alive = True
+                cycle.default_headers = [*cycle.default_headers, KEEP_ALIVE_HEADER]
+
+        def on_response_complete(self) -> None:
+            # A pipelined request whose head has already arrived starts now (in super()): nothing to wait for.
+            if not self.transport.is_closing() and not self.pipeline:
+                self._await_head()
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._head_received()
+            super().connection_lost(exc)
+
+    GuardedHttpToolsProtocol.limits = limits.resolved()
+    GuardedHttpToolsProtocol.waiting, GuardedHttpToolsProtocol.dropped = {}, 0
+    return GuardedHttpToolsProtocol
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type:
+    """The guarded protocol class ``limits.http`` names ('auto': httptools when it is installed, else h11)."""
+    if limits.http == "httptools" or (limits.http == "auto" and httptools_available()):
+        return guarded_httptools(limits)
+    return guarded_h11(limits)
 
 
 def uvicorn_config(app, limits: ConnectionLimits | None = None, **kw):
@@ -170,7 +330,7 @@ def uvicorn_config(app, limits: ConnectionLimits | None = None, **kw):
     limits = (limits or ConnectionLimits()).resolved()
     # limit_concurrency is left off on purpose: uvicorn counts idle connections towards it and would answer
     # /health 503 while half-open connections wait for their deadline; the cap above evicts those instead.
-    return uvicorn.Config(app, http=guarded_h11(limits), timeout_keep_alive=limits.keep_alive,
+    return uvicorn.Config(app, http=guarded_protocol(limits), timeout_keep_alive=limits.keep_alive,
                           h11_max_incomplete_event_size=limits.max_head_bytes, backlog=ACCEPT_BATCH,
                           access_log=False, **kw)
 
@@ -258,7 +418,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextmanager
-def serve_subprocess(run_dir: str | Path, *args: str, startup_s: float = 120.0) -> Iterator[str]:
+def serve_subprocess(run_dir: str | Path, *args: str, startup_s: float = 120.0,
+                     env: dict[str, str] | None = None) -> Iterator[str]:
     """``cnnlab serve RUN_DIR`` in a child process on a free loopback port; yields its base URL once
     ``/health`` answers, and stops the process (terminate, then kill) on exit.
 
@@ -266,13 +427,15 @@ def serve_subprocess(run_dir: str | Path, *args: str, startup_s: float = 120.0) 
         run_dir: The trained run to serve.
         *args: More ``cnnlab serve`` options (e.g. ``"--max-batch", "64"``).
         startup_s: How long to wait for ``/health``; the server's output tail is in the error otherwise.
+        env: Variables added to this process's environment for the child (e.g. a PYTHONPATH naming another
+            source tree, to compare two versions of the server).
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--host", "127.0.0.1",
                                  "--port", str(port), "--log-level", "warning", *args],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
             deadline = time.monotonic() + startup_s
             while True:
