@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from tqdm import tqdm
 from ..errors import DataError
 from ..preprocess import Preprocess
 from .cache import cache_key, cached_array, cached_json
-from .images import MAX_PIXELS, RESIZES, image_to_tensor, open_image
+from .images import MAX_PIXELS, RESIZES, image_to_array, open_image
 from .sources import DatasetInfo, DatasetSpec, register_dataset_prefix
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -292,28 +293,63 @@ def _all_gray(files: list[Path], opts: FolderOptions) -> int:
     return 1 if all(m in GRAY_MODES for m in modes) else 3
 
 
-def decode_file(path: Path, shape: tuple[int, int, int], resize: str) -> np.ndarray:
-    """One file as uint8 [C, H, W], exactly as ``predict`` reads it (`open_image` then `image_to_tensor`)."""
+def decode_file(path: Path, shape: tuple[int, int, int], resize: str, out: np.ndarray | None = None) -> np.ndarray:
+    """One file as uint8 [C, H, W] (into ``out`` when given), exactly as ``predict`` reads it: `open_image`, then
+    `image_to_array` (the core of `image_to_tensor`)."""
     im = open_image(path, size=shape[1:], resize=resize)
-    return image_to_tensor(im, shape[0], shape[1:], invert="no", resize=resize).numpy()
+    try:
+        return image_to_array(im, shape[0], shape[1:], resize, out=out)
+    finally:
+        im.close()  # frees the decoded bitmap now rather than at the next garbage collection
+
+
+def _chunk_size(n: int, workers: int) -> int:
+    """Files a thread takes at a time: enough that taking one is rare, few enough that threads finish together."""
+    return max(1, min(32, n // (workers * 4)))
 
 
 def _decode_all(files: list[Path], shape: tuple[int, int, int], resize: str, workers: int,
                 write_row: Callable[[int, np.ndarray], None], what: str) -> None:
-    """Decode ``files`` into rows ``write_row(i, image)`` with a thread pool; the first error stops the rest."""
-    bar = tqdm(total=len(files), unit="img", desc=f"decoding {what}", leave=False, dynamic_ncols=True,
+    """Decode ``files`` into rows ``write_row(i, image)`` with ``workers`` threads; the first error stops the rest.
+
+    Each thread takes runs of consecutive files and decodes them into its own row buffer: PIL releases the GIL
+    while it decodes and resizes, so the Python work per image (opening, a few attribute reads, one copy into the
+    buffer) is what threads contend for, and it is kept small; no future or queue per image.
+    """
+    n = len(files)
+    chunk = _chunk_size(n, workers)
+    starts = iter(range(0, n, chunk))
+    lock = threading.Lock()
+    failed: list[BaseException] = []
+    bar = tqdm(total=n, unit="img", desc=f"decoding {what}", leave=False, dynamic_ncols=True,
                disable=not sys.stderr.isatty())
 
-    def one(i: int) -> None:
-        write_row(i, decode_file(files[i], shape, resize))
+    def work() -> None:
+        row = np.empty(shape, dtype=np.uint8)
+        try:
+            while not failed:
+                with lock:
+                    start = next(starts, None)
+                if start is None:
+                    return
+                for i in range(start, min(start + chunk, n)):
+                    write_row(i, decode_file(files[i], shape, resize, out=row))
+                with lock:
+                    bar.update(min(start + chunk, n) - start)
+        except BaseException as e:  # re-raised by the caller's thread; the other threads stop at their next run
+            failed.append(e)
 
-    pool = ThreadPoolExecutor(workers)
+    threads = [threading.Thread(target=work, name=f"decode-{k}", daemon=True) for k in range(1, min(workers, n))]
     try:
-        for _ in pool.map(one, range(len(files))):
-            bar.update()
+        for t in threads:
+            t.start()
+        work()  # the calling thread decodes too
+        for t in threads:
+            t.join()
     finally:
-        pool.shutdown(cancel_futures=True)
         bar.close()
+    if failed:
+        raise failed[0]
 
 
 def read_images(files: Files, shape: tuple[int, int, int], resize: str = "shorter-crop", *,
