@@ -173,9 +173,31 @@ def sized_for_model(name: str, input_size: tuple[int, int]) -> str:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted), skipping hidden files and other extensions."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Image files under ``folder`` (recursive, sorted by path parts), skipping hidden files and folders, other
+    extensions and symlinked folders (as ``Path.rglob``).
+
+    `os.scandir` reads each entry's type from the directory listing, so a folder of N files costs one listing,
+    not N ``stat`` calls and N ``Path`` objects; every command scans before it can map the decoded cache.
+    """
+    found: list[tuple[list[str], str]] = []
+
+    def walk(directory: str, parts: list[str]) -> None:
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except PermissionError:
+            return
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                walk(e.path, [*parts, e.name])
+            elif os.path.splitext(e.name)[1].lower() in EXTENSIONS and e.is_file():
+                found.append(([*parts, e.name], e.path))
+
+    walk(os.fspath(folder), [])
+    found.sort(key=lambda f: f[0])
+    return [Path(path) for _, path in found]
 
 
 def _class_dirs(folder: Path) -> list[Path]:
