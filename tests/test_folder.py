@@ -424,3 +424,31 @@ def test_random_resized_crop_of_bigger_images_evaluates_the_centre_crop(folder, 
     assert main(args) != 0
     err = capsys.readouterr().err.strip()
     assert "random_resized_crop" in err and "20x20" in err and "\n" not in err
+
+
+def test_random_resized_crop_without_a_size_decodes_larger_and_resumes_bit_identically(folder, tmp_path, capsys):
+    def sizeless(run: Path, steps: int) -> list[str]:
+        args = train_args(run, folder, steps)
+        args[3] = f"--dataset=folder:{folder}"  # no size=: the run picks it for the model and the crops
+        return args
+
+    assert main(sizeless(tmp_path / "a", 4)) == 0
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["config"]["dataset"] == f"folder:{folder}?size=32x32"  # 28 / 0.875: crops keep their pixels
+    assert cfg["data"]["preprocess"]["size"] == [32, 32] and cfg["data"]["preprocess"]["crop"] == [28, 28]
+    assert main(sizeless(tmp_path / "b", 2)) == 0
+    assert main(sizeless(tmp_path / "b", 4)) == 0
+    from safetensors.torch import load_file
+    a, b = (load_file(max((tmp_path / r).glob("ckpt-*.safetensors"))) for r in "ab")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "a"), "--json"]) == 0  # the recorded size and centre crop
+    assert json.loads(capsys.readouterr().out)["n"] == 6
+
+
+def test_decode_size_is_the_model_size_unless_training_on_resized_crops():
+    from cnnlab.data.folder import decode_size
+    assert decode_size((224, 224), resized_crop=False) == (224, 224)
+    assert decode_size((224, 224), resized_crop=True) == (256, 256)
+    assert decode_size((28, 20), resized_crop=True) == (32, 22)
+    assert decode_size((1, 1), resized_crop=True) == (1, 1)

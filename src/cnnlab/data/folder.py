@@ -37,6 +37,7 @@ that every later command maps instead of decoding again.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -61,6 +62,9 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 DEFAULT_VAL = 0.2
 DEFAULT_SIZE = (224, 224)  # the common ImageNet-model input; the images' own sizes are never used
 SPLITS = ("train", "val", "test")
+# Training on random-resized crops, a model's input is this fraction of the decoded side (224 of 256, as
+# torchvision's and timm's ImageNet recipes): crops keep their resolution, evaluation takes the centre crop.
+CROP_FRACTION = 0.875
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,19 @@ def sized_for_model(name: str, input_size: tuple[int, int]) -> str:
     if any(item.partition("=")[0] == "size" for item in query.split("&")):
         return name
     return f"{path}?{query + '&' if query else ''}size={input_size[0]}x{input_size[1]}"
+
+
+def decode_size(input_size: tuple[int, int], resized_crop: bool) -> tuple[int, int]:
+    """The (H, W) a folder is decoded at when its name gives no ``size=``, for a model taking ``input_size``.
+
+    The model's own size, or with ``resized_crop`` (the run trains on random-resized crops) ``input_size /
+    CROP_FRACTION`` rounded down, e.g. 256 for 224: a crop of part of the picture then still has about as many
+    pixels as the model's input instead of being upscaled from fewer, and evaluation and prediction use the
+    centre ``input_size`` crop of the larger image (the run records it, `cnnlab.preprocess.for_training`).
+    """
+    if not resized_crop:
+        return tuple(input_size)
+    return tuple(max(s, math.floor(s / CROP_FRACTION)) for s in input_size)
 
 
 def _images_in(folder: Path) -> list[Path]:

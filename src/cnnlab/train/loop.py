@@ -26,7 +26,7 @@ from .. import rundir
 from ..config import TrainConfig
 from ..data import ArrayDataset, load_dataset, validation_split
 from ..data.augment import Augment
-from ..data.folder import sized_for_model
+from ..data.folder import decode_size, sized_for_model
 from ..data.loader import BatchSource
 from ..errors import CheckpointError, CnnlabError
 from ..infer import EvalResult, model_input, select_device
@@ -91,12 +91,14 @@ def sized_dataset(config: TrainConfig) -> TrainConfig:
 
     The size is the one the model takes when built without data: a fixed model's input, or for a
     flexible-size model (``timm:...``) its pretrained configuration's (224 for resnet18) unless
-    ``img_size`` is given. The resolved name is what the run records, so evaluate and predict use it too.
+    ``img_size`` is given; larger when the run trains on random-resized crops (`decode_size`). The resolved name
+    is what the run records, so evaluate and predict use it too.
     """
     if sized_for_model(config.dataset, (1, 1)) == config.dataset:  # not a folder name, or it has a size
         return config
     args = {k: v for k, v in config.model_args.items() if k not in INIT_ONLY_ARGS}  # no weights needed for a size
-    size = tuple(create_model(config.model, **args).meta.input_size[1:])
+    size = decode_size(tuple(create_model(config.model, **args).meta.input_size[1:]),
+                       resized_crop=tuple(config.random_resized_crop) != (0.0, 0.0))
     return dataclasses.replace(config, dataset=sized_for_model(config.dataset, size))
 
 
