@@ -453,3 +453,29 @@ def test_decode_size_is_the_model_size_unless_training_on_resized_crops():
     assert decode_size((224, 224), resized_crop=True) == (256, 256)
     assert decode_size((28, 20), resized_crop=True) == (32, 22)
     assert decode_size((1, 1), resized_crop=True) == (1, 1)
+
+
+def test_threads_decode_the_same_rows_as_one_and_stop_at_a_broken_file(folder, data_env, tmp_path):
+    from cnnlab.data.folder import read_images
+    files = [(p, 0) for p in sorted((folder / "train").glob("*/*.png"))] * 5  # 60 rows: several runs per thread
+    one, _ = read_images(files, (3, 12, 10), workers=1, cache=False)
+    many, _ = read_images(files, (3, 12, 10), workers=4, cache=False)
+    assert one.shape == (60, 3, 12, 10) and np.array_equal(one, many) and one.std() > 0
+    cached, _ = read_images(files, (3, 12, 10), workers=3, cache=True)
+    assert np.array_equal(cached, one)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="broken.png: not a"):
+        read_images([*files[:30], (broken, 0), *files[30:]], (3, 12, 10), workers=3, cache=False)
+
+
+def test_scan_skips_hidden_entries_and_symlinked_folders_and_sorts_by_path_parts(tmp_path, data_env):
+    from cnnlab.data.folder import _images_in
+    d = tmp_path / "cls"
+    for rel in ("b.png", "a-b/x.png", "a/x.png", "a/.h.png", ".hid/y.png", "a/z.JPG", "a/notes.txt"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(b"")
+    (d / "link").symlink_to(d / "a", target_is_directory=True)  # rglob does not descend into it either
+    (d / "c.png").symlink_to(d / "b.png")  # a symlinked file is a file
+    found = [p.relative_to(d).as_posix() for p in _images_in(d)]
+    assert found == ["a/x.png", "a/z.JPG", "a-b/x.png", "b.png", "c.png"]  # ('a',) < ('a-b',): parts, not strings

@@ -20,6 +20,7 @@ from cnnlab.data.images import (
     ImageTooLarge,
     as_batch,
     centre_digit,
+    image_to_array,
     image_to_tensor,
     open_image,
 )
@@ -272,3 +273,17 @@ def test_random_bytes_give_a_clean_error(data):
         open_image(data)
     except DataError:
         pass
+
+
+def test_image_to_array_is_image_to_tensor_written_into_a_row(odd_files, tmp_path):
+    for name, channels in (("rotated.jpg", 3), ("palette_clear.png", 3), ("gray16.png", 1), ("rotated.jpg", 1)):
+        im = open_image(odd_files / name)
+        row = np.full((channels, 7, 5), 9, dtype=np.uint8)
+        out = image_to_array(im, channels, (7, 5), "shorter-crop", out=row)
+        assert out is row
+        assert np.array_equal(row, image_to_tensor(im, channels, (7, 5), invert="no", resize="shorter-crop").numpy())
+    rgb = Image.new("RGB", (4, 3), (1, 2, 3))
+    assert np.array_equal(image_to_array(rgb, 3, (3, 4)), np.array([1, 2, 3], dtype=np.uint8)[:, None, None]
+                          .repeat(3, 1).repeat(4, 2))
+    with pytest.raises(DataError, match="image not found"):
+        open_image(tmp_path)  # a folder is not an image file either
