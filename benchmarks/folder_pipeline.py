@@ -16,7 +16,7 @@ Two memory modes train with ``cnnlab train`` in a child process and print its pe
 child as it exits) and accuracy:
 
 * ``--rss-stream``: ``--count`` images (default 50,000) at 224 px, trained ``--steps`` steps with
-  ``--data_memory_gb=2`` (streamed from the cache) and then resident (``--data_memory_gb=0``);
+  ``--data_memory_gb=2`` (``--budget-gb``; streamed from the cache) and then resident (``--data_memory_gb=0``);
 * ``--rss-phone``: a folder whose first file is a 4000x3000 JPEG, trained at the default size (224).
 
 Usage::
@@ -186,7 +186,7 @@ def train_rss(dataset: str, run: Path, steps: int, *extra: str) -> dict:
 
 
 def rss_stream(args, tmp: Path) -> None:
-    """``--count`` images at 224 px: peak RSS and accuracy streamed under a 2 GiB budget, then resident."""
+    """``--count`` images at 224 px: peak RSS and accuracy streamed under ``--budget-gb``, then resident."""
     from common import hardware_line, print_table
 
     root = tmp / "images"
@@ -194,7 +194,8 @@ def rss_stream(args, tmp: Path) -> None:
     dataset = f"folder:{root}?size=224&val={args.val}"
     os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")
     rows = []
-    for label, budget in (("streamed, --data_memory_gb=2", "2"), ("resident, --data_memory_gb=0", "0")):
+    for label, budget in ((f"streamed, --data_memory_gb={args.budget_gb:g}", f"{args.budget_gb:g}"),
+                          ("resident, --data_memory_gb=0", "0")):
         r = train_rss(dataset, tmp / f"run-{budget}", args.steps, f"--data_memory_gb={budget}")
         rows.append([label, f"{r['peak_rss_mb']:.0f}", f"{r['accuracy']:.4f}", r["n"]])
     print(hardware_line())
@@ -256,6 +257,7 @@ def main() -> int:
     p.add_argument("--rss-phone", action="store_true", help="peak RSS of training on a folder led by a 12 MP photo")
     p.add_argument("--count", type=int, help="images for the --rss-* modes (default 50,000; --rss-phone: 200)")
     p.add_argument("--steps", type=int, default=100, help="training steps of the --rss-* modes")
+    p.add_argument("--budget-gb", type=float, default=2.0, help="--rss-stream's memory budget, GiB")
     p.add_argument("--val", type=float, default=0.02, help="held-out fraction of --rss-stream (evaluated mapped)")
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--phase", help=argparse.SUPPRESS)
