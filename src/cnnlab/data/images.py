@@ -27,6 +27,8 @@ INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
                   "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _ORIENTATION = 0x0112  # EXIF tag; values 5..8 swap width and height
+_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")  # where PIL finds it (getexif reads XMP's too)
+_JPEGS = ("JPEG", "MPO")  # MPO: a phone's JPEG with extra frames (depth, preview); decoded as a JPEG
 _ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
@@ -77,10 +79,15 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, *, size
     try:
         if im.width * im.height > max_pixels:
             raise ImageTooLarge(f"{what}: image too large ({im.width}x{im.height} pixels, at most {max_pixels:,})")
-        if size is not None and im.format == "JPEG":
-            im.draft(im.mode, _draft_request(im, size, resize))
+        jpeg = im.format in _JPEGS
+        # A JPEG's orientation can only come from its EXIF or XMP block, both read with the header: without
+        # them, reading the (empty) orientation twice is skipped, a per-file cost paid while holding the GIL.
+        oriented = not jpeg or any(k in im.info for k in _ORIENTATION_SOURCES)
+        if size is not None and jpeg:
+            im.draft(im.mode, _draft_request(im, size, resize, oriented))
         im.load()
-        ImageOps.exif_transpose(im, in_place=True)
+        if oriented:
+            ImageOps.exif_transpose(im, in_place=True)
         return _eight_bit(im)
     except ImageTooLarge:
         im.close()
@@ -90,11 +97,14 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, *, size
         raise DataError(f"{what}: not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def _draft_request(im: Image.Image, size: tuple[int, int], resize: str) -> tuple[int, int]:
-    """The (W, H) a JPEG draft must keep at least, in the file's own (un-rotated) orientation."""
+def _draft_request(im: Image.Image, size: tuple[int, int], resize: str, oriented: bool = True) -> tuple[int, int]:
+    """The (W, H) a JPEG draft must keep at least, in the file's own (un-rotated) orientation.
+
+    ``oriented``: whether the file may say it is turned (False: it has no EXIF or XMP block).
+    """
     h, w = size
     try:
-        turned = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+        turned = oriented and im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
     except (AttributeError, TypeError, ValueError, OSError, SyntaxError, struct.error):
         turned = False  # a broken EXIF block only costs the draft
     iw, ih = (im.height, im.width) if turned else (im.width, im.height)
