@@ -385,6 +385,11 @@ def _decode_all(files: list[Path], shape: tuple[int, int, int], resize: str, wor
         work()  # the calling thread decodes too
         for t in threads:
             t.join()
+    except BaseException as e:  # e.g. Ctrl-C while joining: the threads stop before the caller closes the file
+        failed.append(e)
+        for t in threads:
+            t.join()
+        raise
     finally:
         bar.close()
     if failed:
