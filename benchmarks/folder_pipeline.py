@@ -301,7 +301,8 @@ def main() -> int:
     names = {"serial": "decode, 1 thread, no cache", "parallel": f"decode, {args.workers} threads, no cache",
              "cache-first": "first pass (decode + write the cache)",
              "cache-epoch": "later epoch, resident (batches of 256)",
-             "cache-stream": "later epoch, streamed from the cache (batches of 256)"}
+             "cache-stream": "later epoch, streamed from the cache (batches of 256)",
+             "keras": "Keras image_dataset_from_directory (first pass)"}
     print_table(["pass", "images", "seconds", "images/s", "peak RSS MiB"],
                 [[names.get(r["phase"], r["phase"]), r["images"], f"{r['seconds']:.3f}", f"{r['images_per_s']:.0f}",
                   f"{r['peak_rss_mb']:.0f}"] for r in rows])
