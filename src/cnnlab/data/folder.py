@@ -21,7 +21,7 @@ Options after ``?`` (joined by ``&``):
 
 * ``size=N`` or ``size=HxW``: the size images are brought to; default 224 (``DEFAULT_SIZE``). It is never read
   from the images: pass the model's input size, e.g. ``size=28`` for the MNIST models (`sized_for_model` adds
-  it to a name that has none).
+  it to a name that has none; training on random-resized crops adds a larger one, `decode_size`).
 * ``resize=shorter-crop|stretch``: scale the shorter side to ``size`` and keep the centre (default, as
   torchvision and Keras' ``crop_to_aspect_ratio`` do), or stretch the whole picture to ``size``.
 * ``channels=1|3``: grayscale or RGB. Default: 1 if every image is grayscale, else 3. Transparent pixels
