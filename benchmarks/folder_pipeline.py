@@ -4,7 +4,8 @@ Builds a JPEG folder from CIFAR-10's real images (no download: the python batche
 320x256, plus a few phone-sized 4000x3000 JPEGs, then measures, each phase in a fresh process so that its peak
 RSS is its own:
 
-* decode images/s, one thread vs a thread pool (``workers=``), straight into memory (``cache=0``);
+* decode images/s: PIL alone (open, ``draft``, resize; one thread) as the reference, then cnnlab's decode
+  with one thread and with a thread pool (``workers=``), straight into memory (``cache=0``);
 * the first pass through the on-disk cache (decode + write);
 * a later command opening the cached split (scan the folder, key, map, copy it in once), and a later epoch: every
   image served once as shuffled uint8 batches, from memory (resident) and streamed from the mapping;
@@ -93,6 +94,11 @@ def phase(args) -> dict:
     opts = parse_folder_name(f"{args.root}?size={args.size}&val=0&channels=3")
     scan = scan_folder(opts)
     files = scan.splits["train"]
+    if args.phase == "pil":
+        touch(bare_pil([p for p, _ in files], args.size))
+        seconds = time.perf_counter() - t0
+        return {"phase": "pil", "images": len(files), "seconds": seconds, "images_per_s": len(files) / seconds,
+                "peak_rss_mb": peak_rss_mb()}
     workers = 1 if args.phase == "serial" else args.workers
     images, labels = read_images(files, scan.shape, scan.resize, workers=workers,
                                  cache=args.phase.startswith("cache"))
@@ -104,6 +110,22 @@ def phase(args) -> dict:
         row["seconds"] = time.perf_counter() - t0
     row["images_per_s"] = len(files) / row["seconds"]
     return {**row, "peak_rss_mb": peak_rss_mb()}
+
+
+def bare_pil(paths: list[Path], size: int) -> np.ndarray:
+    """The reference: PIL alone, one thread: open, ``draft``, shorter side to ``size`` with a centre crop."""
+    from PIL import Image
+
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        with Image.open(path) as im:
+            k = size / min(im.size)
+            im.draft("RGB", (round(im.width * k), round(im.height * k)))
+            w, h = im.size
+            side = min(w, h)
+            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+            out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, box=box))
+    return out
 
 
 def touch(images: np.ndarray) -> int:
@@ -283,7 +305,7 @@ def main() -> int:
         env = {"XDG_CACHE_HOME": str(cache)}
         me = [sys.executable, __file__, "--root", str(root), "--size", str(args.size), "--workers", str(args.workers)]
         rows = []
-        for name in ("serial", "parallel", "cache-first", "cache-epoch", "cache-stream"):
+        for name in ("pil", "serial", "parallel", "cache-first", "cache-epoch", "cache-stream"):
             rows += run_json([*me, "--phase", name], env)
         if args.keras_python:
             rows += run_json([args.keras_python, "-c", KERAS_WORKER, str(root / "train"), str(args.size)])
@@ -298,7 +320,8 @@ def main() -> int:
     print(hardware_line())
     print(f"folder: {args.images} CIFAR-10 images as 320x256 JPEGs + {args.big} at 4000x3000, to {args.size} px, "
           f"{args.workers} decode threads")
-    names = {"serial": "decode, 1 thread, no cache", "parallel": f"decode, {args.workers} threads, no cache",
+    names = {"pil": "PIL alone (open, draft, resize), 1 thread", "serial": "decode, 1 thread, no cache",
+             "parallel": f"decode, {args.workers} threads, no cache",
              "cache-first": "first pass (decode + write the cache)",
              "cache-epoch": "later epoch, resident (batches of 256)",
              "cache-stream": "later epoch, streamed from the cache (batches of 256)",
