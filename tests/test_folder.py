@@ -147,7 +147,7 @@ def test_train_on_folder_then_predict_its_files(folder, tmp_path, capsys):
     (lambda r: (r / "train").mkdir(parents=True), "", "no class folders"),
     (lambda r: (r / "train" / "cat").mkdir(parents=True), "", "no images"),
     (lambda r: (make_folder(r, 2, 1), (r / "train" / "red" / "broken.png").write_bytes(b"\x89PNG not really")),
-     "", "broken.png: not a readable image"),
+     "", "broken.png: not a"),  # read as a header (all-gray check) or decoded: named either way
     (lambda r: make_folder(r, 2, 1), "?val=0.2", "drop val=0.2"),
     (lambda r: (make_folder(r, 2, 1), (r / "val" / "cyan").mkdir()), "", "cyan not in"),
     (lambda r: make_folder(r, 2, 1), "?size=0", "bad size='0'"),
@@ -479,3 +479,11 @@ def test_scan_skips_hidden_entries_and_symlinked_folders_and_sorts_by_path_parts
     (d / "c.png").symlink_to(d / "b.png")  # a symlinked file is a file
     found = [p.relative_to(d).as_posix() for p in _images_in(d)]
     assert found == ["a/x.png", "a/z.JPG", "a-b/x.png", "b.png", "c.png"]  # ('a',) < ('a-b',): parts, not strings
+
+
+def test_a_colour_folder_is_known_from_its_first_header(folder, data_env, monkeypatch):
+    read = []
+    real = folder_mod._header_mode
+    monkeypatch.setattr(folder_mod, "_header_mode", lambda p: read.append(p) or real(p))
+    assert dataset_info(f"folder:{folder}?cache=0").shape[0] == 3
+    assert len(read) == 1  # not every header before decoding

@@ -327,9 +327,18 @@ def _default_channels(files: list[Path], opts: FolderOptions) -> int:
 
 
 def _all_gray(files: list[Path], opts: FolderOptions) -> int:
+    """1 if every header says grayscale, else 3, reading headers in runs that grow from one file.
+
+    A colour folder usually says so in its first header, so it is not read whole before decoding (a header
+    read is mostly Python: threads barely help). A broken file left unread here is named when it is decoded.
+    """
     with ThreadPoolExecutor(_workers_for(opts)) as pool:
-        modes = list(pool.map(_header_mode, files))
-    return 1 if all(m in GRAY_MODES for m in modes) else 3
+        start, run = 0, 1
+        while start < len(files):
+            if any(m not in GRAY_MODES for m in pool.map(_header_mode, files[start:start + run])):
+                return 3
+            start, run = start + run, min(run * 8, 4096)
+    return 1
 
 
 def decode_file(path: Path, shape: tuple[int, int, int], resize: str, out: np.ndarray | None = None) -> np.ndarray:
