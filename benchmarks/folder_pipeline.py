@@ -280,7 +280,7 @@ def main() -> int:
     p.add_argument("--count", type=int, help="images for the --rss-* modes (default 50,000; --rss-phone: 200)")
     p.add_argument("--steps", type=int, default=100, help="training steps of the --rss-* modes")
     p.add_argument("--budget-gb", type=float, default=2.0, help="--rss-stream's memory budget, GiB")
-    p.add_argument("--val", type=float, default=0.02, help="held-out fraction of --rss-stream (evaluated mapped)")
+    p.add_argument("--val", type=float, default=0.2, help="held-out fraction of --rss-stream (the folder default)")
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--phase", help=argparse.SUPPRESS)
     args = p.parse_args()

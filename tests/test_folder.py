@@ -487,3 +487,26 @@ def test_a_colour_folder_is_known_from_its_first_header(folder, data_env, monkey
     monkeypatch.setattr(folder_mod, "_header_mode", lambda p: read.append(p) or real(p))
     assert dataset_info(f"folder:{folder}?cache=0").shape[0] == 3
     assert len(read) == 1  # not every header before decoding
+
+
+def _mapped_rss_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_evaluating_a_mapped_split_hands_its_pages_back(folder, data_env):
+    from cnnlab.infer import predict_logits
+    from cnnlab.models import create_model
+    ds = load_dataset(f"folder:{folder}?size=28", "train")
+    (cache,) = decoded_dir().glob("*.npy")
+    torch.manual_seed(0)
+    model = create_model("spec:in3x28x28-conv4k3-pool2-fc3")
+    mapped = predict_logits(model, ds.images, batch_size=5)
+    assert _mapped_rss_kb(cache) == 0  # every batch read was dropped from this process's memory
+    assert mapped.equal(predict_logits(model, ds.images.clone(), batch_size=5))  # and the logits are the same

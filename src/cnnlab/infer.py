@@ -27,6 +27,7 @@ from . import checkpoint as ck
 from .data import ArrayDataset, load_dataset
 from .data.augment import fit_to_size
 from .data.images import as_batch
+from .data.loader import drop_pages, file_backed
 from .errors import CheckpointError, CnnlabError, ConfigError, DataError
 from .models import create_model
 from .models.layers import use_onednn_linear
@@ -118,13 +119,18 @@ def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int
     """
     device = device or next(model.parameters()).device
     out = []
+    mapped = file_backed(images_u8)  # a folder's decoded cache: hand read pages back, as training's streaming does
     with eval_mode(model):
         for i in range(0, len(images_u8), batch_size):
             x = model_input(model, images_u8[i:i + batch_size].to(device), crop, channels_last)
+            if mapped:
+                drop_pages(images_u8[i:i + batch_size])
             with autocast(device, precision):
                 views = _tta_views(x, tta)
                 logits = sum(model(v).float() for v in views) / len(views)
             out.append(logits.cpu())
+    if mapped:  # the kernel maps a few pages around each one read: those the per-batch drops missed
+        drop_pages(images_u8)
     return torch.cat(out) if out else torch.zeros(0, model.meta.num_classes)
 
 

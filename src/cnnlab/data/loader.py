@@ -41,8 +41,12 @@ def file_backed(t: torch.Tensor) -> bool:
     return bool(where) and not where.startswith("[")  # [heap], [stack], [anon:...] are private memory
 
 
-def _drop_pages(t: torch.Tensor) -> None:
-    """Let the kernel take back the resident pages of a file-backed tensor (they stay in the page cache)."""
+def drop_pages(t: torch.Tensor) -> None:
+    """Let the kernel take back the resident pages of a file-backed tensor (they stay in the page cache).
+
+    Only for read-only use of a mapping: pages of a copy-on-write mapping that were written would revert to
+    the file's contents. Pages shared with a neighbouring slice are dropped too and read again when touched.
+    """
     page = mmap.PAGESIZE
     start = t.data_ptr() // page * page
     length = t.data_ptr() + t.numel() * t.element_size() - start
@@ -102,6 +106,6 @@ class BatchSource:
         if self._mapped:
             self._read += rows.size
             if self._read >= self._drop_every:
-                _drop_pages(self.images)
+                drop_pages(self.images)
                 self._read = 0
         return torch.from_numpy(rows)
