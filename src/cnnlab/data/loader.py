@@ -47,9 +47,14 @@ def drop_pages(t: torch.Tensor) -> None:
     Only for read-only use of a mapping: pages of a copy-on-write mapping that were written would revert to
     the file's contents. Pages shared with a neighbouring slice are dropped too and read again when touched.
     """
+    if t.numel() == 0:
+        return
     page = mmap.PAGESIZE
     start = t.data_ptr() // page * page
-    length = t.data_ptr() + t.numel() * t.element_size() - start
+    # The bytes from the first element to the last: a strided view (a rank's every other row) spans more than
+    # numel * element_size.
+    span = (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+    length = t.data_ptr() + span - start
     ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_DONTNEED)
 
 
