@@ -1,18 +1,30 @@
-"""The ``folder:`` pipeline: decode speed serial vs parallel (and Keras), first vs cached pass, peak memory.
+"""The ``folder:`` pipeline: decode speed serial vs parallel (and Keras), first vs later passes, peak memory.
 
 Builds a JPEG folder from CIFAR-10's real images (no download: the python batches must be on disk) upscaled to
 320x256, plus a few phone-sized 4000x3000 JPEGs, then measures, each phase in a fresh process so that its peak
 RSS is its own:
 
-* decode images/s, one thread vs a thread pool (``workers=``), straight into memory (``cache=0``);
-* the first pass through the on-disk cache (decode + write) and a later pass (the cache mapped and read);
+* decode images/s: PIL alone (open, ``draft``, resize; one thread) as the reference, then cnnlab's decode
+  with one thread and with a thread pool (``workers=``), straight into memory (``cache=0``);
+* the first pass through the on-disk cache (decode + write);
+* a later command opening the cached split (scan the folder, key, map, copy it in once), and a later epoch: every
+  image served once as shuffled uint8 batches, from memory (resident) and streamed from the mapping;
 * optionally Keras' ``image_dataset_from_directory`` on the same folder (``--keras-python`` naming the python of
   a venv with tensorflow-cpu, as ``vs_keras.py`` sets up);
 * optionally the same load under ``torchrun --nproc-per-node 2`` (both ranks share one cache file).
 
+Two memory modes train with ``cnnlab train`` in a child process and print its peak RSS (VmHWM, read by the
+child as it exits) and accuracy:
+
+* ``--rss-stream``: ``--count`` images (default 50,000) at 224 px, trained ``--steps`` steps with
+  ``--data_memory_gb=2`` (``--budget-gb``; streamed from the cache) and then resident (``--data_memory_gb=0``);
+* ``--rss-phone``: a folder whose first file is a 4000x3000 JPEG, trained at the default size (224).
+
 Usage::
 
     python benchmarks/folder_pipeline.py --images 2000 --size 64 [--big 4] [--keras-python venv/bin/python] [--torchrun]
+    python benchmarks/folder_pipeline.py --rss-stream [--count 50000] [--steps 100]
+    python benchmarks/folder_pipeline.py --rss-phone
 """
 
 from __future__ import annotations
@@ -50,13 +62,14 @@ def peak_rss_mb() -> float:
 
 
 def build_folder(root: Path, cifar: Path, n: int, big: int) -> None:
-    """root/train/<class>/*.jpg: ``n`` CIFAR-10 images at 320x256 and ``big`` 4000x3000 ones."""
+    """root/train/<class>/*.jpg: ``n`` CIFAR-10 training images at 320x256 and ``big`` 4000x3000 ones."""
     from PIL import Image
 
     from cnnlab.data.formats import read_cifar_batch, read_cifar_meta
 
     names = read_cifar_meta(cifar / "batches.meta")
-    images, labels = read_cifar_batch(cifar / "data_batch_1")
+    batches = [read_cifar_batch(cifar / f"data_batch_{k}") for k in range(1, 1 + min(5, -(-n // 10000)))]
+    images, labels = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
     rng = np.random.default_rng(0)
     for i in range(n):
         img = images[i % len(images)]
@@ -73,19 +86,77 @@ def build_folder(root: Path, cifar: Path, n: int, big: int) -> None:
 
 
 def phase(args) -> dict:
-    """One measurement, in this process: decode (serial or parallel, no cache) or a cached pass."""
+    """One measurement, in this process: decode (serial or parallel, no cache), the first cached pass, or a
+    later command (open the cached split, then one epoch of batches, resident or streamed)."""
     from cnnlab.data.folder import parse_folder_name, read_images, scan_folder
 
+    t0 = time.perf_counter()
     opts = parse_folder_name(f"{args.root}?size={args.size}&val=0&channels=3")
     scan = scan_folder(opts)
     files = scan.splits["train"]
+    if args.phase == "pil":
+        touch(bare_pil([p for p, _ in files], args.size))
+        seconds = time.perf_counter() - t0
+        return {"phase": "pil", "images": len(files), "seconds": seconds, "images_per_s": len(files) / seconds,
+                "peak_rss_mb": peak_rss_mb()}
     workers = 1 if args.phase == "serial" else args.workers
+    images, labels = read_images(files, scan.shape, scan.resize, workers=workers,
+                                 cache=args.phase.startswith("cache"))
+    row = {"phase": args.phase, "images": len(files)}
+    if args.phase in ("cache-epoch", "cache-stream"):
+        row.update(epoch(images, labels, stream=args.phase == "cache-stream", opened=time.perf_counter() - t0))
+    else:
+        touch(images)
+        row["seconds"] = time.perf_counter() - t0
+    row["images_per_s"] = len(files) / row["seconds"]
+    return {**row, "peak_rss_mb": peak_rss_mb()}
+
+
+def bare_pil(paths: list[Path], size: int) -> np.ndarray:
+    """The reference: PIL alone, one thread: open, ``draft``, shorter side to ``size`` with a centre crop."""
+    from PIL import Image
+
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        with Image.open(path) as im:
+            k = size / min(im.size)
+            im.draft("RGB", (round(im.width * k), round(im.height * k)))
+            w, h = im.size
+            side = min(w, h)
+            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+            out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, box=box))
+    return out
+
+
+def touch(images: np.ndarray) -> int:
+    """Read every byte of ``images`` (a mapped cache is read lazily) without converting it."""
+    flat = np.asarray(images).reshape(len(images), -1)
+    return sum(int(flat[i:i + 256].max()) for i in range(0, len(flat), 256))
+
+
+def epoch(images: np.ndarray, labels: np.ndarray, stream: bool, opened: float, batch: int = 256) -> dict:
+    """What a later training epoch costs on the data side: every image once, as shuffled uint8 batches.
+
+    ``BatchSource`` is what `cnnlab train` serves batches with: resident (the mapped split copied in once, timed
+    as part of opening it) or streamed from the mapping (a budget far below the split's size).
+    """
+    import torch
+
+    from cnnlab.data.loader import BatchSource
+
     t0 = time.perf_counter()
-    images, _ = read_images(files, scan.shape, scan.resize, workers=workers, cache=args.phase.startswith("cache"))
-    checksum = int(np.asarray(images, dtype=np.uint64).sum())  # touch every byte (a mapped cache is lazy)
+    source = BatchSource(torch.from_numpy(images), torch.from_numpy(labels), torch.device("cpu"),
+                         memory_gb=1e-9 if stream else None)
+    opened += time.perf_counter() - t0
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    served = 0
+    for i in range(0, len(order), batch):
+        x, _ = source.take(order[i:i + batch])
+        served += x.shape[0]
     seconds = time.perf_counter() - t0
-    return {"phase": args.phase, "images": len(files), "seconds": seconds, "images_per_s": len(files) / seconds,
-            "peak_rss_mb": peak_rss_mb(), "checksum": checksum}
+    assert served == len(images)
+    return {"seconds": seconds, "open_seconds": opened}
 
 
 def rank_load(args) -> dict:
@@ -106,6 +177,70 @@ def rank_load(args) -> dict:
     int(ds.images.sum())
     return {"rank": int(os.environ.get("RANK", "0")), "seconds": time.perf_counter() - t0, "decoded": calls["n"],
             "peak_rss_mb": peak_rss_mb()}
+
+
+RSS_MODEL = "spec:in3x224x224-conv16k5s4-pool2-conv32k3-pool2-gap-fc10"  # cheap at 224 px: the data dominates
+RSS_WORKER = r"""
+import atexit, json, os, sys
+
+def report():
+    hwm = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+    with open(os.environ["RSS_OUT"], "w") as f:
+        json.dump({"peak_rss_mb": int(hwm) / 1024}, f)
+
+atexit.register(report)  # at exit, so the figure is this process's whole-life peak
+from cnnlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def train_rss(dataset: str, run: Path, steps: int, *extra: str) -> dict:
+    """Train ``RSS_MODEL`` on ``dataset`` in a child process; its peak RSS (MiB) and test accuracy."""
+    out = run.with_suffix(".rss.json")
+    cmd = [sys.executable, "-c", RSS_WORKER, "train", "--model-dir", str(run), f"--dataset={dataset}",
+           f"--model={RSS_MODEL}", f"--steps={steps}", "--batch_size=64", "--optimizer=adam", "--lr=0.003",
+           "--log_every=50", "--no-report", *extra]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "RSS_OUT": str(out)})
+    if done.returncode != 0:
+        raise SystemExit(f"training failed: {(done.stderr.strip().splitlines() or ['exit code'])[-1]}")
+    results = json.loads((run / "results.json").read_text())
+    return {**json.loads(out.read_text()), "accuracy": results["test"]["accuracy"], "n": results["test"]["n"]}
+
+
+def rss_stream(args, tmp: Path) -> None:
+    """``--count`` images at 224 px: peak RSS and accuracy streamed under ``--budget-gb``, then resident."""
+    from common import hardware_line, print_table
+
+    root = tmp / "images"
+    build_folder(root, args.cifar, args.count, 0)
+    dataset = f"folder:{root}?size=224&val={args.val}"
+    os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")
+    rows = []
+    for label, budget in ((f"streamed, --data_memory_gb={args.budget_gb:g}", f"{args.budget_gb:g}"),
+                          ("resident, --data_memory_gb=0", "0")):
+        r = train_rss(dataset, tmp / f"run-{budget}", args.steps, f"--data_memory_gb={budget}")
+        rows.append([label, f"{r['peak_rss_mb']:.0f}", f"{r['accuracy']:.4f}", r["n"]])
+    print(hardware_line())
+    print(f"folder: {args.count} CIFAR-10 images as 320x256 JPEGs, decoded to 224 px (val={args.val}), "
+          f"{RSS_MODEL}, {args.steps} steps of 64")
+    print_table(["training split", "peak RSS MiB", "val accuracy", "val images"], rows)
+
+
+def rss_phone(args, tmp: Path) -> None:
+    """A folder whose first file is a 4000x3000 JPEG, trained at the default size: the training's peak RSS."""
+    from common import hardware_line, print_table
+
+    root = tmp / "images"
+    build_folder(root, args.cifar, args.count, 1)
+    first = min((root / "train").rglob("*.jpg"))
+    phone = next((root / "train").rglob("phone0.jpg"))
+    phone.rename(first.with_name("000000-phone.jpg"))  # sorts first in the first class folder
+    os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")
+    r = train_rss(f"folder:{root}", tmp / "run", args.steps)
+    print(hardware_line())
+    print(f"folder: one 4000x3000 JPEG first, then {args.count} CIFAR-10 images as 320x256 JPEGs; default size; "
+          f"{RSS_MODEL}, {args.steps} steps of 64")
+    print_table(["run", "peak RSS MiB", "val accuracy"], [["train", f"{r['peak_rss_mb']:.0f}", f"{r['accuracy']:.4f}"]])
 
 
 KERAS_WORKER = r"""
@@ -140,6 +275,12 @@ def main() -> int:
     p.add_argument("--cifar", type=Path, default=CIFAR)
     p.add_argument("--keras-python", help="python of a venv with tensorflow-cpu: adds Keras' figures")
     p.add_argument("--torchrun", action="store_true", help="also load under torchrun --nproc-per-node 2")
+    p.add_argument("--rss-stream", action="store_true", help="peak RSS of training streamed vs resident")
+    p.add_argument("--rss-phone", action="store_true", help="peak RSS of training on a folder led by a 12 MP photo")
+    p.add_argument("--count", type=int, help="images for the --rss-* modes (default 50,000; --rss-phone: 200)")
+    p.add_argument("--steps", type=int, default=100, help="training steps of the --rss-* modes")
+    p.add_argument("--budget-gb", type=float, default=2.0, help="--rss-stream's memory budget, GiB")
+    p.add_argument("--val", type=float, default=0.2, help="held-out fraction of --rss-stream (the folder default)")
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--phase", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -150,6 +291,12 @@ def main() -> int:
         print(json.dumps(phase(args)))
         return 0
 
+    if args.rss_stream or args.rss_phone:
+        args.count = args.count or (50_000 if args.rss_stream else 200)
+        with tempfile.TemporaryDirectory(prefix="folder-rss-") as tmp:
+            (rss_stream if args.rss_stream else rss_phone)(args, Path(tmp))
+        return 0
+
     from common import hardware_line, print_table
 
     with tempfile.TemporaryDirectory(prefix="folder-bench-") as tmp:
@@ -158,7 +305,7 @@ def main() -> int:
         env = {"XDG_CACHE_HOME": str(cache)}
         me = [sys.executable, __file__, "--root", str(root), "--size", str(args.size), "--workers", str(args.workers)]
         rows = []
-        for name in ("serial", "parallel", "cache-first", "cache-later"):
+        for name in ("pil", "serial", "parallel", "cache-first", "cache-epoch", "cache-stream"):
             rows += run_json([*me, "--phase", name], env)
         if args.keras_python:
             rows += run_json([args.keras_python, "-c", KERAS_WORKER, str(root / "train"), str(args.size)])
@@ -173,9 +320,25 @@ def main() -> int:
     print(hardware_line())
     print(f"folder: {args.images} CIFAR-10 images as 320x256 JPEGs + {args.big} at 4000x3000, to {args.size} px, "
           f"{args.workers} decode threads")
+    names = {"pil": "PIL alone (open, draft, resize), 1 thread", "serial": "decode, 1 thread, no cache",
+             "parallel": f"decode, {args.workers} threads, no cache",
+             "cache-first": "first pass (decode + write the cache)",
+             "cache-epoch": "later epoch, resident (batches of 256)",
+             "cache-stream": "later epoch, streamed from the cache (batches of 256)",
+             "keras": "Keras image_dataset_from_directory (first pass)"}
     print_table(["pass", "images", "seconds", "images/s", "peak RSS MiB"],
-                [[r["phase"], r["images"], f"{r['seconds']:.2f}", f"{r['images_per_s']:.0f}", f"{r['peak_rss_mb']:.0f}"]
-                 for r in rows])
+                [[names.get(r["phase"], r["phase"]), r["images"], f"{r['seconds']:.3f}", f"{r['images_per_s']:.0f}",
+                  f"{r['peak_rss_mb']:.0f}"] for r in rows])
+    by = {r["phase"]: r for r in rows}
+    first = by["cache-first"]["images_per_s"]
+    for name in ("cache-epoch", "cache-stream"):
+        r = by[name]
+        print(f"{names[name]}: {r['images_per_s'] / first:.1f}x the first pass; a later command opens the cached "
+              f"split (scan, key, map{', copy in' if name == 'cache-epoch' else ''}) in {r['open_seconds']:.3f} s")
+    if "keras" in by:
+        keras = by["keras"]["images_per_s"]
+        print(f"first pass / Keras: {first / keras:.2f}x; "
+              f"{args.workers}-thread decode / Keras: {by['parallel']['images_per_s'] / keras:.2f}x")
     return 0
 
 

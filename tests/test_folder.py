@@ -147,7 +147,7 @@ def test_train_on_folder_then_predict_its_files(folder, tmp_path, capsys):
     (lambda r: (r / "train").mkdir(parents=True), "", "no class folders"),
     (lambda r: (r / "train" / "cat").mkdir(parents=True), "", "no images"),
     (lambda r: (make_folder(r, 2, 1), (r / "train" / "red" / "broken.png").write_bytes(b"\x89PNG not really")),
-     "", "broken.png: not a readable image"),
+     "", "broken.png: not a"),  # read as a header (all-gray check) or decoded: named either way
     (lambda r: make_folder(r, 2, 1), "?val=0.2", "drop val=0.2"),
     (lambda r: (make_folder(r, 2, 1), (r / "val" / "cyan").mkdir()), "", "cyan not in"),
     (lambda r: make_folder(r, 2, 1), "?size=0", "bad size='0'"),
@@ -402,6 +402,7 @@ def test_folder_without_size_is_decoded_at_the_models_input_size(folder, tmp_pat
     run = tmp_path / "run"
     args = train_args(run, folder, 2)
     args[3] = f"--dataset=folder:{folder}?seed=1"  # no size=: the spec model takes 28x28
+    args.remove("--random_resized_crop=0.3,1.0")  # (with it, the folder is decoded larger: the test below)
     assert main(args) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data"]["shape"] == [3, 28, 28]
@@ -424,3 +425,92 @@ def test_random_resized_crop_of_bigger_images_evaluates_the_centre_crop(folder, 
     assert main(args) != 0
     err = capsys.readouterr().err.strip()
     assert "random_resized_crop" in err and "20x20" in err and "\n" not in err
+
+
+def test_random_resized_crop_without_a_size_decodes_larger_and_resumes_bit_identically(folder, tmp_path, capsys):
+    def sizeless(run: Path, steps: int) -> list[str]:
+        args = train_args(run, folder, steps)
+        args[3] = f"--dataset=folder:{folder}"  # no size=: the run picks it for the model and the crops
+        return args
+
+    assert main(sizeless(tmp_path / "a", 4)) == 0
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["config"]["dataset"] == f"folder:{folder}?size=32x32"  # 28 / 0.875: crops keep their pixels
+    assert cfg["data"]["preprocess"]["size"] == [32, 32] and cfg["data"]["preprocess"]["crop"] == [28, 28]
+    assert main(sizeless(tmp_path / "b", 2)) == 0
+    assert main(sizeless(tmp_path / "b", 4)) == 0
+    from safetensors.torch import load_file
+    a, b = (load_file(max((tmp_path / r).glob("ckpt-*.safetensors"))) for r in "ab")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "a"), "--json"]) == 0  # the recorded size and centre crop
+    assert json.loads(capsys.readouterr().out)["n"] == 6
+
+
+def test_decode_size_is_the_model_size_unless_training_on_resized_crops():
+    from cnnlab.data.folder import decode_size
+    assert decode_size((224, 224), resized_crop=False) == (224, 224)
+    assert decode_size((224, 224), resized_crop=True) == (256, 256)
+    assert decode_size((28, 20), resized_crop=True) == (32, 22)
+    assert decode_size((1, 1), resized_crop=True) == (1, 1)
+
+
+def test_threads_decode_the_same_rows_as_one_and_stop_at_a_broken_file(folder, data_env, tmp_path):
+    from cnnlab.data.folder import read_images
+    files = [(p, 0) for p in sorted((folder / "train").glob("*/*.png"))] * 5  # 60 rows: several runs per thread
+    one, _ = read_images(files, (3, 12, 10), workers=1, cache=False)
+    many, _ = read_images(files, (3, 12, 10), workers=4, cache=False)
+    assert one.shape == (60, 3, 12, 10) and np.array_equal(one, many) and one.std() > 0
+    cached, _ = read_images(files, (3, 12, 10), workers=3, cache=True)
+    assert np.array_equal(cached, one)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="broken.png: not a"):
+        read_images([*files[:30], (broken, 0), *files[30:]], (3, 12, 10), workers=3, cache=False)
+
+
+def test_scan_skips_hidden_entries_and_symlinked_folders_and_sorts_by_path_parts(tmp_path, data_env):
+    from cnnlab.data.folder import _images_in
+    d = tmp_path / "cls"
+    for rel in ("b.png", "a-b/x.png", "a/x.png", "a/.h.png", ".hid/y.png", "a/z.JPG", "a/notes.txt"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(b"")
+    (d / "link").symlink_to(d / "a", target_is_directory=True)  # rglob does not descend into it either
+    (d / "c.png").symlink_to(d / "b.png")  # a symlinked file is a file
+    found = [p.relative_to(d).as_posix() for p in _images_in(d)]
+    assert found == ["a/x.png", "a/z.JPG", "a-b/x.png", "b.png", "c.png"]  # ('a',) < ('a-b',): parts, not strings
+
+
+def test_a_colour_folder_is_known_from_its_first_header(folder, data_env, monkeypatch):
+    read = []
+    real = folder_mod._header_mode
+    monkeypatch.setattr(folder_mod, "_header_mode", lambda p: read.append(p) or real(p))
+    assert dataset_info(f"folder:{folder}?cache=0").shape[0] == 3
+    assert len(read) == 1  # not every header before decoding
+
+
+def _mapped_rss_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_evaluating_a_mapped_split_hands_its_pages_back(folder, data_env, monkeypatch):
+    from cnnlab import infer
+    from cnnlab.infer import predict_logits
+    monkeypatch.setattr(infer, "DROP_PAGES_FROM", 0)  # the split here is tiny
+    from cnnlab.models import create_model
+    ds = load_dataset(f"folder:{folder}?size=28", "train")
+    (cache,) = decoded_dir().glob("*.npy")
+    torch.manual_seed(0)
+    model = create_model("spec:in3x28x28-conv4k3-pool2-fc3")
+    mapped = predict_logits(model, ds.images, batch_size=5)
+    assert _mapped_rss_kb(cache) == 0  # every batch read was dropped from this process's memory
+    predict_logits(model, ds.images[1::2], batch_size=5)  # a strided view, as a torchrun rank's share
+    assert _mapped_rss_kb(cache) == 0
+    assert mapped.equal(predict_logits(model, ds.images.clone(), batch_size=5))  # and the logits are the same

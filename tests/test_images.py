@@ -20,6 +20,7 @@ from cnnlab.data.images import (
     ImageTooLarge,
     as_batch,
     centre_digit,
+    image_to_array,
     image_to_tensor,
     open_image,
 )
@@ -272,3 +273,35 @@ def test_random_bytes_give_a_clean_error(data):
         open_image(data)
     except DataError:
         pass
+
+
+def test_image_to_array_is_image_to_tensor_written_into_a_row(odd_files, tmp_path):
+    for name, channels in (("rotated.jpg", 3), ("palette_clear.png", 3), ("gray16.png", 1), ("rotated.jpg", 1)):
+        im = open_image(odd_files / name)
+        row = np.full((channels, 7, 5), 9, dtype=np.uint8)
+        out = image_to_array(im, channels, (7, 5), "shorter-crop", out=row)
+        assert out is row
+        assert np.array_equal(row, image_to_tensor(im, channels, (7, 5), invert="no", resize="shorter-crop").numpy())
+    rgb = Image.new("RGB", (4, 3), (1, 2, 3))
+    assert np.array_equal(image_to_array(rgb, 3, (3, 4)), np.array([1, 2, 3], dtype=np.uint8)[:, None, None]
+                          .repeat(3, 1).repeat(4, 2))
+    with pytest.raises(DataError, match="image not found"):
+        open_image(tmp_path)  # a folder is not an image file either
+
+
+def test_orientation_from_xmp_alone_is_applied_and_drafted(tmp_path):
+    im = Image.new("RGB", (40, 20), (0, 0, 0))
+    im.paste((255, 255, 255), (20, 0, 40, 20))  # right half white
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+           b'</x:xmpmeta>')
+    path = tmp_path / "xmp.jpg"
+    im.save(path, xmp=xmp)
+    with Image.open(path) as raw:
+        assert "exif" not in raw.info  # only XMP says it is turned
+    for size in (None, (8, 4)):
+        turned = open_image(path, size=size)
+        assert turned.size == ((20, 40) if size is None else (5, 10))  # 90 degrees: W x H swapped
+        a = np.asarray(turned.convert("L"), dtype=int)
+        h = a.shape[0]
+        assert a[h // 2 + 2:].mean() > 200 and a[:h // 2 - 2].mean() < 50  # the white half is at the bottom

@@ -300,3 +300,9 @@ def test_folder_without_size_takes_the_pretrained_input_size():
     assert sized_dataset(cfg).dataset == "folder:/photos?size=64x64"
     cfg = TrainConfig(model="timm:resnet18", dataset="folder:/photos?size=32")
     assert sized_dataset(cfg) is cfg  # a size given is kept
+    # Random-resized crops: decoded larger only when the model keeps its size (built at the data's, it would grow).
+    cfg = TrainConfig(model="timm:resnet18", dataset="folder:/photos", random_resized_crop=(0.35, 1.0))
+    assert sized_dataset(cfg).dataset == "folder:/photos?size=224x224"
+    cfg = TrainConfig(model="timm:resnet18", dataset="folder:/photos", random_resized_crop=(0.35, 1.0),
+                      model_args={"img_size": 224})
+    assert sized_dataset(cfg).dataset == "folder:/photos?size=256x256"

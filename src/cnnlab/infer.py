@@ -26,6 +26,7 @@ from . import checkpoint as ck
 from .data import ArrayDataset, load_dataset
 from .data.augment import fit_to_size
 from .data.images import as_batch
+from .data.loader import drop_pages, file_backed
 from .errors import CheckpointError, CnnlabError, ConfigError, DataError
 from .models import create_model
 from .models.layers import use_onednn_linear
@@ -107,6 +108,9 @@ def _tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return views
 
 
+DROP_PAGES_FROM = 2**24  # bytes: a mapped split at least this large has its pages handed back as it is evaluated
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int = 1000, tta: str = "none",
                    device: torch.device | None = None, precision: str = "fp32", channels_last: bool = False,
@@ -118,13 +122,20 @@ def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int
     """
     device = device or next(model.parameters()).device
     out = []
+    # A folder's decoded cache: hand read pages back, as training's streaming does. Small inputs (a request's
+    # images) are never worth the look at the process's mappings.
+    mapped = images_u8.numel() * images_u8.element_size() >= DROP_PAGES_FROM and file_backed(images_u8)
     with eval_mode(model):
         for i in range(0, len(images_u8), batch_size):
             x = model_input(model, images_u8[i:i + batch_size].to(device), crop, channels_last)
+            if mapped:
+                drop_pages(images_u8[i:i + batch_size])
             with autocast(device, precision):
                 views = _tta_views(x, tta)
                 logits = sum(model(v).float() for v in views) / len(views)
             out.append(logits.cpu())
+    if mapped:  # the kernel maps a few pages around each one read: those the per-batch drops missed
+        drop_pages(images_u8)
     return torch.cat(out) if out else torch.zeros(0, model.meta.num_classes)
 
 

@@ -41,12 +41,16 @@ def decoded_dir() -> Path:
 def cache_key(files: Sequence[Path], options: dict) -> str:
     """A hex digest of the files (path, mtime, size, in order) and the decode ``options`` (JSON-able)."""
     h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **options}, sort_keys=True).encode())
+    folders: dict[str, str] = {}  # each folder resolved once: resolving every file costs a syscall per path part
     for p in files:
+        parent, name = os.path.split(os.fspath(p))
+        if parent not in folders:
+            folders[parent] = os.path.realpath(parent or ".")
         try:
-            st = p.stat()
+            st = os.stat(p)
         except OSError as e:
             raise DataError(f"{p}: cannot read ({e.strerror})") from None
-        h.update(f"{p.resolve()}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
+        h.update(f"{folders[parent]}/{name}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
     return h.hexdigest()[:32]
 
 
@@ -152,9 +156,9 @@ def _write(final: Path, shape: tuple[int, ...], fill: Callable[[RowWriter], None
         fd = os.open(tmp, os.O_RDWR)
         try:
             def write_row(i: int, row: np.ndarray) -> None:
-                data = np.ascontiguousarray(row, dtype=np.uint8).tobytes()
-                if len(data) != row_bytes:
-                    raise ValueError(f"row {i} has {len(data)} bytes, expected {row_bytes}")
+                data = np.ascontiguousarray(row, dtype=np.uint8)  # pwrite reads the array's buffer: no copy
+                if data.nbytes != row_bytes:
+                    raise ValueError(f"row {i} has {data.nbytes} bytes, expected {row_bytes}")
                 os.pwrite(fd, data, offset + i * row_bytes)
 
             fill(write_row)

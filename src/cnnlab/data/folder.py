@@ -21,7 +21,7 @@ Options after ``?`` (joined by ``&``):
 
 * ``size=N`` or ``size=HxW``: the size images are brought to; default 224 (``DEFAULT_SIZE``). It is never read
   from the images: pass the model's input size, e.g. ``size=28`` for the MNIST models (`sized_for_model` adds
-  it to a name that has none).
+  it to a name that has none; training on random-resized crops adds a larger one, `decode_size`).
 * ``resize=shorter-crop|stretch``: scale the shorter side to ``size`` and keep the centre (default, as
   torchvision and Keras' ``crop_to_aspect_ratio`` do), or stretch the whole picture to ``size``.
 * ``channels=1|3``: grayscale or RGB. Default: 1 if every image is grayscale, else 3. Transparent pixels
@@ -37,8 +37,10 @@ that every later command maps instead of decoding again.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +54,7 @@ from tqdm import tqdm
 from ..errors import DataError
 from ..preprocess import Preprocess
 from .cache import cache_key, cached_array, cached_json
-from .images import MAX_PIXELS, RESIZES, image_to_tensor, open_image
+from .images import MAX_PIXELS, RESIZES, image_to_array, open_image
 from .sources import DatasetInfo, DatasetSpec, register_dataset_prefix
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -60,6 +62,9 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 DEFAULT_VAL = 0.2
 DEFAULT_SIZE = (224, 224)  # the common ImageNet-model input; the images' own sizes are never used
 SPLITS = ("train", "val", "test")
+# Training on random-resized crops, a model's input is this fraction of the decoded side (224 of 256, as
+# torchvision's and timm's ImageNet recipes): crops keep their resolution, evaluation takes the centre crop.
+CROP_FRACTION = 0.875
 
 
 @dataclass(frozen=True)
@@ -171,10 +176,45 @@ def sized_for_model(name: str, input_size: tuple[int, int]) -> str:
     return f"{path}?{query + '&' if query else ''}size={input_size[0]}x{input_size[1]}"
 
 
+def decode_size(input_size: tuple[int, int], resized_crop: bool) -> tuple[int, int]:
+    """The (H, W) a folder is decoded at when its name gives no ``size=``, for a model taking ``input_size``.
+
+    The model's own size, or with ``resized_crop`` (the run trains on random-resized crops) ``input_size /
+    CROP_FRACTION`` rounded down, e.g. 256 for 224: a crop of part of the picture then still has about as many
+    pixels as the model's input instead of being upscaled from fewer, and evaluation and prediction use the
+    centre ``input_size`` crop of the larger image (the run records it, `cnnlab.preprocess.for_training`).
+    """
+    if not resized_crop:
+        return tuple(input_size)
+    return tuple(max(s, math.floor(s / CROP_FRACTION)) for s in input_size)
+
+
 def _images_in(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted), skipping hidden files and other extensions."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Image files under ``folder`` (recursive, sorted by path parts), skipping hidden files and folders, other
+    extensions and symlinked folders (as ``Path.rglob``).
+
+    `os.scandir` reads each entry's type from the directory listing, so a folder of N files costs one listing,
+    not N ``stat`` calls and N ``Path`` objects; every command scans before it can map the decoded cache.
+    """
+    found: list[tuple[list[str], str]] = []
+
+    def walk(directory: str, parts: list[str]) -> None:
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except PermissionError:
+            return
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                walk(e.path, [*parts, e.name])
+            elif os.path.splitext(e.name)[1].lower() in EXTENSIONS and e.is_file():
+                found.append(([*parts, e.name], e.path))
+
+    walk(os.fspath(folder), [])
+    found.sort(key=lambda f: f[0])
+    return [Path(path) for _, path in found]
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -287,33 +327,82 @@ def _default_channels(files: list[Path], opts: FolderOptions) -> int:
 
 
 def _all_gray(files: list[Path], opts: FolderOptions) -> int:
+    """1 if every header says grayscale, else 3, reading headers in runs that grow from one file.
+
+    A colour folder usually says so in its first header, so it is not read whole before decoding (a header
+    read is mostly Python: threads barely help). A broken file left unread here is named when it is decoded.
+    """
     with ThreadPoolExecutor(_workers_for(opts)) as pool:
-        modes = list(pool.map(_header_mode, files))
-    return 1 if all(m in GRAY_MODES for m in modes) else 3
+        start, run = 0, 1
+        while start < len(files):
+            if any(m not in GRAY_MODES for m in pool.map(_header_mode, files[start:start + run])):
+                return 3
+            start, run = start + run, min(run * 8, 4096)
+    return 1
 
 
-def decode_file(path: Path, shape: tuple[int, int, int], resize: str) -> np.ndarray:
-    """One file as uint8 [C, H, W], exactly as ``predict`` reads it (`open_image` then `image_to_tensor`)."""
+def decode_file(path: Path, shape: tuple[int, int, int], resize: str, out: np.ndarray | None = None) -> np.ndarray:
+    """One file as uint8 [C, H, W] (into ``out`` when given), exactly as ``predict`` reads it: `open_image`, then
+    `image_to_array` (the core of `image_to_tensor`)."""
     im = open_image(path, size=shape[1:], resize=resize)
-    return image_to_tensor(im, shape[0], shape[1:], invert="no", resize=resize).numpy()
+    try:
+        return image_to_array(im, shape[0], shape[1:], resize, out=out)
+    finally:
+        im.close()  # frees the decoded bitmap now rather than at the next garbage collection
+
+
+def _chunk_size(n: int, workers: int) -> int:
+    """Files a thread takes at a time: enough that taking one is rare, few enough that threads finish together."""
+    return max(1, min(32, n // (workers * 4)))
 
 
 def _decode_all(files: list[Path], shape: tuple[int, int, int], resize: str, workers: int,
                 write_row: Callable[[int, np.ndarray], None], what: str) -> None:
-    """Decode ``files`` into rows ``write_row(i, image)`` with a thread pool; the first error stops the rest."""
-    bar = tqdm(total=len(files), unit="img", desc=f"decoding {what}", leave=False, dynamic_ncols=True,
+    """Decode ``files`` into rows ``write_row(i, image)`` with ``workers`` threads; the first error stops the rest.
+
+    Each thread takes runs of consecutive files and decodes them into its own row buffer: PIL releases the GIL
+    while it decodes and resizes, so the Python work per image (opening, a few attribute reads, one copy into the
+    buffer) is what threads contend for, and it is kept small; no future or queue per image.
+    """
+    n = len(files)
+    chunk = _chunk_size(n, workers)
+    starts = iter(range(0, n, chunk))
+    lock = threading.Lock()
+    failed: list[BaseException] = []
+    bar = tqdm(total=n, unit="img", desc=f"decoding {what}", leave=False, dynamic_ncols=True,
                disable=not sys.stderr.isatty())
 
-    def one(i: int) -> None:
-        write_row(i, decode_file(files[i], shape, resize))
+    def work() -> None:
+        row = np.empty(shape, dtype=np.uint8)
+        try:
+            while not failed:
+                with lock:
+                    start = next(starts, None)
+                if start is None:
+                    return
+                for i in range(start, min(start + chunk, n)):
+                    write_row(i, decode_file(files[i], shape, resize, out=row))
+                with lock:
+                    bar.update(min(start + chunk, n) - start)
+        except BaseException as e:  # re-raised by the caller's thread; the other threads stop at their next run
+            failed.append(e)
 
-    pool = ThreadPoolExecutor(workers)
+    threads = [threading.Thread(target=work, name=f"decode-{k}", daemon=True) for k in range(1, min(workers, n))]
     try:
-        for _ in pool.map(one, range(len(files))):
-            bar.update()
+        for t in threads:
+            t.start()
+        work()  # the calling thread decodes too
+        for t in threads:
+            t.join()
+    except BaseException as e:  # e.g. Ctrl-C while joining: the threads stop before the caller closes the file
+        failed.append(e)
+        for t in threads:
+            t.join()
+        raise
     finally:
-        pool.shutdown(cancel_futures=True)
         bar.close()
+    if failed:
+        raise failed[0]
 
 
 def read_images(files: Files, shape: tuple[int, int, int], resize: str = "shorter-crop", *,

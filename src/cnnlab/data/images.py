@@ -27,6 +27,8 @@ INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
                   "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _ORIENTATION = 0x0112  # EXIF tag; values 5..8 swap width and height
+_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")  # where PIL finds it (getexif reads XMP's too)
+_JPEGS = ("JPEG", "MPO")  # MPO: a phone's JPEG with extra frames (depth, preview); decoded as a JPEG
 _ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
@@ -61,12 +63,11 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, *, size
     if isinstance(source, (bytes, bytearray, memoryview)):
         what, stream = what or "image", io.BytesIO(bytes(source))
     else:
-        path = Path(source)
-        what, stream = what or str(path), path
-        if not path.is_file():
-            raise DataError(f"image not found: {path}")
+        what, stream = what or str(source), source
     try:
         im = Image.open(stream, formats=formats)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # no stat first: one syscall less per file
+        raise DataError(f"image not found: {source}") from None
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"{what}: image too large (at most {max_pixels:,} pixels)") from None
     except UnidentifiedImageError:
@@ -78,10 +79,15 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, *, size
     try:
         if im.width * im.height > max_pixels:
             raise ImageTooLarge(f"{what}: image too large ({im.width}x{im.height} pixels, at most {max_pixels:,})")
-        if size is not None and im.format == "JPEG":
-            im.draft(im.mode, _draft_request(im, size, resize))
+        jpeg = im.format in _JPEGS
+        # A JPEG's orientation can only come from its EXIF or XMP block, both read with the header: without
+        # them, reading the (empty) orientation twice is skipped, a per-file cost paid while holding the GIL.
+        oriented = not jpeg or any(k in im.info for k in _ORIENTATION_SOURCES)
+        if size is not None and jpeg:
+            im.draft(im.mode, _draft_request(im, size, resize, oriented))
         im.load()
-        ImageOps.exif_transpose(im, in_place=True)
+        if oriented:
+            ImageOps.exif_transpose(im, in_place=True)
         return _eight_bit(im)
     except ImageTooLarge:
         im.close()
@@ -91,11 +97,14 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, *, size
         raise DataError(f"{what}: not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def _draft_request(im: Image.Image, size: tuple[int, int], resize: str) -> tuple[int, int]:
-    """The (W, H) a JPEG draft must keep at least, in the file's own (un-rotated) orientation."""
+def _draft_request(im: Image.Image, size: tuple[int, int], resize: str, oriented: bool = True) -> tuple[int, int]:
+    """The (W, H) a JPEG draft must keep at least, in the file's own (un-rotated) orientation.
+
+    ``oriented``: whether the file may say it is turned (False: it has no EXIF or XMP block).
+    """
     h, w = size
     try:
-        turned = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+        turned = oriented and im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
     except (AttributeError, TypeError, ValueError, OSError, SyntaxError, struct.error):
         turned = False  # a broken EXIF block only costs the draft
     iw, ih = (im.height, im.width) if turned else (im.width, im.height)
@@ -138,11 +147,14 @@ def _eight_bit(im: Image.Image) -> Image.Image:
 
 def _to_mode(im: Image.Image, channels: int) -> Image.Image:
     """Convert to 'L' or 'RGB'; transparent pixels become white, as they look on a page."""
+    target = "L" if channels == 1 else "RGB"
+    if im.mode == target:
+        return im  # PIL's convert to the same mode copies the whole bitmap (a phone photo's is 36 MB)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(bg, rgba)
-    return im.convert("L" if channels == 1 else "RGB")
+    return im.convert(target)
 
 
 def image_to_tensor(im: Image.Image, channels: int, size: tuple[int, int], invert: str = "auto",
@@ -158,17 +170,30 @@ def image_to_tensor(im: Image.Image, channels: int, size: tuple[int, int], inver
         centre: grayscale only: frame the ink as MNIST frames its digits (``centre_digit``) instead of
             resizing the whole picture; for a digit drawn small or off-centre.
     """
-    im = _to_mode(im, channels)
     if centre and channels == 1:
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.asarray(_to_mode(im, channels), dtype=np.uint8)
         return torch.from_numpy(centre_digit(255 - arr if _inverts(arr, invert) else arr, size))[None]
-    im = _resized(im, size, resize, interpolation)
-    arr = np.asarray(im, dtype=np.uint8)
+    arr = image_to_array(im, channels, size, resize, interpolation)
+    if invert == "yes" or (channels == 1 and _inverts(arr[0], invert)):
+        np.subtract(255, arr, out=arr)
+    return torch.from_numpy(arr)
+
+
+def image_to_array(im: Image.Image, channels: int, size: tuple[int, int], resize: str = "stretch",
+                   interpolation: str = "bilinear", out: np.ndarray | None = None) -> np.ndarray:
+    """A PIL image as uint8 [channels, H, W] at ``size`` (H, W), never inverted; into ``out`` when given.
+
+    The numpy core of `image_to_tensor`, for decoding many files: no tensor, and with ``out`` no allocation
+    but PIL's own, so a decoding thread spends little time holding the GIL.
+    """
+    arr = np.asarray(_resized(_to_mode(im, channels), size, resize, interpolation))  # [H, W] or [H, W, C]
+    if out is None:
+        out = np.empty((channels, *arr.shape[:2]), dtype=np.uint8)
     if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if invert == "yes" or (channels == 1 and _inverts(arr, invert)):
-        arr = 255 - arr
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+        out[0] = arr
+    else:
+        out[...] = arr.transpose(2, 0, 1)
+    return out
 
 
 def _resized(im: Image.Image, size: tuple[int, int], resize: str, interpolation: str) -> Image.Image:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+import numpy as np
 import torch
 
 MADV_DONTNEED = 4  # Linux: drop the pages of a range; file-backed pages are read again on the next access
@@ -40,11 +41,20 @@ def file_backed(t: torch.Tensor) -> bool:
     return bool(where) and not where.startswith("[")  # [heap], [stack], [anon:...] are private memory
 
 
-def _drop_pages(t: torch.Tensor) -> None:
-    """Let the kernel take back the resident pages of a file-backed tensor (they stay in the page cache)."""
+def drop_pages(t: torch.Tensor) -> None:
+    """Let the kernel take back the resident pages of a file-backed tensor (they stay in the page cache).
+
+    Only for read-only use of a mapping: pages of a copy-on-write mapping that were written would revert to
+    the file's contents. Pages shared with a neighbouring slice are dropped too and read again when touched.
+    """
+    if t.numel() == 0:
+        return
     page = mmap.PAGESIZE
     start = t.data_ptr() // page * page
-    length = t.data_ptr() + t.numel() * t.element_size() - start
+    # The bytes from the first element to the last: a strided view (a rank's every other row) spans more than
+    # numel * element_size.
+    span = (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+    length = t.data_ptr() + span - start
     ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_DONTNEED)
 
 
@@ -71,7 +81,7 @@ class BatchSource:
             self._drop_every = max(1, int(memory_gb * 2**30 / 2))
             self._read = 0
         elif self.device.type == "cpu" and file_backed(images):
-            self.images = images.clone()  # resident: one private copy, no page faults during training
+            self.images = torch.from_numpy(images.numpy().copy())  # resident: one private copy, no page faults
         else:
             self.images = images.to(self.device)
 
@@ -80,16 +90,27 @@ class BatchSource:
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(images uint8 [B, C, H, W], labels [B]) of rows ``idx``, both on the device."""
-        if not self.streaming:
-            idx = idx.to(self.device)
-            return self.images[idx], self.labels[idx]
-        cpu_idx = idx.cpu()
-        order = torch.argsort(cpu_idx)  # read the file in ascending offsets, then restore the sampler's order
-        rows = torch.empty((len(cpu_idx), *self.images.shape[1:]), dtype=self.images.dtype)
-        rows[order] = self.images[cpu_idx[order]]
+        if self.streaming:
+            return self._take_streamed(idx.cpu()).to(self.device), self.labels[idx.to(self.device)]
+        if self.device.type == "cpu":
+            # numpy's row gather is one memcpy per row; torch's indexing of a uint8 tensor runs through its
+            # generic index kernel and thread pool, far slower for a batch of whole images on a busy CPU.
+            idx = idx.cpu()
+            rows = np.take(self.images.numpy(), idx.numpy(), axis=0)
+            return torch.from_numpy(rows), self.labels[idx]
+        idx = idx.to(self.device)
+        return self.images[idx], self.labels[idx]
+
+    def _take_streamed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` gathered from the mapping, read in ascending file offsets, in the sampler's order."""
+        wanted = idx.numpy()
+        order = np.argsort(wanted, kind="stable")
+        source = self.images.numpy()
+        rows = np.empty((len(wanted), *source.shape[1:]), dtype=source.dtype)
+        rows[order] = np.take(source, wanted[order], axis=0)
         if self._mapped:
-            self._read += rows.numel()
+            self._read += rows.size
             if self._read >= self._drop_every:
-                _drop_pages(self.images)
+                drop_pages(self.images)
                 self._read = 0
-        return rows.to(self.device), self.labels[idx.to(self.device)]
+        return torch.from_numpy(rows)

@@ -26,13 +26,13 @@ from .. import rundir
 from ..config import TrainConfig
 from ..data import ArrayDataset, load_dataset, validation_split
 from ..data.augment import Augment
-from ..data.folder import sized_for_model
+from ..data.folder import decode_size, sized_for_model
 from ..data.loader import BatchSource
 from ..errors import CheckpointError, CnnlabError
 from ..infer import EvalResult, model_input, select_device
 from ..models.layers import pool_before_relu, use_onednn_linear
 from ..models.registry import INIT_ONLY_ARGS, create_model, create_model_for_data
-from ..preprocess import Preprocess, for_training
+from ..preprocess import Preprocess, flexible_size, for_training
 from ..runinfo import run_info
 from ..runtime import linear_backend, resolve_precision
 from . import controls, distributed, finetune
@@ -91,12 +91,17 @@ def sized_dataset(config: TrainConfig) -> TrainConfig:
 
     The size is the one the model takes when built without data: a fixed model's input, or for a
     flexible-size model (``timm:...``) its pretrained configuration's (224 for resnet18) unless
-    ``img_size`` is given. The resolved name is what the run records, so evaluate and predict use it too.
+    ``img_size`` is given; larger when the run trains on random-resized crops (`decode_size`) and the model's
+    size does not follow the data's. The resolved name is what the run records, so evaluate and predict use it.
     """
     if sized_for_model(config.dataset, (1, 1)) == config.dataset:  # not a folder name, or it has a size
         return config
     args = {k: v for k, v in config.model_args.items() if k not in INIT_ONLY_ARGS}  # no weights needed for a size
-    size = tuple(create_model(config.model, **args).meta.input_size[1:])
+    meta = create_model(config.model, **args).meta
+    # A flexible model without img_size is built at the data's size, so decoding larger would only make it larger.
+    fixed = not flexible_size(meta) or config.model_args.get("img_size") is not None
+    resized_crop = fixed and tuple(config.random_resized_crop) != (0.0, 0.0)
+    size = decode_size(tuple(meta.input_size[1:]), resized_crop=resized_crop)
     return dataclasses.replace(config, dataset=sized_for_model(config.dataset, size))
 
 
