@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -121,6 +123,23 @@ def test_cifar_meta_reader_gives_names_or_a_data_error(data):
     out = clean(in_file, data, "batches.meta", formats.read_cifar_meta)
     if out is not None:
         assert all(isinstance(n, str) for n in out)
+
+
+def test_a_memo_index_in_a_cifar_pickle_allocates_nothing(tmp_path):
+    """A LONG_BINPUT opcode naming memo slot 0x0c717365 (one mutated byte of a real meta file, found by the test
+    above): the C unpickler sized its memo array to that index (GBs, zeroed); ours reads it with a bounded peak.
+    Run in a fresh process so its peak resident memory is this read's alone."""
+    bomb = (b"\x80\x02}q\x00(U\x0blabel_namesq\x01]q\x02(U\x04frog" + b"r" + b"seq\x0c"
+            + b"U\x04shipq\x03ee.")
+    path = tmp_path / "batches.meta"
+    path.write_bytes(bomb)
+    code = ("import sys, resource; from cnnlab.data import formats; from cnnlab.errors import DataError\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n    formats.read_cifar_meta(sys.argv[1])\nexcept DataError:\n    pass\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert int(out.stdout.strip()) < 200, f"reading a 60-byte pickle grew the peak RSS by {out.stdout.strip()} MB"
 
 
 def test_valid_cifar_files_still_read():
