@@ -514,3 +514,32 @@ def test_evaluating_a_mapped_split_hands_its_pages_back(folder, data_env, monkey
     predict_logits(model, ds.images[1::2], batch_size=5)  # a strided view, as a torchrun rank's share
     assert _mapped_rss_kb(cache) == 0
     assert mapped.equal(predict_logits(model, ds.images.clone(), batch_size=5))  # and the logits are the same
+
+
+def test_a_resident_split_copied_from_the_cache_is_not_also_held_as_mapped_pages(folder, data_env):
+    from cnnlab.data.loader import BatchSource
+    ds = load_dataset(f"folder:{folder}?size=28", "train")
+    (cache,) = decoded_dir().glob("*.npy")
+    ds.images.sum()  # read every page of the mapping in
+    assert _mapped_rss_kb(cache) > 0
+    source = BatchSource(ds.images, ds.labels, torch.device("cpu"), memory_gb=0)
+    assert _mapped_rss_kb(cache) == 0  # resident once (the private copy), not twice
+    assert not source.streaming and source.images.equal(ds.images)
+
+
+def test_evaluation_batches_are_bounded_in_bytes_with_the_same_logits(monkeypatch):
+    from cnnlab import infer
+    from cnnlab.models import create_model
+    torch.manual_seed(0)
+    model = create_model("spec:in3x28x28-conv4k3-pool2-fc3")
+    images = torch.randint(0, 256, (10, 3, 28, 28), dtype=torch.uint8)
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x: (seen.append(len(x)), forward(x))[1])
+    whole = infer.predict_logits(model, images, batch_size=1000)
+    assert seen == [10]  # small images: the requested batch
+    seen.clear()
+    monkeypatch.setattr(infer, "EVAL_INPUT_BYTES", 3 * 28 * 28 * 4 * 4)  # room for four images' float input
+    bounded = infer.predict_logits(model, images, batch_size=1000)
+    assert seen == [4, 4, 2]
+    torch.testing.assert_close(bounded, whole)

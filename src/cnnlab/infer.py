@@ -14,6 +14,7 @@ checkpoint and used as recorded, so every path computes the same logits. Nothing
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -111,6 +112,20 @@ def _tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
 DROP_PAGES_FROM = 2**24  # bytes: a mapped split at least this large has its pages handed back as it is evaluated
 
 
+EVAL_INPUT_BYTES = 128 * 2**20  # float input of one evaluation batch; its activations are a small multiple of it
+
+
+def _bounded_batch(batch_size: int, images_u8: torch.Tensor) -> int:
+    """``batch_size``, lowered so that one batch's float input stays within `EVAL_INPUT_BYTES`.
+
+    Recipes set evaluation batches of 1,000-2,000 for 28 px digits (a few MB); at 224 px the same batch is
+    600 MB of float input before the first activation, which alone broke the memory budget of a streamed folder.
+    In evaluation mode an image's logits do not depend on its batch (up to rounding), so only the peak changes.
+    """
+    per_image = max(1, math.prod(images_u8.shape[1:]) * 4)
+    return max(1, min(batch_size, EVAL_INPUT_BYTES // per_image))
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int = 1000, tta: str = "none",
                    device: torch.device | None = None, precision: str = "fp32", channels_last: bool = False,
@@ -122,6 +137,7 @@ def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int
     """
     device = device or next(model.parameters()).device
     out = []
+    batch_size = _bounded_batch(batch_size, images_u8)
     # A folder's decoded cache: hand read pages back, as training's streaming does. Small inputs (a request's
     # images) are never worth the look at the process's mappings.
     mapped = images_u8.numel() * images_u8.element_size() >= DROP_PAGES_FROM and file_backed(images_u8)

@@ -82,6 +82,7 @@ class BatchSource:
             self._read = 0
         elif self.device.type == "cpu" and file_backed(images):
             self.images = torch.from_numpy(images.numpy().copy())  # resident: one private copy, no page faults
+            drop_pages(images)  # the mapping's pages the copy read in: else the split is resident twice
         else:
             self.images = images.to(self.device)
 
