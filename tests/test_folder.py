@@ -543,3 +543,19 @@ def test_evaluation_batches_are_bounded_in_bytes_with_the_same_logits(monkeypatc
     bounded = infer.predict_logits(model, images, batch_size=1000)
     assert seen == [4, 4, 2]
     torch.testing.assert_close(bounded, whole)
+
+
+def test_decode_tasks_cover_every_file_once_with_the_largest_first(tmp_path):
+    from cnnlab.data.folder import _runs
+    files = []
+    for i in range(40):
+        f = tmp_path / f"{i:02d}.jpg"
+        f.write_bytes(b"x" * (50_000 if i in (7, 31) else 1000 + i))  # two "phone photos" among small files
+        files.append(f)
+    files.append(tmp_path / "missing.jpg")  # decoding reports it; the plan just includes it
+    runs = _runs(files, workers=2)
+    order = [i for r in runs for i in r]
+    assert sorted(order) == list(range(len(files)))  # every row written exactly once
+    assert order[:2] == [7, 31] and all(len(r) == 1 for r in runs[:2])  # the big ones first, each alone
+    assert all(list(r) == list(range(r.start, r.stop)) for r in runs)  # runs of consecutive files
+    assert [i for r in _runs(files, workers=1) for i in r] == list(range(len(files)))  # one thread: file order

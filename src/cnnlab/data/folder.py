@@ -356,17 +356,50 @@ def _chunk_size(n: int, workers: int) -> int:
     return max(1, min(32, n // (workers * 4)))
 
 
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0  # decoding it reports the problem
+
+
+def _runs(files: list[Path], workers: int) -> list[range]:
+    """The threads' tasks: files far larger than the typical one first, each alone, then runs of consecutive files.
+
+    Longest first: one 12-megapixel photo costs as much as a hundred small images, and a thread that met a few of
+    them among the last tasks left the other threads idle (with four phone photos among 2,000 small JPEGs, the
+    second thread added 10-40% instead of up to 2x, depending on where the photos fell).
+    """
+    n = len(files)
+    chunk = _chunk_size(n, workers)
+    if workers < 2 or n < 2:
+        return [range(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    sizes = [_file_size(f) for f in files]
+    big_from = 8 * sorted(sizes)[n // 2]
+    big = sorted((i for i in range(n) if sizes[i] > big_from), key=lambda i: -sizes[i])
+    rest = [i for i in range(n) if sizes[i] <= big_from]
+    runs: list[range] = [range(i, i + 1) for i in big]
+    k = 0
+    while k < len(rest):  # consecutive indices among the rest, at most `chunk` at a time
+        j = k + 1
+        while j < len(rest) and j - k < chunk and rest[j] == rest[j - 1] + 1:
+            j += 1
+        runs.append(range(rest[k], rest[j - 1] + 1))
+        k = j
+    return runs
+
+
 def _decode_all(files: list[Path], shape: tuple[int, int, int], resize: str, workers: int,
                 write_row: Callable[[int, np.ndarray], None], what: str) -> None:
     """Decode ``files`` into rows ``write_row(i, image)`` with ``workers`` threads; the first error stops the rest.
 
-    Each thread takes runs of consecutive files and decodes them into its own row buffer: PIL releases the GIL
-    while it decodes and resizes, so the Python work per image (opening, a few attribute reads, one copy into the
-    buffer) is what threads contend for, and it is kept small; no future or queue per image.
+    Each thread takes runs of consecutive files (`_runs`: the largest files first) and decodes them into its own
+    row buffer: PIL releases the GIL while it decodes and resizes, so the Python work per image (opening, a few
+    attribute reads, one copy into the buffer) is what threads contend for, and it is kept small; no future or
+    queue per image.
     """
     n = len(files)
-    chunk = _chunk_size(n, workers)
-    starts = iter(range(0, n, chunk))
+    tasks = iter(_runs(files, workers))
     lock = threading.Lock()
     failed: list[BaseException] = []
     bar = tqdm(total=n, unit="img", desc=f"decoding {what}", leave=False, dynamic_ncols=True,
@@ -377,13 +410,13 @@ def _decode_all(files: list[Path], shape: tuple[int, int, int], resize: str, wor
         try:
             while not failed:
                 with lock:
-                    start = next(starts, None)
-                if start is None:
+                    run = next(tasks, None)
+                if run is None:
                     return
-                for i in range(start, min(start + chunk, n)):
+                for i in run:
                     write_row(i, decode_file(files[i], shape, resize, out=row))
                 with lock:
-                    bar.update(min(start + chunk, n) - start)
+                    bar.update(len(run))
         except BaseException as e:  # re-raised by the caller's thread; the other threads stop at their next run
             failed.append(e)
 
