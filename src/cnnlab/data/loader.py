@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 MADV_DONTNEED = 4  # Linux: drop the pages of a range; file-backed pages are read again on the next access
+# A mapped split is copied into memory this much at a time, each part's mapped pages dropped before the next:
+# the process then holds the copy plus at most one part of the mapping, not the split twice.
+COPY_CHUNK_BYTES = 64 * 2**20
 
 
 def _mapping_of(address: int) -> str | None:
@@ -58,6 +61,30 @@ def drop_pages(t: torch.Tensor) -> None:
     ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_DONTNEED)
 
 
+def copy_to_memory(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A contiguous copy on ``device`` of a file-backed CPU tensor, without holding the mapping's pages meanwhile.
+
+    Copying reads every page of the mapping into the process, and those pages count in its resident memory
+    until they are dropped: copied whole, then dropped, the split is resident twice at the copy's end (or, for
+    a GPU, held in host memory as well). Copying in parts of ``COPY_CHUNK_BYTES`` and dropping each part's
+    pages right after keeps the extra to one part. The bytes are the same either way.
+    """
+    out = torch.empty(tuple(images.shape), dtype=images.dtype, device=device)
+    if images.numel() == 0:
+        return out
+    rows = max(1, COPY_CHUNK_BYTES // (images[0].numel() * images.element_size()))
+    on_cpu = out.device.type == "cpu"
+    source, target = images.numpy(), (out.numpy() if on_cpu else None)
+    for i in range(0, len(images), rows):
+        if on_cpu:
+            target[i:i + rows] = source[i:i + rows]  # numpy: one memcpy per part, no thread pool
+        else:
+            out[i:i + rows].copy_(images[i:i + rows])
+        drop_pages(images[i:i + rows])
+    drop_pages(images)  # pages the kernel mapped around the parts read (fault-around) that a part's drop missed
+    return out
+
+
 class BatchSource:
     """Rows of a split by index, as uint8 [B, C, H, W] on ``device``.
 
@@ -80,9 +107,8 @@ class BatchSource:
             # Hand pages back once about half the budget has been read since the last time.
             self._drop_every = max(1, int(memory_gb * 2**30 / 2))
             self._read = 0
-        elif self.device.type == "cpu" and file_backed(images):
-            self.images = torch.from_numpy(images.numpy().copy())  # resident: one private copy, no page faults
-            drop_pages(images)  # the mapping's pages the copy read in: else the split is resident twice
+        elif file_backed(images):
+            self.images = copy_to_memory(images, self.device)  # resident: one copy, no page faults later
         else:
             self.images = images.to(self.device)
 
