@@ -14,9 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cnnlab.data import images as images_mod
 from cnnlab.data import load_dataset
 from cnnlab.data.folder import parse_folder_name, scan_folder
 from cnnlab.data.images import (
+    MAX_PIXELS,
     ImageTooLarge,
     as_batch,
     centre_digit,
@@ -305,3 +307,77 @@ def test_orientation_from_xmp_alone_is_applied_and_drafted(tmp_path):
         a = np.asarray(turned.convert("L"), dtype=int)
         h = a.shape[0]
         assert a[h // 2 + 2:].mean() > 200 and a[:h // 2 - 2].mean() < 50  # the white half is at the bottom
+
+
+# ----------------------------------------------------------------------------- JPEGs through libjpeg-turbo
+
+
+def _photo(width: int, height: int, *, gray: bool = False, subsampling: int = 2, progressive: bool = False,
+           orientation: int | None = None, xmp: bytes | None = None, mode: str | None = None) -> bytes:
+    """A JPEG of a smooth random picture (real DCT content at every scale), with the options a camera or an
+    editor writes."""
+    rng = np.random.default_rng(width * 7 + height)
+    im = Image.fromarray(rng.integers(0, 256, (height // 8 + 2, width // 8 + 2, 3), dtype=np.uint8))
+    im = im.resize((width, height), Image.Resampling.BICUBIC).convert(mode or ("L" if gray else "RGB"))
+    extra = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        extra["exif"] = exif.tobytes()
+    if xmp is not None:
+        extra["xmp"] = xmp
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=88, subsampling=subsampling, progressive=progressive, **extra)
+    return buf.getvalue()
+
+
+def _pil_only(monkeypatch, data: bytes, **kw) -> np.ndarray:
+    with monkeypatch.context() as m:
+        m.setattr(images_mod, "simplejpeg", None)
+        return np.asarray(open_image(data, **kw))
+
+
+JPEG_KINDS = [dict(), dict(gray=True), dict(subsampling=0), dict(subsampling=1), dict(progressive=True),
+              *(dict(orientation=k) for k in range(1, 9))]
+
+
+@pytest.mark.skipif(images_mod.simplejpeg is None, reason="needs simplejpeg")
+@pytest.mark.parametrize("kind", JPEG_KINDS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()) or "plain")
+@pytest.mark.parametrize("width,height", [(320, 256), (333, 251), (97, 131)])
+def test_libjpeg_turbo_decodes_exactly_the_pixels_pil_does(monkeypatch, kind, width, height):
+    """The fast path must not change a single pixel: a cache written by one path is read beside the other
+    (predict on a machine without simplejpeg), and PIL decodes what the fast path declines."""
+    data = _photo(width, height, **kind)
+    for size in (None, (16, 16), (28, 28), (64, 64), (100, 50), (224, 224), (7, 300)):
+        for resize in ("stretch", "shorter-crop"):
+            kw = dict(size=size, resize=resize)
+            assert images_mod._turbo_jpeg(data, size, resize, MAX_PIXELS, "x") is not None  # the fast path ran
+            fast, pil = np.asarray(open_image(data, **kw)), _pil_only(monkeypatch, data, **kw)
+            assert fast.shape == pil.shape and np.array_equal(fast, pil), (size, resize)
+
+
+@pytest.mark.skipif(images_mod.simplejpeg is None, reason="needs simplejpeg")
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_jpegs_the_fast_path_declines_are_decoded_by_pil(monkeypatch, tmp_path):
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+           b'</x:xmpmeta>')
+    good = _photo(80, 60)
+    broken_exif = good[:2] + b"\xff\xe1\x00\x10Exif\x00\x00MM\x00\x2a\x00\x00\x00\x99" + good[2:]
+    declined = {"cmyk": _photo(80, 60, mode="CMYK"), "xmp": _photo(80, 60, xmp=xmp),
+                "truncated": good[:len(good) // 2], "broken exif": broken_exif}
+    for name, data in declined.items():
+        if name != "broken exif":  # (PIL's EXIF reader warns and reads no orientation: both paths agree)
+            assert images_mod._turbo_jpeg(data, (16, 16), "stretch", MAX_PIXELS, "x") is None, name
+        try:
+            pil = _pil_only(monkeypatch, data, size=(16, 16))
+        except DataError as e:  # PIL refuses it too: the same one-line error either way
+            with pytest.raises(DataError) as again:
+                open_image(data, size=(16, 16))
+            assert str(again.value) == str(e)
+            continue
+        assert np.array_equal(np.asarray(open_image(data, size=(16, 16))), pil), name
+    path = tmp_path / "big.jpg"
+    path.write_bytes(good)
+    with pytest.raises(ImageTooLarge, match="80x60 pixels"):
+        open_image(path, max_pixels=1000)

@@ -47,14 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..errors import DataError
 from ..preprocess import Preprocess
 from .cache import cache_key, cached_array, cached_json
-from .images import MAX_PIXELS, RESIZES, image_to_array, open_image
+from .images import MAX_PIXELS, RESIZES, decoder_versions, image_to_array, open_image
 from .sources import DatasetInfo, DatasetSpec, register_dataset_prefix
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -451,7 +450,7 @@ def read_images(files: Files, shape: tuple[int, int, int], resize: str = "shorte
         images = np.empty(full, dtype=np.uint8)
         _decode_all(paths, shape, resize, workers, images.__setitem__, what)
         return images, labels
-    options = {"shape": list(shape), "resize": resize, "interpolation": "bilinear", "pil": PIL.__version__}
+    options = {"shape": list(shape), "resize": resize, "interpolation": "bilinear", **decoder_versions()}
     key = cache_key(paths, options)
     images = cached_array(key, full, lambda write: _decode_all(paths, shape, resize, workers, write, what))
     if images is None:  # no usable cache folder: decode into memory, as with cache=0
