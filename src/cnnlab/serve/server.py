@@ -20,11 +20,11 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import IO, ClassVar
 
 from ..errors import ConfigError
 
@@ -417,11 +417,40 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class ServerProcess:
+    """A ``cnnlab serve`` child process started by `serve_process`.
+
+    Attributes:
+        url: Its base address, e.g. http://127.0.0.1:54321.
+        proc: The child process.
+    """
+
+    url: str
+    proc: subprocess.Popen
+    _log: IO[bytes]
+    _final_log: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        """Everything the server wrote to stdout and stderr so far (all of it once it has stopped)."""
+        if self._final_log is not None:
+            return self._final_log
+        # pread, not seek + read: the child writes through the same open file, so moving its offset would make
+        # the child overwrite what it wrote before.
+        fd = self._log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", errors="replace")
+
+
 @contextmanager
-def serve_subprocess(run_dir: str | Path, *args: str, startup_s: float = 120.0,
-                     env: dict[str, str] | None = None) -> Iterator[str]:
-    """``cnnlab serve RUN_DIR`` in a child process on a free loopback port; yields its base URL once
-    ``/health`` answers, and stops the process (terminate, then kill) on exit.
+def serve_process(run_dir: str | Path, *args: str, startup_s: float = 120.0, env: dict[str, str] | None = None,
+                  on_spawn: Callable[[subprocess.Popen], None] | None = None) -> Iterator[ServerProcess]:
+    """``cnnlab serve RUN_DIR`` in a child process on a free loopback port; yields it once ``/health`` answers,
+    and stops it (terminate, then kill) on exit. Its output stays readable (`ServerProcess.log`) after the
+    ``with`` block.
 
     Args:
         run_dir: The trained run to serve.
@@ -429,30 +458,52 @@ def serve_subprocess(run_dir: str | Path, *args: str, startup_s: float = 120.0,
         startup_s: How long to wait for ``/health``; the server's output tail is in the error otherwise.
         env: Variables added to this process's environment for the child (e.g. a PYTHONPATH naming another
             source tree, to compare two versions of the server).
+        on_spawn: Called with the child right after it is started, long before it listens (importing torch
+            takes seconds): e.g. to set its resource limits.
+
+    Raises:
+        RuntimeError: It did not answer ``/health`` within ``startup_s`` or exited (its output's tail included).
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile("w+") as log:
+    with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--host", "127.0.0.1",
                                  "--port", str(port), "--log-level", "warning", *args],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        server = ServerProcess(url, proc, log)
         try:
-            deadline = time.monotonic() + startup_s
-            while True:
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"cnnlab serve did not start: {log.read()[-2000:]}")
-                time.sleep(0.1)
-            yield url
+            if on_spawn is not None:
+                on_spawn(proc)
+            _wait_healthy(server, startup_s)
+            yield server
         finally:
             proc.terminate()
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+            server._final_log = server.log()
+
+
+def _wait_healthy(server: ServerProcess, timeout: float) -> None:
+    """Return once ``server`` answers ``/health`` with 200; RuntimeError if it exits or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"cnnlab serve did not start: {server.log()[-2000:]}")
+        time.sleep(0.1)
+
+
+@contextmanager
+def serve_subprocess(run_dir: str | Path, *args: str, startup_s: float = 120.0,
+                     env: dict[str, str] | None = None) -> Iterator[str]:
+    """`serve_process` yielding only the server's base URL."""
+    with serve_process(run_dir, *args, startup_s=startup_s, env=env) as server:
+        yield server.url
