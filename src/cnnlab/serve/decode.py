@@ -212,6 +212,15 @@ def plain_png(data: bytes) -> Image.Image | None:
         return None
 
 
+def _gray_tensor(im: Image.Image, invert: str) -> torch.Tensor:
+    """`image_to_tensor` of a grayscale image already at the model's size: uint8 [1, H, W], inverted by the same
+    rule, without the copies of the general path (a small image's conversion costs about as much as its decoding)."""
+    arr = np.frombuffer(bytearray(im.tobytes()), np.uint8).reshape(1, im.height, im.width)
+    if image_lib._inverts(arr[0], invert):
+        np.subtract(255, arr, out=arr)
+    return torch.from_numpy(arr)
+
+
 def decode(pending: list[Pending], shape: tuple[int, int, int], invert: str, centre: bool = False,
            resize: str = "stretch") -> torch.Tensor:
     """Decode the planned images one by one into uint8 [N, C, H, W] with ``shape`` = (C, H, W), resized as the
@@ -221,12 +230,16 @@ def decode(pending: list[Pending], shape: tuple[int, int, int], invert: str, cen
     for p in pending:
         # Each image is decoded and shrunk to the model's input before the next one is decoded.
         image = p.source if isinstance(p.source, np.ndarray) else plain_png(p.source)
+        plain = image is not None and not isinstance(image, np.ndarray)
         if image is None:
             image = decode_file(p.source, size, centre, p.what, resize)
         try:
-            out.append(as_batch(image, shape[0], size, invert, centre, resize=resize)[0]
-                       if isinstance(image, np.ndarray)
-                       else image_to_tensor(image, shape[0], size, invert, centre, resize=resize))
+            if isinstance(image, np.ndarray):
+                out.append(as_batch(image, shape[0], size, invert, centre, resize=resize)[0])
+            elif plain and shape[0] == 1 and not centre and image.mode == "L" and image.size == size[::-1]:
+                out.append(_gray_tensor(image, invert))
+            else:
+                out.append(image_to_tensor(image, shape[0], size, invert, centre, resize=resize))
         except CnnlabError as e:
             raise BadRequest(f"{p.what}: {e}") from None
         except (ValueError, OSError) as e:  # a mode PIL cannot convert

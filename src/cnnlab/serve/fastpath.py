@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from .batcher import MicroBatcher
 from .decode import Pending, decode, max_pixels, plan_file
 from .limits import BadRequest, Limits, PixelBudget, check_request_pixels
+from .server import BODY_RECEIVED
 
 INLINE_BYTES = 64 * 1024  # bodies up to this have their header read on the event loop
 INLINE_PIXELS = 256 * 256  # images up to this are decoded on the event loop (well under a millisecond)
@@ -169,25 +170,32 @@ async def send_json(send, status: int, payload, headers: dict[str, str] | None =
     await send({"type": "http.response.body", "body": body})
 
 
-async def read_body(receive, limit: int, deadline: float, timeout: float) -> bytes | None:
+async def read_body(receive, limit: int, deadline: float | None, timeout: float) -> bytes | None:
     """The request body, or None when the client hung up; BadRequest 413 past ``limit`` bytes and 408 when it
-    has not all arrived by ``deadline`` (event-loop time; ``timeout`` names it in the message)."""
-    chunks, seen = [], 0
+    has not all arrived by ``deadline`` (event-loop time; ``timeout`` names it in the message; None: the server
+    has the whole body already, see `BODY_RECEIVED`, so no timer is armed)."""
+    if deadline is None:
+        return await _read_chunks(receive, limit)
     try:
         async with asyncio.timeout_at(deadline):
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return None
-                chunk = message.get("body", b"")
-                seen += len(chunk)
-                if seen > limit:
-                    raise BadRequest(f"request body over the limit of {limit:,} bytes", 413)
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return await _read_chunks(receive, limit)
     except TimeoutError:
         raise BadRequest(f"request body not received within {timeout:g} s", 408) from None
+
+
+async def _read_chunks(receive, limit: int) -> bytes | None:
+    chunks, seen = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            raise BadRequest(f"request body over the limit of {limit:,} bytes", 413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroBatcher,
@@ -235,7 +243,7 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
         return answers.body(probs[0], req.top_k)
 
     async def handle(scope, receive, send, req: RawImageRequest) -> None:
-        deadline = asyncio.get_running_loop().time() + read_timeout
+        deadline = None if scope.get(BODY_RECEIVED) else asyncio.get_running_loop().time() + read_timeout
         headers = None
         try:
             if req.length > limits.max_upload_bytes:

@@ -38,6 +38,11 @@ ACCEPT_BATCH = 64  # uvicorn's backlog: the listen queue and the accepts per eve
 FD_RESERVE = 32 + 4 * ACCEPT_BATCH
 
 
+# A key of the ASGI scope, set (True) once the whole request body is in the server's buffer: the app's first
+# receive() then returns it at once, so it needs no deadline for the body (httptools protocol only).
+BODY_RECEIVED = "cnnlab.body_received"
+
+
 SERVE_MMAP_THRESHOLD = 1 << 20  # bytes: image buffers above this are mapped alone and unmapped when freed
 SERVE_TRIM_THRESHOLD = 32 << 20  # bytes of free heap top a malloc arena may keep
 
@@ -134,6 +139,7 @@ class _Guards:
 
     def _guard_new_connection(self) -> None:
         self._head_timer = None
+        self._head_deadline = 0.0
         self._head_bytes = 0
         self._await_head()
         if len(self.connections) > self.limits.max_connections:
@@ -145,27 +151,36 @@ class _Guards:
         oldest._drop()
 
     def _await_head(self) -> None:
-        self._cancel_head_timer()
+        # One timer per connection rather than one per request (a kept-alive connection answers many requests
+        # within one head timeout): armed when none is pending; when it fires it closes the connection if it is
+        # waiting past its deadline, waits on if the deadline has moved, and lapses if a request is being answered.
+        self._head_deadline = self.loop.time() + self.limits.head_timeout
         self.waiting[self] = None
-        self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_timed_out)
 
     def _head_received(self) -> None:
-        self._cancel_head_timer()
         self.waiting.pop(self, None)
 
-    def _cancel_head_timer(self) -> None:
+    def _forget(self) -> None:
+        """The connection is closed: no longer waiting, and no timer for it."""
+        self._head_received()
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self in self.waiting:
-            type(self).dropped += 1
-            self._drop()
+        if self not in self.waiting:
+            return  # answering a request: its response's end arms a new timer
+        if self.loop.time() < self._head_deadline:
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_timed_out)
+            return
+        type(self).dropped += 1
+        self._drop()
 
     def _drop(self) -> None:
-        self._head_received()
+        self._forget()
         if not self.transport.is_closing():
             self.transport.close()
 
@@ -194,7 +209,7 @@ def guarded_h11(limits: ConnectionLimits) -> type:
             super().on_response_complete()
 
         def connection_lost(self, exc) -> None:
-            self._head_received()
+            self._forget()
             super().connection_lost(exc)
 
     GuardedH11Protocol.limits, GuardedH11Protocol.waiting, GuardedH11Protocol.dropped = limits.resolved(), {}, 0
@@ -286,6 +301,8 @@ def guarded_httptools(limits: ConnectionLimits) -> type:
 
         def on_message_complete(self) -> None:
             self._in_body = False
+            if self.cycle is not None:  # the app may read the body without arming a timeout (see BODY_RECEIVED)
+                self.cycle.scope[BODY_RECEIVED] = True
             super().on_message_complete()
 
         def on_headers_complete(self) -> None:
@@ -308,7 +325,7 @@ def guarded_httptools(limits: ConnectionLimits) -> type:
             super().on_response_complete()
 
         def connection_lost(self, exc) -> None:
-            self._head_received()
+            self._forget()
             super().connection_lost(exc)
 
     GuardedHttpToolsProtocol.limits = limits.resolved()
