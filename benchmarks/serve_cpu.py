@@ -124,8 +124,9 @@ def main() -> int:
                   r["failed"], r["non_2xx"]] for r in results])
     summaries = [summary(results, label) for label in servers]
     for s in summaries:
-        print(f"{s['server']}: CPU-seconds per 1,000 requests, median of {s['rounds']} rounds {s['cpu_s_per_1000']:.3f} "
-              f"(min {s['min']:.3f}, max {s['max']:.3f}); median mean batch {s['mean_batch']:.1f}; "
+        print(f"{s['server']}: CPU-seconds per 1,000 requests, median of {s['rounds']} rounds "
+              f"{s['cpu_s_per_1000']:.3f} (min {s['min']:.3f}, max {s['max']:.3f}); median mean batch "
+              f"{s['mean_batch']:.1f}; "
               f"failed {s['failed']}, non-2xx {s['non_2xx']}")
     if args.baseline_src:
         cur, base = summaries

@@ -214,9 +214,20 @@ def plain_png(data: bytes) -> Image.Image | None:
 
 def _gray_tensor(im: Image.Image, invert: str) -> torch.Tensor:
     """`image_to_tensor` of a grayscale image already at the model's size: uint8 [1, H, W], inverted by the same
-    rule, without the copies of the general path (a small image's conversion costs about as much as its decoding)."""
-    arr = np.frombuffer(bytearray(im.tobytes()), np.uint8).reshape(1, im.height, im.width)
-    if image_lib._inverts(arr[0], invert):
+    rule, without the copies of the general path (a small image's conversion costs about as much as its decoding).
+
+    'auto' inverts when the mean of the border (top and bottom rows, left and right columns, corners counted
+    twice) is over 127, as `cnnlab.data.images` decides; the mean is taken of the bytes (exact integers, one
+    correctly rounded division, so the same number numpy's mean gives) instead of four numpy slices.
+    """
+    raw, (w, h) = im.tobytes(), im.size
+    if invert == "auto":
+        border = sum(raw[:w]) + sum(raw[-w:]) + sum(raw[::w]) + sum(raw[w - 1::w])
+        flip = border / (2 * (w + h)) > 127
+    else:
+        flip = invert == "yes"
+    arr = np.frombuffer(bytearray(raw), np.uint8).reshape(1, h, w)
+    if flip:
         np.subtract(255, arr, out=arr)
     return torch.from_numpy(arr)
 

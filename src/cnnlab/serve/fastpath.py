@@ -233,13 +233,17 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
 
     async def answer(body: bytes, pending: list[Pending], req: RawImageRequest, small: bool) -> bytes:
         pixels = check_request_pixels([p.pixels for p in pending], limits.max_request_pixels)
-        with budget.hold(sum(p.cost for p in pending)):
+        cost = sum(p.cost for p in pending)
+        budget.take(cost)  # as budget.hold, without a context manager's generator per request
+        try:
             args = (pending, shape, req.invert or invert, req.centre, resize)
             images = decode(*args) if small and pixels <= INLINE_PIXELS else await run_in_threadpool(decode, *args)
             try:
                 probs = await batcher.submit(images)
             except RuntimeError as e:  # shutting down
                 raise BadRequest(str(e), 503, {"Retry-After": "1"}) from None
+        finally:
+            budget.give(cost)
         return answers.body(probs[0], req.top_k)
 
     async def handle(scope, receive, send, req: RawImageRequest) -> None:
