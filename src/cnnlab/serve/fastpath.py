@@ -7,7 +7,8 @@ body size (413), body deadline (408), the body's bytes and the decoded pixels re
 budget (503 with Retry-After), per-request pixels read from the header before decoding (413). Small bodies
 and images are read and decoded on the event loop (a 28x28 PNG costs less than a hop to a thread); larger
 ones still go to a worker thread so the loop keeps answering. A small PNG is priced from its IHDR chunk, so
-PIL opens it once (to decode) instead of twice.
+PIL opens it at most once (a plain one not at all: see `decode.plain_png`), and the answer is written from JSON
+pieces encoded once (`Answers`).
 
 It takes only requests whose route, content type, length and query it understands completely (see
 `raw_image_route`): anything else (a chunked body, a query FastAPI would refuse or read differently) goes
