@@ -24,15 +24,14 @@ import json
 import os
 import resource
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ensure_lenet5_run, hardware_line
 
-from cnnlab.serve.server import free_port
+from cnnlab.serve.server import serve_process
 
 HOST = "127.0.0.1"  # loopback only
 
@@ -176,19 +175,6 @@ def payloads() -> dict[str, tuple[bytes, str]]:
     }
 
 
-def wait_listening(proc: subprocess.Popen, port: int, timeout: float) -> bool:
-    """True once ``port`` accepts connections; False if ``proc`` exits or ``timeout`` s pass first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((HOST, port), timeout=1).close()
-            return True
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
-
-
 def run_abuse(run: Path, seconds: float, clients: int, n_half_open: int, server_nofile: int,
               health_timeout: float = 5.0) -> AbuseResult:
     """Serve ``run`` in a subprocess with its default limits and throw the abuse mix at it for ``seconds``.
@@ -197,49 +183,38 @@ def run_abuse(run: Path, seconds: float, clients: int, n_half_open: int, server_
         RuntimeError: the server did not start (its log's tail is in the message).
     """
     bodies = payloads()
-    port = free_port()
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run), "--host", HOST, "--port",
-                                 str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
-        _limit_files(proc.pid, server_nofile)  # long before it listens: importing torch takes seconds
+    # The open-file limit is set as soon as the child exists, long before it listens (importing torch takes seconds).
+    with serve_process(run, on_spawn=lambda proc: _limit_files(proc.pid, server_nofile)) as server:
+        port = urlsplit(server.url).port
+        time.sleep(1.0)
+        idle = rss_mb(server.pid)
+        probe, sampler = Probe(port, timeout=health_timeout), Sampler(server.pid)
+        probe.start()
+        sampler.start()
+        statuses: dict[str, Counter] = {name: Counter() for name in bodies}
+        socks = half_open(port, n_half_open)
+        end = time.monotonic() + seconds  # from when the slow connections are all open
+
+        def client(i: int) -> None:
+            names = list(bodies)
+            k = i
+            while time.monotonic() < end:
+                name = names[k % len(names)]
+                k += 1
+                statuses[name][post(port, *bodies[name], timeout=60)] += 1
+
         try:
-            if not wait_listening(proc, port, 120):
-                log.seek(0)
-                raise RuntimeError(f"the server did not start: {log.read()[-2000:]}")
-            time.sleep(1.0)
-            idle = rss_mb(proc.pid)
-            probe, sampler = Probe(port, timeout=health_timeout), Sampler(proc.pid)
-            probe.start()
-            sampler.start()
-            statuses: dict[str, Counter] = {name: Counter() for name in bodies}
-            socks = half_open(port, n_half_open)
-            end = time.monotonic() + seconds  # from when the slow connections are all open
-
-            def client(i: int) -> None:
-                names = list(bodies)
-                k = i
-                while time.monotonic() < end:
-                    name = names[k % len(names)]
-                    k += 1
-                    statuses[name][post(port, *bodies[name], timeout=60)] += 1
-
             with ThreadPoolExecutor(clients) as pool:
                 list(pool.map(client, range(clients)))
             held = sum(1 for s in socks if _still_open(s))
+        finally:
             for s in socks:
                 s.close()
             probe.stop.set()
             sampler.stop.set()
             probe.join()
             sampler.join()
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.seek(0)
-            log_text = log.read()
+    log_text = server.log()  # all of it: the server has stopped
     return AbuseResult(
         run=str(run), seconds=seconds, clients=clients, half_open=len(socks), half_open_held=held,
         server_nofile=server_nofile, idle_mb=idle, peak_mb=sampler.peak, health_answers=len(probe.latencies),

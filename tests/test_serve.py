@@ -23,8 +23,12 @@ from cnnlab.cli import main
 pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
 pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from cnnlab.serve import background_server, create_app
 from cnnlab.serve.batcher import MicroBatcher
+from cnnlab.serve.limits import BadRequest
 
 UPLOAD_LIMIT = 200_000  # bytes; small so the over-limit tests stay quick
 
@@ -300,6 +304,138 @@ def test_describe_row_is_describe_predictions_for_one_row():
             assert describe_row(row, labels, k) == describe_predictions(row[None], labels, k)[0]
 
 
+def test_answers_are_the_json_encoders_bytes():
+    from cnnlab.infer import describe_predictions
+    from cnnlab.serve.fastpath import Answers, json_body
+
+    labels = [f"c{i}" for i in range(9)] + ['é "quoted" \\ \n <tag>']  # escapes, non-ASCII kept as is
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.cat([torch.softmax(torch.randn(40, 10, generator=gen) * 9, 1),
+                      torch.softmax(torch.randn(4, 10, generator=gen) * 300, 1),  # saturated: exact 0s and 1s
+                      torch.tensor([[0.1] * 10, [0.3, 0.3, 0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0]])])  # ties
+    answers = Answers(labels)
+    for row in rows:
+        for k in (1, 3, 10, 50):
+            assert answers.body(row, k) == json_body(describe_predictions(row[None], labels, k)[0])
+    with pytest.raises(ValueError, match="JSON compliant"):  # as the full path's JSONResponse
+        answers.body(torch.tensor([float("nan")] + [0.1] * 9), 3)
+
+
+def _encode_png(array: np.ndarray, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def _with_chunk(data: bytes, kind: bytes, payload: bytes) -> bytes:
+    """``data`` with one more chunk right after IHDR (checksum correct)."""
+    import struct
+    import zlib
+
+    chunk = struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return data[:33] + chunk + data[33:]
+
+
+def _ihdr_byte(data: bytes, offset: int, value: int) -> bytes:
+    """``data`` with IHDR byte ``offset`` (0: width's first) set to ``value`` and its checksum fixed."""
+    import struct
+    import zlib
+
+    ihdr = bytearray(data[12:29])
+    ihdr[4 + offset] = value
+    return data[:12] + bytes(ihdr) + struct.pack(">I", zlib.crc32(bytes(ihdr))) + data[33:]
+
+
+def _decoded_both_ways(data: bytes, shape, invert: str, centre: bool, monkeypatch):
+    """`decode` of ``data`` as the server runs it, and with every file going through PIL's opener: each a tensor
+    or the BadRequest's (status, message)."""
+    from cnnlab.serve import decode as decode_module
+
+    results = []
+    for plain in (decode_module.plain_png, lambda data: None):
+        monkeypatch.setattr(decode_module, "plain_png", plain)
+        try:
+            pending = decode_module.plan_file(data, shape, centre)
+            results.append(decode_module.decode(pending, shape, invert, centre))
+        except BadRequest as e:
+            results.append((e.status, str(e)))
+    return results
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+
+
+def test_plain_pngs_take_the_short_decoder_and_everything_else_pil(monkeypatch):
+    from cnnlab.serve.decode import plain_png
+
+    rng = np.random.default_rng(0)
+    gray, rgb = rng.integers(0, 256, (28, 28), dtype=np.uint8), rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    assert plain_png(_encode_png(gray)).mode == "L" and plain_png(_encode_png(rgb)).size == (13, 9)
+    base = _encode_png(gray)
+    others = {
+        "text chunk": _encode_png(gray, pnginfo=_text_info()),
+        "transparency": _with_chunk(base, b"tRNS", b"\x00\x07"),
+        "exif orientation": _encode_png(gray, exif=_rotated_exif()),
+        "16-bit": _encode_png(gray.astype(np.uint16) * 257),
+        "palette": _palette_png(gray),
+        "gray+alpha": _encode_png(np.stack([gray, gray], -1)),
+        "interlaced": _ihdr_byte(base, 12, 1),
+        "bad checksum": base[:29] + b"\0\0\0\0" + base[33:],
+        "after IEND": base + b"\0",
+        "truncated": base[:-20],
+        "broken data": base[:45] + bytes([base[45] ^ 0xFF]) + base[46:],
+    }
+    for name, data in others.items():
+        assert plain_png(data) is None, name
+    # Whichever way a file goes, it decodes to the same pixels (or the same refusal) as through PIL's opener.
+    for name, data in {"gray": base, "rgb": _encode_png(rgb), **others}.items():
+        for shape in ((1, 28, 28), (3, 16, 16)):
+            for invert in ("auto", "yes", "no"):
+                for centre in (False, True):
+                    fast, pil = _decoded_both_ways(data, shape, invert, centre, monkeypatch)
+                    assert _same(fast, pil), (name, shape, invert, centre)
+
+
+def _text_info():
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Comment", "drawn on a phone")
+    return info
+
+
+def _rotated_exif():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    return exif
+
+
+def _palette_png(gray: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(gray).convert("P").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_pngs_decode_alike_both_ways(monkeypatch, data):
+    """Random images, sizes, polarity rules and damaged bytes: the short decoder and PIL's opener agree."""
+    h, w = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40))
+    channels = data.draw(st.sampled_from([1, 3]))
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w) if channels == 1 else (h, w, 3), dtype=np.uint8)
+    if data.draw(st.booleans()):  # a light background with a dark stroke, as a digit on paper
+        pixels = np.maximum(pixels, 200).astype(np.uint8)
+    raw = bytearray(_encode_png(pixels))
+    for _ in range(data.draw(st.integers(0, 2))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    shape = data.draw(st.sampled_from([(1, 28, 28), (1, h, w), (3, 8, 8)]))
+    invert, centre = data.draw(st.sampled_from(["auto", "yes", "no"])), data.draw(st.booleans())
+    fast, pil = _decoded_both_ways(bytes(raw), shape, invert, centre, monkeypatch)
+    assert _same(fast, pil)
+
+
 @pytest.mark.robust
 def test_lean_path_answers_as_the_full_path_does(served):
     """The same raw body sent once through the lean path and once with a query only the full path takes
@@ -421,6 +557,17 @@ def test_micro_batcher_splits_results_caps_batches_and_survives_errors():
 
 
 # ----------------------------------------------------------------------------- CLI
+
+
+def test_serve_process_hands_over_the_child_and_its_log(tmp_path):
+    from cnnlab.serve.server import serve_process
+
+    spawned = []
+    with pytest.raises(RuntimeError, match="did not start") as e:
+        with serve_process(tmp_path / "nope", on_spawn=spawned.append, startup_s=120):
+            pass
+    assert "no such run directory" in str(e.value)  # the child's own error, read from its log
+    assert len(spawned) == 1 and spawned[0].poll() is not None
 
 
 @pytest.mark.robust

@@ -229,6 +229,29 @@ def test_half_open_request_head_is_dropped_and_health_answers(trained, http):
 
 
 @pytest.mark.parametrize("http", PROTOCOLS)
+def test_head_deadline_restarts_after_a_request_slower_than_it(trained, http):
+    """A request whose body takes longer than the head timeout is answered (the deadline covers heads only), and
+    the connection's next head must again arrive within the timeout: a stalled one is dropped."""
+    app = create_app(trained.path, trained=trained, max_wait_ms=1)
+    digit = png(Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)))
+    with background_server(app, limits=ConnectionLimits(head_timeout=0.2, http=http)) as srv:
+        with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as s:
+            s.settimeout(WAIT_S)
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: "
+                      + str(len(digit)).encode() + b"\r\n\r\n")
+            time.sleep(0.5)  # past the head deadline while the request is under way
+            s.sendall(digit)
+            answer = b""
+            while not answer.rstrip().endswith(b"}"):
+                chunk = s.recv(65536)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200")
+            s.sendall(b"GET /hea")  # and nothing more
+            assert _closed_by_server(s)
+
+
+@pytest.mark.parametrize("http", PROTOCOLS)
 def test_connection_cap_drops_the_oldest_idle_connection_for_a_new_one(trained, http):
     app = create_app(trained.path, trained=trained, max_wait_ms=1)
     with background_server(app, limits=ConnectionLimits(max_connections=4, head_timeout=600, http=http)) as srv:

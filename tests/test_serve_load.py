@@ -47,3 +47,24 @@ def test_abuse_mix_keeps_server_memory_bounded_and_health_answering(tiny_run):
         assert "conn-error" not in counts and all(c == "503" or int(c) < 500 for c in counts), (name, counts)
     # The slow connections were all opened (beyond the server's file limit) while the requests ran.
     assert r["half_open"] > r["server_nofile"], r
+
+
+def test_serve_cpu_reads_a_process_cpu_time_as_the_kernel_counts_it():
+    """benchmarks/serve_cpu.py's reading of /proc/PID/stat (user + system time) agrees with os.times()."""
+    import importlib.util
+
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("serve_cpu", BENCH.parent / "serve_cpu.py")
+        serve_cpu = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(serve_cpu)
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    sum(i * i for i in range(2_000_000))  # some CPU time of our own, so there is something to count
+    before = os.times()
+    seen = serve_cpu.cpu_seconds(os.getpid())
+    after = os.times()
+    # both count the same clock ticks: the reading lies between the two os.times() readings, give or take a tick
+    tick = 1 / serve_cpu.TICKS_PER_S
+    assert before.user + before.system - tick <= seen <= after.user + after.system + tick
+    assert seen > 0

@@ -119,18 +119,18 @@ class MicroBatcher:
         busy = first is not None
         if first is None:
             first = await self._next(None)
-        items, count = [first], len(first[0])
+        items, count = [first], first[0].shape[0]  # shape[0]: len() of a tensor is a Python-level call
         deadline = asyncio.get_running_loop().time() + (0.0 if busy else self.max_wait)
         while count < self.max_batch:
             # Take what is already queued without waiting, then wait out the rest of the window.
             item = await self._next(deadline)
             if item is None:
                 break
-            if count + len(item[0]) > self.max_batch:
+            if count + item[0].shape[0] > self.max_batch:
                 self._carry = item  # it opens the next batch, so it cannot be overtaken for ever
                 break
             items.append(item)
-            count += len(item[0])
+            count += item[0].shape[0]
         return items
 
     async def _run(self) -> None:
@@ -159,6 +159,7 @@ class MicroBatcher:
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
             start = 0
             for x, f in items:
+                n = x.shape[0]
                 if not f.done():
-                    f.set_result(out[start:start + len(x)])
-                start += len(x)
+                    f.set_result(out[start:start + n])
+                start += n

@@ -7,7 +7,8 @@ body size (413), body deadline (408), the body's bytes and the decoded pixels re
 budget (503 with Retry-After), per-request pixels read from the header before decoding (413). Small bodies
 and images are read and decoded on the event loop (a 28x28 PNG costs less than a hop to a thread); larger
 ones still go to a worker thread so the loop keeps answering. A small PNG is priced from its IHDR chunk, so
-PIL opens it once (to decode) instead of twice.
+PIL opens it at most once (a plain one not at all: see `decode.plain_png`), and the answer is written from JSON
+pieces encoded once (`Answers`).
 
 It takes only requests whose route, content type, length and query it understands completely (see
 `raw_image_route`): anything else (a chunked body, a query FastAPI would refuse or read differently) goes
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from .batcher import MicroBatcher
 from .decode import Pending, decode, max_pixels, plan_file
 from .limits import BadRequest, Limits, PixelBudget, check_request_pixels
+from .server import BODY_RECEIVED
 
 INLINE_BYTES = 64 * 1024  # bodies up to this have their header read on the event loop
 INLINE_PIXELS = 256 * 256  # images up to this are decoded on the event loop (well under a millisecond)
@@ -123,39 +126,77 @@ def describe_row(probs: torch.Tensor, labels: list[str], top_k: int) -> dict:
             "probabilities": values}
 
 
+class Answers:
+    """The lean path's answer to a prediction, written from pieces encoded once: byte for byte the JSON of
+    `describe_row` as `json_body` encodes it (and so the full path's), at a fraction of the encoder's cost.
+
+    Args:
+        labels: Printable class names.
+    """
+
+    def __init__(self, labels: list[str]):
+        self.labels = labels
+        # '"class":3,"label":"3","probability":' for each class; JSON floats are Python's float repr
+        self._heads = [f'"class":{i},"label":{json.dumps(label, ensure_ascii=False)},"probability":'
+                       for i, label in enumerate(labels)]
+
+    def body(self, probs: torch.Tensor, top_k: int) -> bytes:
+        """The JSON body for one row of probabilities [K] (as `json_body(describe_row(probs, labels, top_k))`)."""
+        values = probs.tolist()
+        k = max(1, min(top_k, len(values)))
+        if not all(map(math.isfinite, values)):  # the encoder refuses NaN and infinity: let it, as the full path
+            return json_body(describe_row(probs, self.labels, top_k))
+        if len(set(values)) == len(values):  # no ties: the order is the values' alone, as topk's
+            order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
+        else:  # equal values come in whatever order topk gives them: ask it
+            order = probs.topk(k)[1].tolist()
+        heads, text = self._heads, list(map(repr, values))
+        top = order[0]
+        top_k_items = ",".join(["{" + heads[i] + text[i] + "}" for i in order])
+        return "".join(["{", heads[top], text[top], ',"top_k":[', top_k_items, '],"probabilities":[', ",".join(text),
+                        "]}"]).encode()
+
+
 def json_body(payload) -> bytes:
     """``payload`` as Starlette's JSONResponse encodes it (so both paths answer the same bytes)."""
     return json.dumps(payload, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
 
 
 async def send_json(send, status: int, payload, headers: dict[str, str] | None = None) -> None:
-    """A complete JSON response with a Content-Length."""
-    body = json_body(payload)
+    """A complete JSON response with a Content-Length (``payload``: an object, or its JSON body already encoded)."""
+    body = payload if isinstance(payload, bytes) else json_body(payload)
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     raw += [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
 
 
-async def read_body(receive, limit: int, deadline: float, timeout: float) -> bytes | None:
+async def read_body(receive, limit: int, deadline: float | None, timeout: float) -> bytes | None:
     """The request body, or None when the client hung up; BadRequest 413 past ``limit`` bytes and 408 when it
-    has not all arrived by ``deadline`` (event-loop time; ``timeout`` names it in the message)."""
-    chunks, seen = [], 0
+    has not all arrived by ``deadline`` (event-loop time; ``timeout`` names it in the message; None: the server
+    has the whole body already, see `BODY_RECEIVED`, so no timer is armed)."""
+    if deadline is None:
+        return await _read_chunks(receive, limit)
     try:
         async with asyncio.timeout_at(deadline):
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return None
-                chunk = message.get("body", b"")
-                seen += len(chunk)
-                if seen > limit:
-                    raise BadRequest(f"request body over the limit of {limit:,} bytes", 413)
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return await _read_chunks(receive, limit)
     except TimeoutError:
         raise BadRequest(f"request body not received within {timeout:g} s", 408) from None
+
+
+async def _read_chunks(receive, limit: int) -> bytes | None:
+    chunks, seen = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            raise BadRequest(f"request body over the limit of {limit:,} bytes", 413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroBatcher,
@@ -174,7 +215,9 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
         read_timeout: Seconds within which the body must have arrived (408 after).
     """
 
-    async def predict(body: bytes, req: RawImageRequest) -> dict:
+    answers = Answers(labels)
+
+    async def predict(body: bytes, req: RawImageRequest) -> bytes:
         small = len(body) <= INLINE_BYTES
         pending = plan_png(body) if small else None
         if pending is not None:  # priced from the PNG header without opening the file twice
@@ -189,19 +232,23 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
             plan_file, body, shape, req.centre)
         return await answer(body, pending, req, small)
 
-    async def answer(body: bytes, pending: list[Pending], req: RawImageRequest, small: bool) -> dict:
+    async def answer(body: bytes, pending: list[Pending], req: RawImageRequest, small: bool) -> bytes:
         pixels = check_request_pixels([p.pixels for p in pending], limits.max_request_pixels)
-        with budget.hold(sum(p.cost for p in pending)):
+        cost = sum(p.cost for p in pending)
+        budget.take(cost)  # as budget.hold, without a context manager's generator per request
+        try:
             args = (pending, shape, req.invert or invert, req.centre, resize)
             images = decode(*args) if small and pixels <= INLINE_PIXELS else await run_in_threadpool(decode, *args)
             try:
                 probs = await batcher.submit(images)
             except RuntimeError as e:  # shutting down
                 raise BadRequest(str(e), 503, {"Retry-After": "1"}) from None
-        return describe_row(probs[0], labels, req.top_k)
+        finally:
+            budget.give(cost)
+        return answers.body(probs[0], req.top_k)
 
     async def handle(scope, receive, send, req: RawImageRequest) -> None:
-        deadline = asyncio.get_running_loop().time() + read_timeout
+        deadline = None if scope.get(BODY_RECEIVED) else asyncio.get_running_loop().time() + read_timeout
         headers = None
         try:
             if req.length > limits.max_upload_bytes:

@@ -20,11 +20,11 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import IO, ClassVar
 
 from ..errors import ConfigError
 
@@ -36,6 +36,11 @@ MAX_HEAD_BYTES = 16 * 1024  # request line + headers; a larger head is a 400
 # logs, the listening socket and the model's files) means accept() never meets the open-file limit.
 ACCEPT_BATCH = 64  # uvicorn's backlog: the listen queue and the accepts per event-loop turn
 FD_RESERVE = 32 + 4 * ACCEPT_BATCH
+
+
+# A key of the ASGI scope, set (True) once the whole request body is in the server's buffer: the app's first
+# receive() then returns it at once, so it needs no deadline for the body (httptools protocol only).
+BODY_RECEIVED = "cnnlab.body_received"
 
 
 SERVE_MMAP_THRESHOLD = 1 << 20  # bytes: image buffers above this are mapped alone and unmapped when freed
@@ -134,6 +139,7 @@ class _Guards:
 
     def _guard_new_connection(self) -> None:
         self._head_timer = None
+        self._head_deadline = 0.0
         self._head_bytes = 0
         self._await_head()
         if len(self.connections) > self.limits.max_connections:
@@ -145,27 +151,36 @@ class _Guards:
         oldest._drop()
 
     def _await_head(self) -> None:
-        self._cancel_head_timer()
+        # One timer per connection rather than one per request (a kept-alive connection answers many requests
+        # within one head timeout): armed when none is pending; when it fires it closes the connection if it is
+        # waiting past its deadline, waits on if the deadline has moved, and lapses if a request is being answered.
+        self._head_deadline = self.loop.time() + self.limits.head_timeout
         self.waiting[self] = None
-        self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_timed_out)
 
     def _head_received(self) -> None:
-        self._cancel_head_timer()
         self.waiting.pop(self, None)
 
-    def _cancel_head_timer(self) -> None:
+    def _forget(self) -> None:
+        """The connection is closed: no longer waiting, and no timer for it."""
+        self._head_received()
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self in self.waiting:
-            type(self).dropped += 1
-            self._drop()
+        if self not in self.waiting:
+            return  # answering a request: its response's end arms a new timer
+        if self.loop.time() < self._head_deadline:
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_timed_out)
+            return
+        type(self).dropped += 1
+        self._drop()
 
     def _drop(self) -> None:
-        self._head_received()
+        self._forget()
         if not self.transport.is_closing():
             self.transport.close()
 
@@ -194,7 +209,7 @@ def guarded_h11(limits: ConnectionLimits) -> type:
             super().on_response_complete()
 
         def connection_lost(self, exc) -> None:
-            self._head_received()
+            self._forget()
             super().connection_lost(exc)
 
     GuardedH11Protocol.limits, GuardedH11Protocol.waiting, GuardedH11Protocol.dropped = limits.resolved(), {}, 0
@@ -286,6 +301,8 @@ def guarded_httptools(limits: ConnectionLimits) -> type:
 
         def on_message_complete(self) -> None:
             self._in_body = False
+            if self.cycle is not None:  # the app may read the body without arming a timeout (see BODY_RECEIVED)
+                self.cycle.scope[BODY_RECEIVED] = True
             super().on_message_complete()
 
         def on_headers_complete(self) -> None:
@@ -308,7 +325,7 @@ def guarded_httptools(limits: ConnectionLimits) -> type:
             super().on_response_complete()
 
         def connection_lost(self, exc) -> None:
-            self._head_received()
+            self._forget()
             super().connection_lost(exc)
 
     GuardedHttpToolsProtocol.limits = limits.resolved()
@@ -417,11 +434,40 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class ServerProcess:
+    """A ``cnnlab serve`` child process started by `serve_process`.
+
+    Attributes:
+        url: Its base address, e.g. http://127.0.0.1:54321.
+        proc: The child process.
+    """
+
+    url: str
+    proc: subprocess.Popen
+    _log: IO[bytes]
+    _final_log: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        """Everything the server wrote to stdout and stderr so far (all of it once it has stopped)."""
+        if self._final_log is not None:
+            return self._final_log
+        # pread, not seek + read: the child writes through the same open file, so moving its offset would make
+        # the child overwrite what it wrote before.
+        fd = self._log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", errors="replace")
+
+
 @contextmanager
-def serve_subprocess(run_dir: str | Path, *args: str, startup_s: float = 120.0,
-                     env: dict[str, str] | None = None) -> Iterator[str]:
-    """``cnnlab serve RUN_DIR`` in a child process on a free loopback port; yields its base URL once
-    ``/health`` answers, and stops the process (terminate, then kill) on exit.
+def serve_process(run_dir: str | Path, *args: str, startup_s: float = 120.0, env: dict[str, str] | None = None,
+                  on_spawn: Callable[[subprocess.Popen], None] | None = None) -> Iterator[ServerProcess]:
+    """``cnnlab serve RUN_DIR`` in a child process on a free loopback port; yields it once ``/health`` answers,
+    and stops it (terminate, then kill) on exit. Its output stays readable (`ServerProcess.log`) after the
+    ``with`` block.
 
     Args:
         run_dir: The trained run to serve.
@@ -429,30 +475,52 @@ def serve_subprocess(run_dir: str | Path, *args: str, startup_s: float = 120.0,
         startup_s: How long to wait for ``/health``; the server's output tail is in the error otherwise.
         env: Variables added to this process's environment for the child (e.g. a PYTHONPATH naming another
             source tree, to compare two versions of the server).
+        on_spawn: Called with the child right after it is started, long before it listens (importing torch
+            takes seconds): e.g. to set its resource limits.
+
+    Raises:
+        RuntimeError: It did not answer ``/health`` within ``startup_s`` or exited (its output's tail included).
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile("w+") as log:
+    with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--host", "127.0.0.1",
                                  "--port", str(port), "--log-level", "warning", *args],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        server = ServerProcess(url, proc, log)
         try:
-            deadline = time.monotonic() + startup_s
-            while True:
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"cnnlab serve did not start: {log.read()[-2000:]}")
-                time.sleep(0.1)
-            yield url
+            if on_spawn is not None:
+                on_spawn(proc)
+            _wait_healthy(server, startup_s)
+            yield server
         finally:
             proc.terminate()
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+            server._final_log = server.log()
+
+
+def _wait_healthy(server: ServerProcess, timeout: float) -> None:
+    """Return once ``server`` answers ``/health`` with 200; RuntimeError if it exits or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"cnnlab serve did not start: {server.log()[-2000:]}")
+        time.sleep(0.1)
+
+
+@contextmanager
+def serve_subprocess(run_dir: str | Path, *args: str, startup_s: float = 120.0,
+                     env: dict[str, str] | None = None) -> Iterator[str]:
+    """`serve_process` yielding only the server's base URL."""
+    with serve_process(run_dir, *args, startup_s=startup_s, env=env) as server:
+        yield server.url
