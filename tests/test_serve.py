@@ -397,6 +397,25 @@ def test_plain_pngs_take_the_short_decoder_and_everything_else_pil(monkeypatch):
                     assert _same(fast, pil), (name, shape, invert, centre)
 
 
+def test_the_server_resizes_with_the_runs_recorded_filter():
+    """`decode` (both server paths) prepares an upload with the recorded interpolation, as `as_batch` does for
+    `cnnlab predict`."""
+    from cnnlab.data.images import as_batch
+    from cnnlab.serve.decode import decode, plan_file
+
+    pixels = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for data in (_encode_png(pixels), _encode_png(pixels[..., 0])):
+        seen = {}
+        for interpolation in ("bilinear", "nearest", "bicubic"):
+            for shape in ((3, 16, 16), (1, 20, 24)):
+                got = decode(plan_file(data, shape), shape, "no", False, "shorter-crop", interpolation)
+                want = as_batch([Image.open(io.BytesIO(data))], shape[0], shape[1:], "no", False,
+                                resize="shorter-crop", interpolation=interpolation)
+                assert torch.equal(got, want), (interpolation, shape)
+                seen[interpolation, shape] = got
+        assert not torch.equal(seen["nearest", (3, 16, 16)], seen["bilinear", (3, 16, 16)])
+
+
 def _text_info():
     from PIL.PngImagePlugin import PngInfo
 

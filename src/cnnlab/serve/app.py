@@ -190,6 +190,7 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
     app.state.trained, app.state.batcher, app.state.budget, app.state.limits = trained, batcher, budget, limits
     app.fast_predict = fast_predict_handler(limits=limits, budget=budget, batcher=batcher, shape=shape, labels=labels,
                                             invert=trained.preprocess.invert, resize=trained.preprocess.resize,
+                                            interpolation=trained.preprocess.interpolation,
                                             read_timeout=read_timeout)
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes, budget=budget, read_timeout=read_timeout)
     _add_error_handlers(app)
@@ -231,7 +232,8 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
         # Priced from the headers alone: nothing is decoded unless the request fits both budgets.
         check_request_pixels([p.pixels for p in pending], limits.max_request_pixels)
         with budget.hold(sum(p.cost for p in pending)):
-            images = await run_in_threadpool(decode, pending, shape, invert, centre, trained.preprocess.resize)
+            images = await run_in_threadpool(decode, pending, shape, invert, centre, trained.preprocess.resize,
+                                            trained.preprocess.interpolation)
             try:
                 probs = await batcher.submit(images)
             except RuntimeError as e:  # shutting down

@@ -233,9 +233,10 @@ def _gray_tensor(im: Image.Image, invert: str) -> torch.Tensor:
 
 
 def decode(pending: list[Pending], shape: tuple[int, int, int], invert: str, centre: bool = False,
-           resize: str = "stretch") -> torch.Tensor:
+           resize: str = "stretch", interpolation: str = "bilinear") -> torch.Tensor:
     """Decode the planned images one by one into uint8 [N, C, H, W] with ``shape`` = (C, H, W), resized as the
-    run recorded (``resize``: 'stretch' or 'shorter-crop')."""
+    run recorded (``resize``: 'stretch' or 'shorter-crop'; ``interpolation``: its filter), as `cnnlab predict`
+    prepares them."""
     size = tuple(shape[1:])
     out = []
     for p in pending:
@@ -246,11 +247,13 @@ def decode(pending: list[Pending], shape: tuple[int, int, int], invert: str, cen
             image = decode_file(p.source, size, centre, p.what, resize)
         try:
             if isinstance(image, np.ndarray):
-                out.append(as_batch(image, shape[0], size, invert, centre, resize=resize)[0])
+                out.append(as_batch(image, shape[0], size, invert, centre, resize=resize,
+                                    interpolation=interpolation)[0])
             elif plain and shape[0] == 1 and not centre and image.mode == "L" and image.size == size[::-1]:
                 out.append(_gray_tensor(image, invert))
             else:
-                out.append(image_to_tensor(image, shape[0], size, invert, centre, resize=resize))
+                out.append(image_to_tensor(image, shape[0], size, invert, centre, resize=resize,
+                                           interpolation=interpolation))
         except CnnlabError as e:
             raise BadRequest(f"{p.what}: {e}") from None
         except (ValueError, OSError) as e:  # a mode PIL cannot convert

@@ -201,7 +201,7 @@ async def _read_chunks(receive, limit: int) -> bytes | None:
 
 def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroBatcher,
                          shape: tuple[int, int, int], labels: list[str], invert: str, resize: str,
-                         read_timeout: float) -> Callable[..., Awaitable[None]]:
+                         read_timeout: float, interpolation: str = "bilinear") -> Callable[..., Awaitable[None]]:
     """The ASGI handler (scope, receive, send, `RawImageRequest`) of the lean path for one app.
 
     Args:
@@ -212,6 +212,7 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
         labels: Printable class names.
         invert: The run's recorded polarity ('auto', 'yes', 'no'), used when the query does not override it.
         resize: The run's recorded resize ('stretch' or 'shorter-crop').
+        interpolation: The run's recorded resampling filter.
         read_timeout: Seconds within which the body must have arrived (408 after).
     """
 
@@ -237,7 +238,7 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
         cost = sum(p.cost for p in pending)
         budget.take(cost)  # as budget.hold, without a context manager's generator per request
         try:
-            args = (pending, shape, req.invert or invert, req.centre, resize)
+            args = (pending, shape, req.invert or invert, req.centre, resize, interpolation)
             images = decode(*args) if small and pixels <= INLINE_PIXELS else await run_in_threadpool(decode, *args)
             try:
                 probs = await batcher.submit(images)
