@@ -32,7 +32,7 @@ from .. import checkpoint as ck
 from ..checkpoint import BEST_NAME
 from ..config import TrainConfig
 from ..errors import ConfigError
-from .steps import EpochSampler
+from .steps import BALANCED_SAMPLER, EpochSampler, seeded_generator
 
 if TYPE_CHECKING:  # annotations only: evaluation itself goes through the DistContext
     from ..data import ArrayDataset
@@ -242,7 +242,8 @@ class Evaluator:
 # ------------------------------------------------------------------ class balance
 
 
-def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def class_counts(labels: torch.Tensor, num_classes: int = 0) -> torch.Tensor:
+    """Images per class, on the CPU: ``num_classes`` entries (0: up to the largest label present)."""
     return torch.bincount(labels.long().cpu(), minlength=num_classes)
 
 
@@ -267,12 +268,12 @@ class BalancedSampler:
     """
 
     def __init__(self, labels: torch.Tensor, batch_size: int, seed: int):
-        counts = torch.bincount(labels.long().cpu())
+        counts = class_counts(labels)
         self.weights = 1.0 / counts[labels.long().cpu()].double()  # each class's total weight is 1
         self.batch_size, self.seed = batch_size, seed
 
     def indices(self, step: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 104_729 + 3)  # not the augment stream
+        g = seeded_generator(self.seed, step, BALANCED_SAMPLER)
         return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
 
 
