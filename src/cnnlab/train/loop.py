@@ -1,7 +1,9 @@
 """The training loop: plain code, top to bottom. Resumes from the newest checkpoint in the model directory.
 
 `_fit` reads as the steps of a run: load the data, `prepare_model`, `resume`, `write_run_record`, then
-`train_loop` (the loop itself) and the final evaluation.
+`train_loop` (the loop itself) and `write_results`. Each pass of `train_loop` is `optimise_step` (batch, lr,
+forward/backward, EMA), a log line and checkpoint when due, and a validation by the run's
+`controls.Evaluator`, which also picks the best checkpoint, stops early and evaluates the test split at the end.
 
 An interrupted run (even SIGKILL) that is started again with the same command continues from its last
 checkpoint and ends with the same weights as an uninterrupted run: batch order and augmentation draws are
