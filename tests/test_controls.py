@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from cnnlab.cli import main
 from cnnlab.config import make_config
 from cnnlab.data.sources import ArrayDataset
 from cnnlab.errors import CheckpointError, ConfigError
-from cnnlab.infer import load_trained
+from cnnlab.infer import EvalResult, load_trained
 from cnnlab.train import controls
 from cnnlab.train import loop as loop_mod
 from cnnlab.train.loop import fit
@@ -149,6 +150,66 @@ def test_early_stop_stops_at_the_expected_step_and_a_rerun_stays_stopped(tiny_da
 def test_patience_needs_evaluations():
     with pytest.raises(ConfigError, match="patience needs eval_every > 0"):
         _config(patience=3)
+
+
+class _Dist:
+    """A one-process DistContext stand-in whose evaluations return given accuracies, recording each call."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, accuracies: list[float]):
+        self.accuracies, self.calls = list(accuracies), []
+
+    def evaluate(self, model, images, labels, **kw) -> EvalResult:
+        self.calls.append(images)
+        return EvalResult(loss=1.0, accuracy=self.accuracies.pop(0), n=len(images), logits=torch.zeros(0))
+
+
+def _evaluator(dist: _Dist, separate: bool, eval_every: int = 2, patience: int = 0):
+    test = SimpleNamespace(images=torch.zeros(3), labels=torch.zeros(3), split="test")
+    val = SimpleNamespace(images=torch.zeros(2), labels=torch.zeros(2), split="val") if separate else test
+    records, saved = [], []
+    config = _config(eval_every=eval_every, patience=patience)
+    ev = controls.Evaluator.for_run(config, None, val, test, controls.Selection.from_config(config), dist,
+                                    records.append, lambda: saved.append(1))
+    return ev, records, saved
+
+
+def test_evaluator_validates_on_schedule_and_the_final_test_counts_for_the_best_when_it_is_the_val_split():
+    dist = _Dist([0.5, 0.7])
+    ev, records, saved = _evaluator(dist, separate=False)
+    assert [s for s in range(1, 7) if ev.due(s, total=6)] == [2, 4]  # not 6: the final test evaluation is it
+    ev.validate(None, 2)
+    test, val = ev.finish(None, 6)
+    assert (test.accuracy, val) == (0.7, None) and len(dist.calls) == 2
+    assert [(r["split"], r["step"]) for r in records] == [("test", 2), ("test", 6)]
+    assert (ev.selection.best_step, len(saved)) == (6, 2)  # the final evaluation improved: saved as the best
+
+
+def test_evaluator_reuses_an_evaluation_of_the_final_step_and_evaluates_a_separate_test_split():
+    dist = _Dist([0.5, 0.4, 0.9])
+    ev, records, saved = _evaluator(dist, separate=True)
+    assert [s for s in range(1, 6) if ev.due(s, total=5)] == [2, 4, 5]  # the last step is validated too
+    ev.validate(None, 4)
+    ev.validate(None, 5)
+    test, val = ev.finish(None, 5)
+    assert (test.accuracy, val.accuracy, val.n, test.n) == (0.9, 0.4, 2, 3)  # val not evaluated again
+    assert [(r["split"], r["step"]) for r in records] == [("val", 4), ("val", 5), ("test", 5)]
+    assert (ev.selection.best_step, len(saved)) == (4, 1)  # the test split never picks the best
+
+    stopped = _Dist([0.5])  # one split, stopped early right after validating: no second evaluation
+    ev, records, _ = _evaluator(stopped, separate=False)
+    ev.validate(None, 2)
+    assert ev.finish(None, 2)[0].accuracy == 0.5 and len(stopped.calls) == 1 and len(records) == 1
+
+
+def test_set_lr_follows_the_schedule_times_each_groups_lr_mult():
+    config = _config(lr=0.1, schedule="linear")
+    opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr_mult": 1.0},
+                           {"params": [torch.zeros(1, requires_grad=True)], "lr_mult": 0.5},
+                           {"params": [torch.zeros(1, requires_grad=True)]}], lr=0.1)
+    loop_mod.set_lr(opt, config, step=3, total=4)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.025, 0.0125, 0.025])
 
 
 # ------------------------------------------------------------------ class balance

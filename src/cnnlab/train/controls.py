@@ -2,11 +2,11 @@
 
 Each control is off by default and is a small function or class here, so the loop stays readable:
 
-* **Best checkpoint** (``select_metric``): after every evaluation that improves the metric by more than
-  ``min_delta``, the weights are written to ``best.safetensors`` beside the ``ckpt-*`` files. Its name does not
-  match theirs, so ``keep_checkpoints`` never prunes it and resume never starts from it.
-  `cnnlab.checkpoint.choose_checkpoint` picks what ``evaluate``, ``export`` and ``serve`` load: the best when
-  there is one.
+* **Best checkpoint** (``select_metric``): `Evaluator` validates every ``eval_every`` steps; after every
+  evaluation that improves the metric by more than ``min_delta``, the weights are written to
+  ``best.safetensors`` beside the ``ckpt-*`` files. Its name does not match theirs, so ``keep_checkpoints``
+  never prunes it and resume never starts from it. `cnnlab.checkpoint.choose_checkpoint` picks what
+  ``evaluate``, ``export`` and ``serve`` load: the best when there is one.
 * **Early stopping** (``patience``): stop after that many evaluations without improvement. The count is
   derived from the best checkpoint's step, so a resumed run stops where the uninterrupted one would.
 * **Class balance**: ``class_weights="balanced"`` (loss weights ``n / (K * count)``, as scikit-learn's) or
@@ -20,8 +20,10 @@ Each control is off by default and is a small function or class here, so the loo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,12 @@ from .. import checkpoint as ck
 from ..checkpoint import BEST_NAME
 from ..config import TrainConfig
 from ..errors import ConfigError
-from .steps import EpochSampler
+from .steps import BALANCED_SAMPLER, EpochSampler, seeded_generator
+
+if TYPE_CHECKING:  # annotations only: evaluation itself goes through the DistContext
+    from ..data import ArrayDataset
+    from ..infer import EvalResult
+    from .distributed import DistContext
 
 # ------------------------------------------------------------------ best checkpoint and early stopping
 
@@ -147,10 +154,96 @@ def results_record(selection: Selection, step: int, total: int) -> dict:
     return {"best": selection.record(), "stopped_early": step < total} if selection.enabled else {}
 
 
+@dataclass
+class Evaluator:
+    """The run's evaluations: the validation split during training, which picks ``best.safetensors`` and
+    decides an early stop (through ``selection``), and the test split once at the end.
+
+    Attributes:
+        val_set: Evaluated every ``eval_every`` steps (the test split itself when there is no other).
+        test_set: Evaluated at the end.
+        selection: Tracks the best evaluation and decides an early stop.
+        eval_every: Steps between validations (0: the test split at the end only).
+        dist: This process's place in a data-parallel run.
+        emit: Called with every eval record.
+        save_best: Writes ``best.safetensors`` (called after an evaluation that improved).
+        eval_kw: Keyword arguments of `distributed.DistContext.evaluate` (batch size, TTA, precision, crop...).
+        last: The step and result of the latest validation ((-1, None) before the first).
+    """
+
+    val_set: ArrayDataset
+    test_set: ArrayDataset
+    selection: Selection
+    eval_every: int
+    dist: DistContext
+    emit: Callable[[dict], object]
+    save_best: Callable[[], None]
+    eval_kw: dict
+    last: tuple[int, EvalResult | None] = (-1, None)
+
+    @classmethod
+    def for_run(cls, config: TrainConfig, crop: tuple[int, int] | None, val_set: ArrayDataset,
+                test_set: ArrayDataset, selection: Selection, dist: DistContext, emit: Callable[[dict], object],
+                save_best: Callable[[], None]) -> Evaluator:
+        """The evaluations of a run, with the settings it records (batch size, TTA, precision, layout and
+        ``crop``, the centre crop of its preprocessing)."""
+        eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=dist.device,
+                       precision=config.precision, channels_last=config.channels_last, crop=crop)
+        return cls(val_set, test_set, selection, config.eval_every, dist, emit, save_best, eval_kw)
+
+    @property
+    def separate(self) -> bool:
+        """Whether the validation split is another split than the test split."""
+        return self.val_set is not self.test_set
+
+    def should_stop(self, step: int) -> bool:
+        """Whether training stops early before step ``step`` (patience run out)."""
+        return self.selection.should_stop(step)
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether to validate after step ``step`` (1-based) of ``total``."""
+        # at the last step the test evaluation (`finish`) doubles as the validation when they are one split
+        return bool(self.eval_every) and (step % self.eval_every == 0 or step == total) \
+            and (step < total or self.separate)
+
+    def _evaluate(self, model: torch.nn.Module, split: ArrayDataset) -> EvalResult:
+        return self.dist.evaluate(model, split.images, split.labels, **self.eval_kw)
+
+    def _select(self, result: EvalResult, step: int) -> None:
+        if self.selection.update(result.as_dict(), step):
+            self.save_best()
+
+    def validate(self, model: torch.nn.Module, step: int) -> None:
+        """Evaluate ``model`` on the validation split after ``step``; save it as the best if it improved."""
+        result = self._evaluate(model, self.val_set)
+        self.last = (step, result)
+        self.emit({"kind": "eval", "split": self.val_set.split, "step": step, **result.as_dict()})
+        self._select(result, step)
+
+    def finish(self, model: torch.nn.Module, step: int) -> tuple[EvalResult, EvalResult | None]:
+        """The final weights' results: on the test split, and on a separate validation split (else None).
+
+        A validation just done at ``step`` is not repeated; when the test split is the validation split, its
+        evaluation here also counts for the best checkpoint.
+        """
+        fresh = self.last[1] if self.last[0] == step else None
+        if not self.separate and fresh is not None:  # stopped right after evaluating the test split
+            return fresh, None
+        val = None
+        if self.separate:  # the final weights on the validation split, beside the test figure
+            val = fresh if fresh is not None else self._evaluate(model, self.val_set)
+        test = self._evaluate(model, self.test_set)
+        self.emit({"kind": "eval", "split": "test", "step": step, **test.as_dict()})
+        if self.eval_every and not self.separate:
+            self._select(test, step)
+        return test, val
+
+
 # ------------------------------------------------------------------ class balance
 
 
-def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def class_counts(labels: torch.Tensor, num_classes: int = 0) -> torch.Tensor:
+    """Images per class, on the CPU: ``num_classes`` entries (0: up to the largest label present)."""
     return torch.bincount(labels.long().cpu(), minlength=num_classes)
 
 
@@ -175,12 +268,12 @@ class BalancedSampler:
     """
 
     def __init__(self, labels: torch.Tensor, batch_size: int, seed: int):
-        counts = torch.bincount(labels.long().cpu())
+        counts = class_counts(labels)
         self.weights = 1.0 / counts[labels.long().cpu()].double()  # each class's total weight is 1
         self.batch_size, self.seed = batch_size, seed
 
     def indices(self, step: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 104_729 + 3)  # not the augment stream
+        g = seeded_generator(self.seed, step, BALANCED_SAMPLER)
         return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
 
 

@@ -1,7 +1,9 @@
 """The training loop: plain code, top to bottom. Resumes from the newest checkpoint in the model directory.
 
 `_fit` reads as the steps of a run: load the data, `prepare_model`, `resume`, `write_run_record`, then
-`train_loop` (the loop itself) and the final evaluation.
+`train_loop` (the loop itself) and `write_results`. Each pass of `train_loop` is `optimise_step` (batch, lr,
+forward/backward, EMA), a log line and checkpoint when due, and a validation by the run's
+`controls.Evaluator`, which also picks the best checkpoint, stops early and evaluates the test split at the end.
 
 An interrupted run (even SIGKILL) that is started again with the same command continues from its last
 checkpoint and ends with the same weights as an uninterrupted run: batch order and augmentation draws are
@@ -37,7 +39,7 @@ from ..runinfo import run_info
 from ..runtime import linear_backend, resolve_precision
 from . import controls, distributed, finetune
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
-from .steps import lr_factor, make_optimizer, step_generator, train_step
+from .steps import EpochSampler, lr_factor, make_optimizer, step_generator, train_step
 
 
 class TrainingDiverged(CnnlabError):
@@ -298,6 +300,25 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
                     log=log if dist.is_main else (lambda *a: None), progress=progress, hooks=hooks, stop=stop)
 
 
+def _load_splits(config: TrainConfig, data_dir: str | None, train_set: ArrayDataset | None,
+                 test_set: ArrayDataset | None, val_set: ArrayDataset | None
+                 ) -> tuple[TrainConfig, ArrayDataset, ArrayDataset, ArrayDataset]:
+    """The run's train, test and validation splits: the ones given, else loaded by ``config.dataset``'s name.
+
+    Returns:
+        ``config`` (with a folder dataset's decode size resolved when the data is loaded by name; see
+        `sized_dataset`), then the train, test and validation splits. The validation split is the test
+        split itself unless the dataset has its own (e.g. a folder's ``val/`` beside its ``test/``).
+    """
+    if train_set is None:
+        config = sized_dataset(config)
+    train_set = train_set or load_dataset(config.dataset, "train", data_dir=data_dir)
+    test_set = test_set or load_dataset(config.dataset, "test", data_dir=data_dir)
+    if val_set is None and validation_split(config.dataset):
+        val_set = load_dataset(config.dataset, "val", data_dir=data_dir)
+    return config, train_set, test_set, val_set or test_set
+
+
 def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistContext, *, data_dir, train_set,
          test_set, val_set, log, progress, hooks, stop: rundir.StopRequest) -> FitResult:
     """`fit` in one process of a (possibly one-process) run: data, model, resume, run record, loop, results."""
@@ -308,13 +329,7 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     model_dir = _make_model_dir(model_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    if train_set is None:
-        config = sized_dataset(config)
-    train_set = train_set or load_dataset(config.dataset, "train", data_dir=data_dir)
-    test_set = test_set or load_dataset(config.dataset, "test", data_dir=data_dir)
-    if val_set is None and validation_split(config.dataset):  # e.g. a folder's val/ beside its test/
-        val_set = load_dataset(config.dataset, "val", data_dir=data_dir)
-    val_set = val_set or test_set
+    config, train_set, test_set, val_set = _load_splits(config, data_dir, train_set, test_set, val_set)
 
     resuming = ck.latest_checkpoint(model_dir) is not None
     model, fp32_linear = prepare_model(config, train_set, dist.device, resuming)
@@ -330,23 +345,118 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
 
     all_hooks = _make_hooks(model_dir, total, state.step, dist, log, progress, hooks)
     try:
-        final, test, val = train_loop(state, config, train_set, test_set, total=total, dist=dist, t0=t0,
-                            emit=lambda rec: [h.on_record(rec) for h in all_hooks],
-                                 save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
-                                 last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set,
-                                 selection=selection, stop=stop,
-                                 save_best=lambda: dist.on_main(controls.save_best, model_dir, state.model, state.ema,
-                                                                state.step, config.to_dict(), data_meta, selection))
+        final, test, val = train_loop(
+            state, config, train_set, test_set, total=total, dist=dist, t0=t0,
+            emit=lambda rec: [h.on_record(rec) for h in all_hooks],
+            save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
+            last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set, selection=selection, stop=stop,
+            save_best=lambda: dist.on_main(controls.save_best, model_dir, state.model, state.ema, state.step,
+                                           config.to_dict(), data_meta, selection))
     finally:
         for h in all_hooks:
             h.close()
     if state.step < total:
         log(selection.stop_message(state.step))
     seconds = time.perf_counter() - t0
-    result = {"step": state.step, "test": test.as_dict(), **({"val": val.as_dict()} if val is not None else {}),
-              "seconds": round(seconds, 3), **controls.results_record(selection, state.step, total)}
-    dist.on_main(ck.atomic_write_bytes, model_dir / "results.json", json.dumps(result, indent=2).encode())
+    dist.on_main(write_results, model_dir, state.step, total, test, val, seconds, selection)
     return FitResult(model=final, step=state.step, test=test, seconds=seconds, model_dir=model_dir)
+
+
+def write_results(model_dir: Path, step: int, total: int, test: EvalResult, val: EvalResult | None,
+                  seconds: float, selection: controls.Selection) -> None:
+    """Write results.json: the step reached, the test (and separate validation) results, the run's time and,
+    when it evaluated during training, the best evaluation and whether it stopped early."""
+    result = {"step": step, "test": test.as_dict(), **({"val": val.as_dict()} if val is not None else {}),
+              "seconds": round(seconds, 3), **controls.results_record(selection, step, total)}
+    ck.atomic_write_bytes(model_dir / "results.json", json.dumps(result, indent=2).encode())
+
+
+@dataclass
+class StepParts:
+    """What every optimisation step of a `train_loop` call uses, built once before the first.
+
+    Attributes:
+        batches: The training images and labels (resident, or streamed from the decoded cache).
+        sampler: Batch indices of each step, a function of (seed, step).
+        augment: The batched augmentation.
+        class_weight: Per-class loss weights [K] on the device, or None.
+        train_model: What the step calls: the model, wrapped in DDP under torchrun and compiled when asked.
+        frozen_until: Steps that train the head only (see `finetune.frozen_steps`).
+        num_classes: K, the width of MixUp/CutMix soft targets.
+    """
+
+    batches: BatchSource
+    sampler: EpochSampler | controls.BalancedSampler
+    augment: Augment
+    class_weight: torch.Tensor | None
+    train_model: torch.nn.Module
+    frozen_until: int
+    num_classes: int
+
+
+def step_parts(state: TrainState, config: TrainConfig, train_set: ArrayDataset,
+               dist: distributed.DistContext) -> StepParts:
+    """Build the `StepParts` of a run and put ``state.model`` in train mode.
+
+    Raises:
+        ConfigError: when freezing is asked for under torchrun (see `finetune.frozen_steps`).
+    """
+    batches = BatchSource(train_set.images, train_set.labels, dist.device, config.data_memory_gb)
+    sampler = controls.make_sampler(config, train_set.labels)
+    class_weight = controls.class_weights(train_set.labels, train_set.info.num_classes, config.class_weights)
+    class_weight = class_weight.to(dist.device) if class_weight is not None else None
+    augment = Augment.from_config(config, tuple(state.model.meta.input_size[1:]))
+    state.model.train()
+    train_model = dist.wrap(state.model)  # DDP under torchrun (same parameters as `model`, which is what is saved)
+    if config.compile:
+        train_model = torch.compile(train_model)  # the first steps pay for the compilation
+    frozen_until = finetune.frozen_steps(config, len(train_set), dist.world_size)
+    return StepParts(batches, sampler, augment, class_weight, train_model, frozen_until, train_set.info.num_classes)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int, total: int) -> None:
+    """Set every parameter group's lr for ``step``: ``config.lr`` times the group's ``lr_mult`` times the
+    schedule's factor (`steps.lr_factor`)."""
+    factor = lr_factor(config.schedule, step, total, config.warmup)
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * group.get("lr_mult", 1.0) * factor
+
+
+def optimise_step(state: TrainState, parts: StepParts, config: TrainConfig, total: int,
+                  dist: distributed.DistContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train step ``state.step`` (batch, freeze, lr, forward/backward, EMA) and advance ``state.step`` by one.
+
+    Returns:
+        This rank's batch indices [n], its mean loss (this rank's, detached) and its logits [n, K].
+    """
+    step = state.step
+    idx, x, y = _batch(parts.batches, parts.num_classes, parts.sampler, parts.augment, step, config, dist)
+    finetune.apply_freeze(state.model, step, parts.frozen_until)
+    set_lr(state.optimizer, config, step, total)
+    loss, logits = train_step(parts.train_model, state.optimizer, x, y, label_smoothing=config.label_smoothing,
+                              precision=config.precision, class_weight=parts.class_weight,
+                              clip_grad_norm=config.clip_grad_norm, accumulate=config.accumulate,
+                              scaler=state.scaler)
+    state.step = step + 1
+    if state.ema is not None:
+        _ema_update(state.ema, state.model, config.ema)
+    return idx, loss, logits
+
+
+class Throughput:
+    """Images trained on since the last log line, and the rate they were trained at."""
+
+    def __init__(self) -> None:
+        self.seen, self.since = 0, time.perf_counter()
+
+    def add(self, images: int) -> None:
+        self.seen += images
+
+    def take(self, now: float) -> float:
+        """Images per second since the last call (or since creation) up to ``now``; starts counting again."""
+        rate = self.seen / max(now - self.since, 1e-9)
+        self.seen, self.since = 0, now
+        return rate
 
 
 def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, test_set: ArrayDataset, *,
@@ -377,74 +487,34 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         The model to use (the EMA copy when EMA is on), its test-set result, and its result on a separate
         validation split (None when the test split is the validation split).
     """
-    device, model, optimizer, ema = dist.device, state.model, state.optimizer, state.ema
-    batches = BatchSource(train_set.images, train_set.labels, device, config.data_memory_gb)
-    labels = batches.labels
-    val_set = val_set or test_set
-    selection = selection or controls.Selection.from_config(config)
-    sampler = controls.make_sampler(config, train_set.labels)
-    class_weight = controls.class_weights(train_set.labels, train_set.info.num_classes, config.class_weights)
-    class_weight = class_weight.to(device) if class_weight is not None else None
-    augment = Augment.from_config(config, tuple(model.meta.input_size[1:]))
-    crop = run_preprocess(config, train_set.info, model.meta).crop  # the run's recorded centre crop
-    eval_kw = dict(batch_size=config.eval_batch_size, tta=config.tta, device=device, precision=config.precision,
-                   channels_last=config.channels_last, crop=crop)
-    model.train()
-    train_model = dist.wrap(model)  # DDP under torchrun (same parameters as `model`, which is what is saved)
-    if config.compile:
-        train_model = torch.compile(train_model)  # the first steps pay for the compilation
-    frozen_until = finetune.frozen_steps(config, len(train_set), dist.world_size)
-    seen, t_log = 0, time.perf_counter()
-    last_eval: tuple[int, EvalResult | None] = (-1, None)
-    while state.step < total and not selection.should_stop(state.step):
+    parts = step_parts(state, config, train_set, dist)
+    selection = selection if selection is not None else controls.Selection.from_config(config)
+    crop = run_preprocess(config, train_set.info, state.model.meta).crop  # the run's recorded centre crop
+    evals = controls.Evaluator.for_run(config, crop, val_set or test_set, test_set, selection, dist, emit, save_best)
+    rate = Throughput()
+    while state.step < total and not evals.should_stop(state.step):
+        idx, loss, logits = optimise_step(state, parts, config, total, dist)
         step = state.step
-        idx, x, y = _batch(batches, train_set.info.num_classes, sampler, augment, step, config, dist)
-        finetune.apply_freeze(model, step, frozen_until)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * group.get("lr_mult", 1.0) * lr_factor(config.schedule, step, total, config.warmup)
-        loss, logits = train_step(train_model, optimizer, x, y, label_smoothing=config.label_smoothing,
-                                  precision=config.precision, class_weight=class_weight,
-                                  clip_grad_norm=config.clip_grad_norm, accumulate=config.accumulate,
-                                  scaler=state.scaler)
-        state.step = step = step + 1
-        seen += len(idx) * dist.world_size
-        if ema is not None:
-            _ema_update(ema, model, config.ema)
+        rate.add(len(idx) * dist.world_size)
         is_log, is_ckpt = step % config.log_every == 0 or step == total, step % config.ckpt_every == 0 or step == total
         if is_log or is_ckpt:
             loss = dist.mean(loss)  # the global batch's loss: every rank sees the same NaN
             _check_finite(loss, step, last_good)
         if is_log:
             now = time.perf_counter()
-            emit(_train_record(step, loss, logits, labels[idx], lr=optimizer.param_groups[0]["lr"],
-                               samples_per_s=seen / max(now - t_log, 1e-9), elapsed=now - t0, config=config,
-                               dist=dist))
-            seen, t_log = 0, now
+            emit(_train_record(step, loss, logits, parts.batches.labels[idx],
+                               lr=state.optimizer.param_groups[0]["lr"], samples_per_s=rate.take(now),
+                               elapsed=now - t0, config=config, dist=dist))
         if is_ckpt:
             save()
         if stop is not None and stop.check(step):  # SIGTERM: keep this step's work, then stop
             if not is_ckpt:
                 save()
             raise rundir.Preempted(step, last_good().name)
-        # at the last step the test evaluation below doubles as the validation when they are one split
-        if config.eval_every and (step % config.eval_every == 0 or step == total) \
-                and (step < total or val_set is not test_set):
-            res = dist.evaluate(ema or model, val_set.images, val_set.labels, **eval_kw)
-            last_eval = (step, res)
-            emit({"kind": "eval", "split": val_set.split, "step": step, **res.as_dict()})
-            if selection.update(res.as_dict(), step):
-                save_best()
+        if evals.due(step, total):
+            evals.validate(state.ema or state.model, step)
     if state.step < total and not _saved_at(last_good(), state.step):
         save()  # stopped early: keep the weights it stopped with, so a rerun stops there too
-    final = ema or model
-    if val_set is test_set and last_eval[0] == state.step:  # stopped right after evaluating the test split
-        return final, last_eval[1], None
-    val = None
-    if val_set is not test_set:  # the final weights on the validation split, beside the test figure
-        val = last_eval[1] if last_eval[0] == state.step else dist.evaluate(final, val_set.images, val_set.labels,
-                                                                             **eval_kw)
-    test = dist.evaluate(final, test_set.images, test_set.labels, **eval_kw)
-    emit({"kind": "eval", "split": "test", "step": state.step, **test.as_dict()})
-    if config.eval_every and val_set is test_set and selection.update(test.as_dict(), state.step):
-        save_best()
+    final = state.ema or state.model
+    test, val = evals.finish(final, state.step)
     return final, test, val

@@ -58,6 +58,21 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
     return 1.0 - rest  # onecycle and triangle fall linearly to 0
 
 
+# Each kind of draw has its own stream, the (multiplier, offset) of its generators' seeds: the batch order, the
+# augmentation and the balanced sampler do not draw from one shared sequence, so a new kind of draw leaves the
+# others as they were. Changing a stream changes the draws of every run (and what a resumed run would see).
+BATCH_ORDER = (1, 0)
+AUGMENT = (7919, 17)
+BALANCED_SAMPLER = (104_729, 3)
+
+
+def seeded_generator(seed: int, index: int, stream: tuple[int, int]) -> torch.Generator:
+    """A CPU generator that is a function of (seed, index) only: the draws of epoch or step ``index`` in
+    ``stream`` (`BATCH_ORDER`, `AUGMENT` or `BALANCED_SAMPLER`)."""
+    mult, offset = stream
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) * mult + offset)
+
+
 class EpochSampler:
     """Batch ``step`` of a run as indices into the training set: shuffled epochs, batches spanning epoch
     boundaries (tf.estimator's ``numpy_input_fn(shuffle=True, num_epochs=None)``).
@@ -72,7 +87,7 @@ class EpochSampler:
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # keep memory bounded
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = seeded_generator(self.seed, epoch, BATCH_ORDER)
             self._perms[epoch] = torch.randperm(self.n, generator=g)
         return self._perms[epoch]
 
@@ -89,7 +104,7 @@ class EpochSampler:
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator for a step's augmentation draws: a function of (seed, step) only."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7919 + 17)
+    return seeded_generator(seed, step, AUGMENT)
 
 
 def loss_terms(logits: torch.Tensor, y: torch.Tensor, *, weight: torch.Tensor | None = None,
