@@ -190,3 +190,13 @@ def test_mnist_fast_convs_deepens_each_stage_and_keeps_the_default_net():
     assert deep(x).shape == (4, 10)
     with pytest.raises(ModelError, match="convs must be >= 1, got 0"):
         create_model("mnist-fast", convs=0)
+
+
+def test_fashion_recipe_builds_its_deeper_mnist_fast():
+    """The recipe's model_args reach the factory: six convolutions, 28 px in, ten clothing classes out."""
+    from cnnlab.config import resolve_config
+
+    config = resolve_config("fashion-mnist-fast")
+    model = create_model(config.model, **config.model_args)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.features) == 6
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
