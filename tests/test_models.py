@@ -162,3 +162,41 @@ def test_fast_dropout_statistics():
     assert d(x) is x
     assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x)) and torch.equal(Dropout(0.0)(x), x)
     assert isinstance(d, nn.Dropout)
+
+
+def test_mnist_fast_convs_deepens_each_stage_and_keeps_the_default_net():
+    """``convs`` adds conv-BN-GELU layers after each pool; unset it builds the same net (so old runs still load)."""
+    default = create_model("mnist-fast")
+    # The default net, layer by layer: the state-dict keys and shapes every saved mnist-fast run holds.
+    shapes = {k: tuple(v.shape) for k, v in default.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert shapes == {
+        "features.0.weight": (24, 1, 3, 3), "features.2.weight": (24,), "features.2.bias": (24,),
+        "features.2.running_mean": (24,), "features.2.running_var": (24,),
+        "features.4.weight": (48, 24, 3, 3), "features.6.weight": (48,), "features.6.bias": (48,),
+        "features.6.running_mean": (48,), "features.6.running_var": (48,),
+        "features.8.weight": (96, 48, 3, 3), "features.10.weight": (96,), "features.10.bias": (96,),
+        "features.10.running_mean": (96,), "features.10.running_var": (96,),
+        "head.2.weight": (10, 96), "head.2.bias": (10,)}
+    assert count_params(default) == 53_362
+    assert list(create_model("mnist-fast", convs=1).state_dict()) == list(default.state_dict())
+
+    deep = create_model("mnist-fast", c1=8, c2=16, c3=32, convs=3)
+    convs = [m for m in deep.features if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [
+        (1, 8), (8, 8), (8, 8), (8, 16), (16, 16), (16, 16), (16, 32), (32, 32), (32, 32)]
+    assert deep.meta.args["convs"] == 3
+    x = torch.rand(4, 1, 28, 28)
+    assert deep.features(x).shape == (4, 32, 3, 3)  # the extra convolutions keep the pooled size
+    assert deep(x).shape == (4, 10)
+    with pytest.raises(ModelError, match="convs must be >= 1, got 0"):
+        create_model("mnist-fast", convs=0)
+
+
+def test_fashion_recipe_builds_its_deeper_mnist_fast():
+    """The recipe's model_args reach the factory: six convolutions, 28 px in, ten clothing classes out."""
+    from cnnlab.config import resolve_config
+
+    config = resolve_config("fashion-mnist-fast")
+    model = create_model(config.model, **config.model_args)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.features) == 6
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
