@@ -326,6 +326,12 @@ def recorded_linear_backend(checkpoint_file: Path) -> str:
     return backend if backend in ("torch", "onednn") else "torch"
 
 
+# Where `WindowMaxPool2d` takes the slices (`WindowMaxPool2d.pays`): inputs of at least this many values, and in
+# channels-last layout, fewer channels than this.
+WINDOW_MAX_MIN_NUMEL = 1 << 15
+WINDOW_MAX_CL_CHANNELS = 32
+
+
 class WindowMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` whose windows tile the image (window = stride, no padding), computed at inference as the
     element-wise maximum of the window's strided slices.
@@ -344,12 +350,23 @@ class WindowMaxPool2d(nn.MaxPool2d):
                 and _pair(pool.stride or pool.kernel_size) == _pair(pool.kernel_size)
                 and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1))
 
+    @staticmethod
+    def pays(x: torch.Tensor) -> bool:
+        """Whether the slices are likely the cheaper way for ``x``: a fixed cost of a few small operations, so
+        not for small tensors; and ``max_pool2d``'s channels-last kernel vectorises over the channels, so it is
+        quick itself when there are many (its contiguous-layout kernel is slow at any width)."""
+        if x.numel() < WINDOW_MAX_MIN_NUMEL:
+            return False
+        few_channels = x.dim() != 4 or x.shape[1] < WINDOW_MAX_CL_CHANNELS
+        return few_channels or not x.is_contiguous(memory_format=torch.channels_last)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _exporting() or (x.requires_grad and torch.is_grad_enabled()) or x.dim() not in (3, 4):
+            return super().forward(x)
         kh, kw = _pair(self.kernel_size)
         h, w = x.shape[-2:]
         ragged = self.ceil_mode and (h % kh or w % kw)  # a last, partial window
-        if (ragged or h < kh or w < kw or x.dim() not in (3, 4) or (x.requires_grad and torch.is_grad_enabled())
-                or _exporting()):
+        if ragged or h < kh or w < kw or not self.pays(x):
             return super().forward(x)
         h, w = h // kh * kh, w // kw * kw  # floor mode drops the last rows / columns that fill no window
         rows = _max_of([x[..., i:h:kh, :w] for i in range(kh)])
