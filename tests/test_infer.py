@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import ast
+import asyncio
+import contextlib
+import copy
+import itertools
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +23,15 @@ from cnnlab import checkpoint as ck
 from cnnlab.analysis import analyze
 from cnnlab.cli import main
 from cnnlab.errors import CheckpointError, ModelError
-from cnnlab.infer import eval_mode, load_trained, predict_logits, to_input
+from cnnlab.infer import (
+    WindowMaxPool2d,
+    apply_cpu_rewrites,
+    eval_mode,
+    load_trained,
+    predict_logits,
+    to_input,
+    use_window_max_pool,
+)
 from cnnlab.models import create_model
 from cnnlab.preprocess import Preprocess, for_training
 from cnnlab.train import Classifier
@@ -134,6 +147,155 @@ def test_no_silent_crop_or_pad():
     with pytest.raises(ModelError, match="img_size=32"):
         to_input(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), (1, 28, 28))
     assert to_input(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), (1, 28, 28), crop=(28, 28)).shape == (1, 1, 28, 28)
+
+
+# --------------------------------------------------------------------------- the forward pass's shortcuts
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN, and the same strides (the next layer sees the same tensor)."""
+    same_nan = torch.equal(a.isnan(), b.isnan())
+    return torch.equal(a.nan_to_num(), b.nan_to_num()) and same_nan and a.stride() == b.stride()
+
+
+@pytest.fixture
+def slices_always(monkeypatch):
+    """Every tiling max-pool takes the slices, whatever the input's size and layout."""
+    monkeypatch.setattr("cnnlab.infer.WINDOW_MAX_MIN_NUMEL", 0)
+    monkeypatch.setattr("cnnlab.infer.WINDOW_MAX_CL_CHANNELS", 10**9)
+
+
+@contextlib.contextmanager
+def _without_max_pool2d():
+    """nn.MaxPool2d's own path fails inside the block, so what a pool computes there came from the slices."""
+    def refuse(*a, **k):
+        raise AssertionError("max_pool2d called")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.modules.pooling.F, "max_pool2d", refuse)
+        yield
+
+
+SHAPES = [(3, 6, 8, 8), (1, 6, 8, 8), (4, 1, 8, 8), (2, 5, 9, 10), (1, 1, 2, 2), (2, 3, 2, 9), (6, 7, 7)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_window_max_pool_gives_max_pool2d_values_and_layout(shape, slices_always):
+    torch.manual_seed(0)
+    for fmt, k in itertools.product([torch.contiguous_format, torch.channels_last], [1, 2, 3]):
+        if min(shape[-2:]) < k:
+            continue
+        x = torch.randn(shape)
+        x.view(-1)[::7] = float("nan")
+        x.view(-1)[1::5] = 0.0
+        x = x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+        ceil = (shape[-1] % k == 0 and shape[-2] % k == 0)  # ceil mode where it changes nothing: slices too
+        pool = torch.nn.MaxPool2d(k, ceil_mode=ceil)
+        want = pool(x)
+        assert use_window_max_pool(pool) == 1 and type(pool) is WindowMaxPool2d
+        with torch.no_grad(), _without_max_pool2d():
+            assert _same(pool(x), want), (fmt, k)
+
+
+def test_window_max_pool_leaves_the_rest_to_max_pool2d():
+    torch.manual_seed(0)
+    others = [torch.nn.MaxPool2d(3, 2), torch.nn.MaxPool2d(2, padding=1), torch.nn.MaxPool2d(2, dilation=2),
+              torch.nn.MaxPool2d(2, return_indices=True), torch.nn.AvgPool2d(2)]
+    assert use_window_max_pool(torch.nn.Sequential(*others)) == 0  # windows that overlap, pad or skip; indices
+    pool = torch.nn.MaxPool2d(2, ceil_mode=True)
+    use_window_max_pool(pool)
+    x = torch.randn(2, 3, 7, 7)  # a ceil-mode window runs off the edge
+    assert torch.equal(pool(x), torch.nn.functional.max_pool2d(x, 2, ceil_mode=True)) and pool(x).shape[-1] == 4
+    # A gradient wanted: max_pool2d's own backward (the slices would split a tie's gradient).
+    x = torch.ones(1, 1, 64, 64, requires_grad=True)
+    pool(x).sum().backward()
+    assert x.grad.sum().item() == 32 * 32  # one window element each, as max_pool2d routes it
+    # Export (ONNX export traces the model) records the pool as such.
+    big = torch.randn(4, 8, 64, 64)
+    assert WindowMaxPool2d.pays(big)
+    graph = torch.export.export(pool, (big,)).graph
+    assert [str(n.target) for n in graph.nodes if n.op == "call_function"] == ["aten.max_pool2d.default"]
+
+
+def test_window_max_pool_is_taken_where_max_pool2d_is_slow_only():
+    assert not WindowMaxPool2d.pays(torch.zeros(1, 6, 28, 28))  # a single small image: a fixed cost
+    assert WindowMaxPool2d.pays(torch.zeros(32, 6, 28, 28).contiguous(memory_format=torch.channels_last))
+    assert WindowMaxPool2d.pays(torch.zeros(32, 96, 14, 14))  # the contiguous kernel, at any width
+    assert not WindowMaxPool2d.pays(torch.zeros(32, 96, 14, 14).contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("name", ["lenet5", "tf-core-convnet", "mnist-fast", "cifar10-prettytensor"])
+def test_cpu_rewrites_keep_the_logits_bit_for_bit(name, slices_always):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    for m in model.modules():  # trained-looking batch-norm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+    c, h, w = model.meta.input_size
+    images = torch.randint(0, 256, (5, c, h, w), dtype=torch.uint8)
+    for channels_last in (False, True):
+        plain = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        fast = copy.deepcopy(plain)
+        apply_cpu_rewrites(fast, "torch", "cpu")
+        assert any(isinstance(m, WindowMaxPool2d) for m in fast.modules())
+        for batch in (5, 2):  # one batch; three, the last one short (a batch's size may change the rounding)
+            want = predict_logits(plain, images, batch_size=batch, channels_last=channels_last)
+            with _without_max_pool2d():
+                assert torch.equal(predict_logits(fast, images, batch_size=batch, channels_last=channels_last), want)
+
+
+def test_to_input_scales_crops_and_lays_out_as_float_division():
+    torch.manual_seed(0)
+    u8 = torch.randint(0, 256, (3, 3, 10, 12), dtype=torch.uint8)
+    x = to_input(u8, (3, 10, 12), channels_last=True)
+    assert torch.equal(x, u8.float() / 255) and x.is_contiguous(memory_format=torch.channels_last)
+    assert to_input(u8, (3, 10, 12)).is_contiguous()
+    cropped = to_input(u8, (3, 8, 8), crop=(8, 8))  # crop on the bytes, then scale: the same values
+    assert torch.equal(cropped, (u8.float() / 255)[..., 1:9, 2:10])
+    padded = to_input(u8, (3, 12, 14), crop=(12, 14))
+    assert torch.equal(padded, torch.nn.functional.pad(u8.float() / 255, (1, 1, 1, 1)))
+
+
+def test_predict_logits_switches_a_training_model_to_eval_and_back():
+    torch.manual_seed(0)
+    model = create_model("tf-core-convnet")  # dropout: a training-mode forward pass would be random
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    model.train()
+    model.head[1].eval()
+    first = predict_logits(model, images)
+    assert torch.equal(first, predict_logits(model, images))
+    assert [m.training for m in model.modules()].count(False) == 1  # each flag as it was
+    assert torch.equal(predict_logits(model.eval(), images), first)  # an eval-mode model: the same, untouched
+    assert not any(m.training for m in model.modules())
+
+
+def test_batcher_forward_thread_gets_its_own_torch_thread_count():
+    from cnnlab.serve.batcher import MicroBatcher, forward_threads
+
+    assert forward_threads(cpus=2, torch_threads=2) == 1  # one core left to the event loop
+    assert forward_threads(cpus=8, torch_threads=8) == 7
+    assert forward_threads(cpus=8, torch_threads=3) == 3  # never more than torch was told
+    assert forward_threads(cpus=1, torch_threads=4) == 1
+
+    before = torch.get_num_threads()
+    mine = 1 if before > 1 else 2
+
+    async def scenario() -> tuple[list[float], int]:
+        b = MicroBatcher(lambda x: torch.full((len(x),), float(torch.get_num_threads())), threads=mine)
+        await b.start()
+        try:
+            return (await b.submit(torch.zeros(2, 1))).tolist(), torch.get_num_threads()
+        finally:
+            await b.stop()
+
+    counts, caller = asyncio.run(scenario())
+    assert counts == [mine, mine]
+    seen = []  # a thread started later still gets torch's default, not the worker's count
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert caller == before and seen == [before]
 
 
 # --------------------------------------------------------------------------- trained runs

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._prims_common import suggest_memory_format  # Tensor.suggest_memory_format, which Python lacks
+from torch.nn.modules.utils import _pair
 
 from . import checkpoint as ck
 from .data import ArrayDataset, load_dataset
@@ -30,7 +32,7 @@ from .data.images import as_batch
 from .data.loader import drop_pages, file_backed
 from .errors import CheckpointError, CnnlabError, ConfigError, DataError
 from .models import create_model
-from .models.layers import use_onednn_linear
+from .models.layers import _exporting, use_onednn_linear
 from .modes import eval_mode
 from .preprocess import Preprocess, check_input, flexible_size
 from .rundir import read_record
@@ -71,11 +73,14 @@ def to_input(images_u8: torch.Tensor, input_size: tuple[int, int, int], channels
         ModelError: The images (after the recorded crop) are not what the model takes. Nothing is cropped or
             padded silently.
     """
-    x = images_u8.float().div_(255.0)
-    if crop is not None:
-        x = fit_to_size(x, tuple(crop))
-    check_input(tuple(x.shape[1:]), tuple(input_size), flexible=flexible, name=name)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    if crop is not None:  # on the bytes: cropping and zero padding give the same floats before or after scaling
+        images_u8 = fit_to_size(images_u8, tuple(crop))
+    check_input(tuple(images_u8.shape[1:]), tuple(input_size), flexible=flexible, name=name)
+    # One pass writes the scaled floats straight in the model's layout (a cast, a division and a layout copy
+    # would each read and write the whole batch); the same float32 division, so the same values.
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    x = torch.empty_like(images_u8, dtype=torch.float32, memory_format=fmt)
+    return torch.div(images_u8, 255.0, out=x)
 
 
 def model_input(model: nn.Module, images_u8: torch.Tensor, crop: tuple[int, int] | None = None,
@@ -126,6 +131,22 @@ def _bounded_batch(batch_size: int, images_u8: torch.Tensor) -> int:
     return max(1, min(batch_size, EVAL_INPUT_BYTES // per_image))
 
 
+def _tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """fp32 logits of ``x``, averaged over the TTA views (one view: the model's own output, no averaging ops)."""
+    if tta == "none":
+        return model(x).float()
+    views = _tta_views(x, tta)
+    return sum(model(v).float() for v in views) / len(views)
+
+
+def _eval_mode_if_needed(model: nn.Module) -> contextlib.AbstractContextManager:
+    """`eval_mode`, unless no submodule is training (a loaded run's model never is): switching and restoring
+    every submodule's flag walks the module tree twice, a fixed cost that a server's small batches notice."""
+    if any(m.training for m in model.modules()):
+        return eval_mode(model)
+    return contextlib.nullcontext(model)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int = 1000, tta: str = "none",
                    device: torch.device | None = None, precision: str = "fp32", channels_last: bool = False,
@@ -141,17 +162,17 @@ def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int
     # A folder's decoded cache: hand read pages back, as training's streaming does. Small inputs (a request's
     # images) are never worth the look at the process's mappings.
     mapped = images_u8.numel() * images_u8.element_size() >= DROP_PAGES_FROM and file_backed(images_u8)
-    with eval_mode(model):
+    with _eval_mode_if_needed(model):
         for i in range(0, len(images_u8), batch_size):
             x = model_input(model, images_u8[i:i + batch_size].to(device), crop, channels_last)
             if mapped:
                 drop_pages(images_u8[i:i + batch_size])
             with autocast(device, precision):
-                views = _tta_views(x, tta)
-                logits = sum(model(v).float() for v in views) / len(views)
-            out.append(logits.cpu())
+                out.append(_tta_logits(model, x, tta).cpu())
     if mapped:  # the kernel maps a few pages around each one read: those the per-batch drops missed
         drop_pages(images_u8)
+    if len(out) == 1:  # one batch (every request a server batches): its logits are already a tensor of their own
+        return out[0]
     return torch.cat(out) if out else torch.zeros(0, model.meta.num_classes)
 
 
@@ -305,12 +326,88 @@ def recorded_linear_backend(checkpoint_file: Path) -> str:
     return backend if backend in ("torch", "onednn") else "torch"
 
 
+# Where `WindowMaxPool2d` takes the slices (`WindowMaxPool2d.pays`): inputs of at least this many values, and in
+# channels-last layout, fewer channels than this.
+WINDOW_MAX_MIN_NUMEL = 1 << 15
+WINDOW_MAX_CL_CHANNELS = 32
+
+
+class WindowMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` whose windows tile the image (window = stride, no padding), computed at inference as the
+    element-wise maximum of the window's strided slices.
+
+    On the CPU ``max_pool2d`` always computes the argmax indices a backward pass would need, in a kernel that is
+    slow for the few channels of small nets; ``torch.maximum`` of the slices is vectorised and gives the same
+    values (a maximum is exact; NaN propagates as in ``max_pool2d``) in the same memory layout. Inputs that need
+    a gradient, tracing and export (ONNX sees ``MaxPool``), and ceil-mode windows running off the edge take
+    ``nn.MaxPool2d``'s own path. Same state dict (none) and outputs.
+    """
+
+    @staticmethod
+    def tiles(pool: nn.Module) -> bool:
+        """Whether ``pool`` is a plain ``nn.MaxPool2d`` whose windows tile the input (what this class computes)."""
+        return (type(pool) is nn.MaxPool2d and not pool.return_indices
+                and _pair(pool.stride or pool.kernel_size) == _pair(pool.kernel_size)
+                and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1))
+
+    @staticmethod
+    def pays(x: torch.Tensor) -> bool:
+        """Whether the slices are likely the cheaper way for ``x``: a fixed cost of a few small operations, so
+        not for small tensors; and ``max_pool2d``'s channels-last kernel vectorises over the channels, so it is
+        quick itself when there are many (its contiguous-layout kernel is slow at any width)."""
+        if x.numel() < WINDOW_MAX_MIN_NUMEL:
+            return False
+        few_channels = x.dim() != 4 or x.shape[1] < WINDOW_MAX_CL_CHANNELS
+        return few_channels or not x.is_contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _exporting() or (x.requires_grad and torch.is_grad_enabled()) or x.dim() not in (3, 4):
+            return super().forward(x)
+        kh, kw = _pair(self.kernel_size)
+        h, w = x.shape[-2:]
+        ragged = self.ceil_mode and (h % kh or w % kw)  # a last, partial window
+        if ragged or h < kh or w < kw or not self.pays(x):
+            return super().forward(x)
+        h, w = h // kh * kh, w // kw * kw  # floor mode drops the last rows / columns that fill no window
+        rows = _max_of([x[..., i:h:kh, :w] for i in range(kh)])
+        # max_pool2d's output layout (channels_last in, channels_last out): the next layer's kernels see the same
+        # strides, hence compute the same sums.
+        out = torch.empty((*x.shape[:-2], h // kh, w // kw), dtype=x.dtype, device=x.device,
+                          memory_format=suggest_memory_format(x))
+        return _max_of([rows[..., j::kw] for j in range(kw)], out=out)
+
+
+def _max_of(parts: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Element-wise maximum of equally shaped tensors (into ``out`` when given)."""
+    if len(parts) == 1:
+        return parts[0] if out is None else out.copy_(parts[0])
+    acc = parts[0]
+    for k, p in enumerate(parts[1:], 2):
+        acc = torch.maximum(acc, p, out=out) if k == len(parts) and out is not None else torch.maximum(acc, p)
+    return acc
+
+
+def use_window_max_pool(model: nn.Module) -> int:
+    """Turn every ``nn.MaxPool2d`` of ``model`` whose windows tile its input into a `WindowMaxPool2d`, in place;
+    returns the number changed."""
+    changed = 0
+    for m in model.modules():
+        if WindowMaxPool2d.tiles(m):
+            m.__class__ = WindowMaxPool2d
+            changed += 1
+    return changed
+
+
 def apply_cpu_rewrites(model: nn.Module, linear: str, device: str | torch.device) -> None:
     """On the CPU, run fp32 dense layers through the backend training evaluated with (`cnnlab.models.layers`):
     oneDNN's rounding differs from torch's BLAS, so this makes `evaluate` give the figures training reported.
-    ONNX export still traces ``nn.Linear``'s own path. Training's other rewrite, max-pool before ReLU, gives
-    bit-identical outputs and is left out, so inspection sees the layers in the architecture's own order."""
-    use_onednn_linear(model, linear if torch.device(device).type == "cpu" else "torch")
+    ONNX export still traces ``nn.Linear``'s own path. Tiling max-pools compute without their indices
+    (`WindowMaxPool2d`: the same values). Training's other rewrite, max-pool before ReLU, gives bit-identical
+    outputs and is left out, so inspection sees the layers in the architecture's own order."""
+    cpu = torch.device(device).type == "cpu"
+    use_onednn_linear(model, linear if cpu else "torch")
+    if cpu:
+        use_window_max_pool(model)
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu", prefer_ema: bool = True,

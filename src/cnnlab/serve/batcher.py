@@ -11,6 +11,7 @@ at once, so under load batches form by themselves and the model works while the 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +38,34 @@ class BatchStats:
                 "busy_seconds": round(self.busy_seconds, 3)}
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def forward_threads(cpus: int | None = None, torch_threads: int | None = None) -> int:
+    """Intra-op threads for the forward passes: torch's setting, but at most one fewer than the CPUs.
+
+    The event loop decodes and answers requests on one core while the model runs, so a forward pass spread over
+    every core makes its threads wait on one another whenever the loop holds one of their cores (OpenMP's
+    waiting threads spin, charging CPU time for nothing); one core left to the loop keeps both busy.
+    """
+    cpus = available_cpus() if cpus is None else cpus
+    torch_threads = torch.get_num_threads() if torch_threads is None else torch_threads
+    return max(1, min(torch_threads, cpus - 1))
+
+
+def _set_thread_count(n: int) -> None:
+    """Give the calling thread ``n`` torch intra-op threads."""
+    # torch sets up a thread's count from its process-wide default at the thread's first query, overwriting an
+    # earlier set_num_threads: query first.
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
 class MicroBatcher:
     """Gathers concurrent requests into batches for ``forward``.
 
@@ -45,13 +74,16 @@ class MicroBatcher:
         max_batch: Most images in one forward pass (a single larger request still runs, alone).
         max_wait_ms: How long a request that finds the model idle waits for company (requests that queued
             while a forward pass ran go into the next pass at once).
+        threads: torch intra-op threads of the worker thread (None: `forward_threads`). torch's thread count is
+            per thread once set, so the caller's own threads keep theirs.
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 64,
-                 max_wait_ms: float = 5.0):
+                 max_wait_ms: float = 5.0, threads: int | None = None):
         self.forward = forward
         self.max_batch = max(1, int(max_batch))
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self.threads = forward_threads() if threads is None else max(1, int(threads))
         self.stats = BatchStats()
         # A deque and one Event instead of an asyncio.Queue: a put and a timed get on a Queue cost a future, a
         # task and a timer per request; here a request costs an append and a set.
@@ -64,7 +96,13 @@ class MicroBatcher:
     async def start(self) -> None:
         """Start the collector on the running event loop."""
         self._queue, self._wake = deque(), asyncio.Event()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnlab-forward")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnlab-forward",
+                                        initializer=_set_thread_count, initargs=(self.threads,))
+        # Setting a thread's count also makes it torch's default for threads started later: start the worker
+        # now and give the default back, so only the worker runs with its own count.
+        mine = torch.get_num_threads()
+        await asyncio.get_running_loop().run_in_executor(self._pool, int)
+        torch.set_num_threads(mine)
         self._task = asyncio.create_task(self._run(), name="cnnlab-batcher")
 
     async def stop(self) -> None:
