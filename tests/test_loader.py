@@ -1,4 +1,5 @@
-"""Training batches from a decoded cache: the peak memory of copying a mapped split in (resident)."""
+"""Training batches from a decoded cache: the peak memory of copying a mapped split in (resident), and rows
+read from the file when streamed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from cnnlab.data.cache import cached_array
-from cnnlab.data.loader import COPY_CHUNK_BYTES, copy_to_memory
+from cnnlab.data.loader import COPY_CHUNK_BYTES, BatchSource, FileRows, copy_to_memory
 
 SHAPE = (1700, 3, 224, 224)  # 256 MB of decoded images: big enough that a copy held twice stands out
 KEY = "0" * 32
@@ -81,3 +82,39 @@ def test_a_copy_in_parts_is_the_same_tensor_for_whole_and_strided_splits(tmp_pat
         copy = copy_to_memory(view)
         assert copy.is_contiguous() and copy.equal(view)
         assert copy.data_ptr() != view.data_ptr() or view.numel() == 0
+
+
+def test_streamed_batches_are_read_from_the_file_and_equal_the_mapped_rows(tmp_path, monkeypatch):
+    """A streamed split reads its rows with pread (nothing mapped, nothing to hand back); the batches are the
+    mapping's rows in the sampler's order, for a whole split and a torchrun rank's strided share, and the
+    mapping path (a cache file replaced since it was mapped) gives the same."""
+    from cnnlab.data import loader
+
+    rows = np.random.default_rng(1).integers(0, 256, (40, 3, 8, 8), dtype=np.uint8)
+    mapped = torch.from_numpy(cached_array("2" * 32, rows.shape, lambda write: [write(i, r) for i, r in
+                                                                               enumerate(rows)], root=tmp_path))
+    labels = torch.arange(40)
+    order = torch.from_numpy(np.random.default_rng(2).permutation(40))
+    for view, want in ((mapped, rows), (mapped[1::2], rows[1::2])):
+        source = BatchSource(view, labels[:len(view)], torch.device("cpu"), memory_gb=1e-9)
+        assert source.streaming and source._file is not None
+        idx = order[order < len(view)][:13]
+        x, y = source.take(idx)
+        assert np.array_equal(x.numpy(), want[idx.numpy()]) and y.equal(idx)
+    with monkeypatch.context() as m:
+        m.setattr(loader.FileRows, "of", classmethod(lambda cls, t: None))  # as for a replaced or deleted file
+        source = BatchSource(mapped, labels, torch.device("cpu"), memory_gb=1e-9)
+        assert source._file is None
+        assert np.array_equal(source.take(order[:13])[0].numpy(), rows[order[:13].numpy()])
+
+
+def test_a_cache_file_replaced_since_it_was_mapped_is_not_read(tmp_path):
+    rows = np.zeros((4, 3, 2, 2), dtype=np.uint8)
+    mapped = torch.from_numpy(cached_array("3" * 32, rows.shape, lambda write: [write(i, r) for i, r in
+                                                                               enumerate(rows)], root=tmp_path))
+    path = tmp_path / ("3" * 32 + ".npy")
+    replacement = tmp_path / "other.npy"
+    np.save(replacement, np.ones_like(rows))
+    replacement.replace(path)  # a new inode under the old name
+    assert FileRows.of(mapped) is None
+    assert FileRows.of(torch.zeros(4, 3, 2, 2, dtype=torch.uint8)) is None  # private memory: no file

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
+import weakref
 
 import numpy as np
 import torch
+
+from ..errors import DataError
 
 MADV_DONTNEED = 4  # Linux: drop the pages of a range; file-backed pages are read again on the next access
 # A mapped split is copied into memory this much at a time, each part's mapped pages dropped before the next:
@@ -22,18 +26,70 @@ MADV_DONTNEED = 4  # Linux: drop the pages of a range; file-backed pages are rea
 COPY_CHUNK_BYTES = 64 * 2**20
 
 
-def _mapping_of(address: int) -> str | None:
-    """The file a process address is mapped from ('' for anonymous memory), or None when not known."""
+def _mapping_line(address: int) -> list[str] | None:
+    """The /proc/self/maps fields (range, perms, offset, dev, inode[, path]) of the mapping holding ``address``."""
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 fields = line.split(maxsplit=5)
                 lo, hi = (int(x, 16) for x in fields[0].split("-"))
                 if lo <= address < hi:
-                    return fields[5].strip() if len(fields) > 5 else ""
+                    return fields
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _mapping_of(address: int) -> str | None:
+    """The file a process address is mapped from ('' for anonymous memory), or None when not known."""
+    fields = _mapping_line(address)
+    if fields is None:
+        return None
+    return fields[5].strip() if len(fields) > 5 else ""
+
+
+class FileRows:
+    """Rows of a file-backed tensor read from its file with ``pread``, not through the mapping.
+
+    Streaming a split larger than memory touches rows all over the file; read through the mapping, every row
+    costs page faults (and the pages must be handed back to stay in budget), while ``pread`` copies straight
+    from the page cache into the batch and leaves nothing mapped. Same bytes either way.
+    """
+
+    def __init__(self, fd: int, first: int, stride: int, row_bytes: int):
+        self.fd, self.first, self.stride, self.row_bytes = fd, first, stride, row_bytes
+        self._closer = weakref.finalize(self, os.close, fd)  # the fd lives as long as the reader
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> FileRows | None:
+        """Reader for ``t`` (rows [N, ...], each row contiguous), or None when its file cannot be opened as the
+        same file it maps (deleted or replaced since, or not a regular file)."""
+        if t.device.type != "cpu" or t.dim() < 2 or t.numel() == 0 or not t[0].is_contiguous():
+            return None
+        fields = _mapping_line(t.data_ptr())
+        if fields is None or len(fields) < 6 or not fields[5].startswith("/"):
+            return None
+        lo = int(fields[0].split("-")[0], 16)
+        try:
+            fd = os.open(fields[5].strip(), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        if os.fstat(fd).st_ino != int(fields[4]):
+            os.close(fd)
+            return None
+        size = t.element_size()
+        return cls(fd, int(fields[2], 16) + t.data_ptr() - lo, t.stride(0) * size, t[0].numel() * size)
+
+    def read(self, wanted: np.ndarray, out: np.ndarray) -> None:
+        """Row ``wanted[k]`` into ``out[k]`` for every k, in ascending file offsets."""
+        flat, n = memoryview(out.reshape(-1)).cast("B"), self.row_bytes
+        for k in np.argsort(wanted, kind="stable").tolist():
+            got = os.preadv(self.fd, [flat[k * n:(k + 1) * n]], self.first + int(wanted[k]) * self.stride)
+            if got != self.row_bytes:
+                raise DataError(f"the decoded image cache ended early (row {int(wanted[k])}); delete it and retry")
+
+    def close(self) -> None:
+        self._closer()
 
 
 def file_backed(t: torch.Tensor) -> bool:
@@ -104,6 +160,7 @@ class BatchSource:
         if self.streaming:
             self.images = images
             self._mapped = file_backed(images)
+            self._file = FileRows.of(images) if self._mapped else None
             # Hand pages back once about half the budget has been read since the last time.
             self._drop_every = max(1, int(memory_gb * 2**30 / 2))
             self._read = 0
@@ -129,11 +186,15 @@ class BatchSource:
         return self.images[idx], self.labels[idx]
 
     def _take_streamed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows ``idx`` gathered from the mapping, read in ascending file offsets, in the sampler's order."""
+        """Rows ``idx`` read in ascending file offsets (with `FileRows`, else from the mapping), in the
+        sampler's order."""
         wanted = idx.numpy()
+        rows = np.empty((len(wanted), *self.images.shape[1:]), dtype=self.images.numpy().dtype)
+        if self._file is not None:
+            self._file.read(wanted, rows)
+            return torch.from_numpy(rows)
         order = np.argsort(wanted, kind="stable")
         source = self.images.numpy()
-        rows = np.empty((len(wanted), *source.shape[1:]), dtype=source.dtype)
         rows[order] = np.take(source, wanted[order], axis=0)
         if self._mapped:
             self._read += rows.size
