@@ -22,6 +22,14 @@ TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed memory at the top of the h
 GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity masks (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def tune_allocator() -> bool:
     """Make glibc malloc keep and reuse freed memory: mmap threshold 32 MiB, trim threshold 1 GiB.
 

@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from ..preprocess import Preprocess
+from ..runtime import available_cpus
 from .cache import cache_key, cached_array, cached_json
 from .images import MAX_PIXELS, RESIZES, decoder_versions, image_to_array, open_image
 from .sources import DatasetInfo, DatasetSpec, register_dataset_prefix
@@ -274,7 +275,7 @@ def _labelled_split(split_dir: Path, classes: tuple[str, ...], train_dir: Path) 
 
 
 def _workers_for(opts: FolderOptions) -> int:
-    return opts.workers or min(8, len(os.sched_getaffinity(0)))
+    return opts.workers or min(8, available_cpus())
 
 
 def scan_folder(opts: FolderOptions) -> FolderScan:

@@ -11,7 +11,6 @@ at once, so under load batches form by themselves and the model works while the 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+from ..runtime import available_cpus
 
 
 @dataclass
@@ -36,14 +37,6 @@ class BatchStats:
         return {"requests": self.requests, "images": self.images, "forward_passes": self.forward_passes,
                 "mean_batch": round(mean, 2), "largest_batch": self.largest_batch,
                 "busy_seconds": round(self.busy_seconds, 3)}
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one, else all)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def forward_threads(cpus: int | None = None, torch_threads: int | None = None) -> int:
