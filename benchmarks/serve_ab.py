@@ -116,12 +116,13 @@ def summary(results: list[dict], label: str) -> dict:
             "keep_alive": sum(r["keep_alive"] for r in mine), "complete": sum(r["complete"] for r in mine)}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def ab_parser(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every ApacheBench benchmark of the server takes (``rounds``: the default of --rounds)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", help="trained run to serve (default: train a small lenet5 run first)")
     ap.add_argument("--requests", type=int, default=2000, help="ab -n: requests per round")
     ap.add_argument("--concurrency", type=int, default=32, help="ab -c")
-    ap.add_argument("--rounds", type=int, default=3, help="counted ab rounds per server")
+    ap.add_argument("--rounds", type=int, default=rounds, help="counted ab rounds per server")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--timeout", type=int, default=30, help="ab -s: seconds each response may take")
@@ -129,23 +130,50 @@ def main() -> int:
     ap.add_argument("--out", default="bench-out/serve-load", help="where the small run is trained")
     ap.add_argument("--data-dir", help="dataset root (else $CNNLAB_DATA, ~/.cache/cnnlab)")
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
-    args = ap.parse_args()
+    return ap
+
+
+def check_ab_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse impossible --requests/--concurrency/--rounds (argparse's one-line error); apply --data-dir."""
     if args.data_dir:
         os.environ["CNNLAB_DATA"] = args.data_dir
     if args.requests < 1 or args.concurrency < 1 or args.rounds < 1 or args.concurrency > args.requests:
         ap.error("--requests, --concurrency and --rounds must be positive, --concurrency at most --requests")
+
+
+def ab_missing(name: str) -> bool:
+    """Whether ApacheBench is missing (then says so: the benchmark is skipped, not failed)."""
     if shutil.which("ab") is None:
-        print("serve_ab: skipped: ApacheBench (ab) is not installed (Debian/Ubuntu: apt-get install apache2-utils)")
+        print(f"{name}: skipped: ApacheBench (ab) is not installed (Debian/Ubuntu: apt-get install apache2-utils)")
+        return True
+    return False
+
+
+def source_trees(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Path]:
+    """The src directories to serve from: this tree's ("current") and --baseline-src's ("baseline")."""
+    trees = {"current": Path(__file__).resolve().parents[1] / "src"}
+    if args.baseline_src:
+        if not (Path(args.baseline_src) / "cnnlab").is_dir():
+            ap.error(f"--baseline-src {args.baseline_src}: no cnnlab package there (give the tree's src directory)")
+        trees["baseline"] = Path(args.baseline_src).resolve()
+    return trees
+
+
+def tree_env(src: Path) -> dict[str, str]:
+    """The environment addition that makes a server process import cnnlab from ``src``."""
+    return {"PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+
+
+def main() -> int:
+    ap = ab_parser(__doc__, rounds=3)
+    args = ap.parse_args()
+    check_ab_args(ap, args)
+    if ab_missing("serve_ab"):
         return 0
-    if args.baseline_src and not (Path(args.baseline_src) / "cnnlab").is_dir():
-        ap.error(f"--baseline-src {args.baseline_src}: no cnnlab package there (give the tree's src directory)")
+    trees = source_trees(ap, args)
 
     run = ensure_run(args.run_dir, Path(args.out))
-    servers = {"current": {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
-                                                          os.environ.get("PYTHONPATH", "")])}}
-    if args.baseline_src:
-        servers["baseline"] = {"PYTHONPATH": os.pathsep.join([str(Path(args.baseline_src).resolve()),
-                                                              os.environ.get("PYTHONPATH", "")])}
+    servers = {label: tree_env(src) for label, src in trees.items()}
     results: list[dict] = []
     digit = digit_png()
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,10 +15,8 @@ so two servers are compared in alternating rounds on the same machine. Linux onl
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import urllib.request
@@ -30,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import hardware_line, print_json, print_table
-from serve_ab import digit_png, ensure_run, run_ab
+from serve_ab import ab_missing, ab_parser, check_ab_args, digit_png, ensure_run, run_ab, source_trees, tree_env
 
 from cnnlab.serve.server import serve_process
 
@@ -71,45 +69,26 @@ def summary(results: list[dict], label: str) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", help="trained run to serve (default: train a small lenet5 run first)")
-    ap.add_argument("--requests", type=int, default=2000, help="ab -n: requests per round")
-    ap.add_argument("--concurrency", type=int, default=32, help="ab -c")
-    ap.add_argument("--rounds", type=int, default=5, help="counted ab rounds per server")
-    ap.add_argument("--max-batch", type=int, default=64)
-    ap.add_argument("--max-wait-ms", type=float, default=5.0)
-    ap.add_argument("--timeout", type=int, default=30, help="ab -s: seconds each response may take")
-    ap.add_argument("--baseline-src", help="another tree's src directory: its server is measured in alternate rounds")
-    ap.add_argument("--out", default="bench-out/serve-load", help="where the small run is trained")
-    ap.add_argument("--data-dir", help="dataset root (else $CNNLAB_DATA, ~/.cache/cnnlab)")
-    ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    ap = ab_parser(__doc__, rounds=5)
     args = ap.parse_args()
-    if args.data_dir:
-        os.environ["CNNLAB_DATA"] = args.data_dir
-    if args.requests < 1 or args.concurrency < 1 or args.rounds < 1 or args.concurrency > args.requests:
-        ap.error("--requests, --concurrency and --rounds must be positive, --concurrency at most --requests")
+    check_ab_args(ap, args)
     if not sys.platform.startswith("linux"):
         print("serve_cpu: skipped: reads the server's CPU time from /proc (Linux only)")
         return 0
-    if shutil.which("ab") is None:
-        print("serve_cpu: skipped: ApacheBench (ab) is not installed (Debian/Ubuntu: apt-get install apache2-utils)")
+    if ab_missing("serve_cpu"):
         return 0
-    if args.baseline_src and not (Path(args.baseline_src) / "cnnlab").is_dir():
-        ap.error(f"--baseline-src {args.baseline_src}: no cnnlab package there (give the tree's src directory)")
+    trees = source_trees(ap, args)
 
     run = ensure_run(args.run_dir, Path(args.out))
-    trees = {"current": Path(__file__).resolve().parents[1] / "src"}
-    if args.baseline_src:
-        trees["baseline"] = Path(args.baseline_src).resolve()
     results: list[dict] = []
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "digit.png"
         png.write_bytes(digit_png())
         servers = {}
         for label, src in trees.items():
-            env = {"PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
             servers[label] = stack.enter_context(serve_process(run, "--max-batch", str(args.max_batch),
-                                                               "--max-wait-ms", str(args.max_wait_ms), env=env))
+                                                               "--max-wait-ms", str(args.max_wait_ms),
+                                                               env=tree_env(src)))
             run_ab(servers[label].url, png, min(args.requests, 500), args.concurrency, args.timeout)  # warm-up
         # Both servers stay up and take turns, so they see the same spells of machine load.
         for i in range(args.rounds):
