@@ -5,7 +5,7 @@ Builds a JPEG folder from CIFAR-10's real images (no download: the python batche
 RSS is its own:
 
 * decode images/s: PIL alone (open, ``draft``, resize; one thread) as the reference, then cnnlab's decode
-  with one thread and with a thread pool (``workers=``), straight into memory (``cache=0``);
+  with one thread, and with ``workers`` threads and processes (``decode=``), straight into memory (``cache=0``);
 * the first pass through the on-disk cache (decode + write);
 * a later command opening the cached split (scan the folder, key, map, copy it in once), and a later epoch: every
   image served once as shuffled uint8 batches, from memory (resident) and streamed from the mapping;
@@ -101,8 +101,9 @@ def phase(args) -> dict:
         return {"phase": "pil", "images": len(files), "seconds": seconds, "images_per_s": len(files) / seconds,
                 "peak_rss_mb": peak_rss_mb()}
     workers = 1 if args.phase == "serial" else args.workers
+    decode = args.phase if args.phase in ("threads", "processes") else "auto"
     images, labels = read_images(files, scan.shape, scan.resize, workers=workers,
-                                 cache=args.phase.startswith("cache"))
+                                 cache=args.phase.startswith("cache"), decode=decode)
     row = {"phase": args.phase, "images": len(files)}
     if args.phase in ("cache-epoch", "cache-stream"):
         row.update(epoch(images, labels, stream=args.phase == "cache-stream", opened=time.perf_counter() - t0))
@@ -171,13 +172,13 @@ def rank_load(args) -> dict:
     from cnnlab.data import load_dataset
 
     calls = {"n": 0}
-    real = folder_mod.open_image
+    real = folder_mod._decode_all
 
-    def counted(*a, **kw):
-        calls["n"] += 1
-        return real(*a, **kw)
+    def counted(files, *a, **kw):
+        calls["n"] += len(files)
+        return real(files, *a, **kw)
 
-    folder_mod.open_image = counted  # counts this rank's decodes: one rank should decode, the other map
+    folder_mod._decode_all = counted  # counts the files this rank decodes: one rank should decode, the other map
     t0 = time.perf_counter()
     ds = load_dataset(f"folder:{args.root}?size={args.size}&val=0&channels=3&workers={args.workers}", "train")
     int(ds.images.sum())
@@ -292,8 +293,9 @@ def main() -> int:
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--phase", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.phase == "rank":
-        print(json.dumps(rank_load(args)))
+    if args.phase == "rank":  # one write per rank: two ranks' print() calls can interleave on the shared pipe
+        sys.stdout.write(json.dumps(rank_load(args)) + "\n")
+        sys.stdout.flush()
         return 0
     if args.phase:
         print(json.dumps(phase(args)))
@@ -313,7 +315,7 @@ def main() -> int:
         env = {"XDG_CACHE_HOME": str(cache)}
         me = [sys.executable, __file__, "--root", str(root), "--size", str(args.size), "--workers", str(args.workers)]
         rows = []
-        for name in ("pil", "serial", "parallel", "cache-first", "cache-epoch", "cache-stream"):
+        for name in ("pil", "serial", "threads", "processes", "cache-first", "cache-epoch", "cache-stream"):
             rows += run_json([*me, "--phase", name], env)
         first_row = next(r for r in rows if r["phase"] == "cache-first")
         pairs = []  # (cnnlab first pass, Keras) images/s, alternating, each first pass into an empty cache
@@ -333,13 +335,17 @@ def main() -> int:
                              "seconds": r["seconds"], "images_per_s": (args.images + args.big) / r["seconds"],
                              "peak_rss_mb": r["peak_rss_mb"]})
     print(hardware_line())
-    print(f"folder: {args.images} CIFAR-10 images as 320x256 JPEGs + {args.big} at 4000x3000, to {args.size} px, "
-          f"{args.workers} decode threads")
+    from cnnlab.data.folder import uses_processes
     from cnnlab.data.images import decoder_versions
+
+    first_way = "processes" if uses_processes("auto", args.images + args.big, args.workers) else "threads"
+    print(f"folder: {args.images} CIFAR-10 images as 320x256 JPEGs + {args.big} at 4000x3000, to {args.size} px, "
+          f"{args.workers} decoding workers; the first pass decodes in {first_way} (decode=auto)")
 
     print("decoders: " + ", ".join(f"{k} {v}" for k, v in decoder_versions().items()))
     names = {"pil": "PIL alone (open, draft, resize), 1 thread", "serial": "decode, 1 thread, no cache",
-             "parallel": f"decode, {args.workers} threads, no cache",
+             "threads": f"decode, {args.workers} threads, no cache",
+             "processes": f"decode, {args.workers} processes, no cache",
              "cache-first": "first pass (decode + write the cache)",
              "cache-epoch": "later epoch, resident (batches of 256, median of 5)",
              "cache-stream": "later epoch, streamed from the cache (median of 5)",
@@ -355,8 +361,9 @@ def main() -> int:
               f"split (scan, key, map{', copy in' if name == 'cache-epoch' else ''}) in {r['open_seconds']:.3f} s")
     if "keras" in by:
         keras = by["keras"]["images_per_s"]
-        print(f"first pass / Keras: {first / keras:.2f}x; "
-              f"{args.workers}-thread decode / Keras: {by['parallel']['images_per_s'] / keras:.2f}x")
+        print(f"first pass / Keras: {first / keras:.2f}x; decode / Keras: "
+              f"{args.workers} threads {by['threads']['images_per_s'] / keras:.2f}x, "
+              f"{args.workers} processes {by['processes']['images_per_s'] / keras:.2f}x")
     if len(pairs) > 1:
         ratios = sorted(a / b for a, b in pairs)
         print(f"first pass / Keras over {len(pairs)} alternating rounds: median {float(np.median(ratios)):.2f}x "

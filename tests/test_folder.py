@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -459,14 +461,108 @@ def test_threads_decode_the_same_rows_as_one_and_stop_at_a_broken_file(folder, d
     from cnnlab.data.folder import read_images
     files = [(p, 0) for p in sorted((folder / "train").glob("*/*.png"))] * 5  # 60 rows: several runs per thread
     one, _ = read_images(files, (3, 12, 10), workers=1, cache=False)
-    many, _ = read_images(files, (3, 12, 10), workers=4, cache=False)
+    many, _ = read_images(files, (3, 12, 10), workers=4, cache=False, decode="threads")
     assert one.shape == (60, 3, 12, 10) and np.array_equal(one, many) and one.std() > 0
-    cached, _ = read_images(files, (3, 12, 10), workers=3, cache=True)
+    cached, _ = read_images(files, (3, 12, 10), workers=3, cache=True, decode="threads")
     assert np.array_equal(cached, one)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match="broken.png: not a"):
-        read_images([*files[:30], (broken, 0), *files[30:]], (3, 12, 10), workers=3, cache=False)
+        read_images([*files[:30], (broken, 0), *files[30:]], (3, 12, 10), workers=3, cache=False, decode="threads")
+
+
+def caller_decodes(monkeypatch, calls: tuple[int, ...] = ()) -> None:
+    """In this process, only the `_decode_runs` calls numbered in ``calls`` run (0 is the share it takes beside
+    its children, 1 the runs a dead child left); forked children run the real one, so with ``calls=()`` every
+    row comes from a child."""
+    real, caller, seen = folder_mod._decode_runs, os.getpid(), []
+
+    def decode_runs(*args, **kwargs):
+        seen.append(1)
+        if os.getpid() != caller or len(seen) - 1 in calls:
+            real(*args, **kwargs)
+
+    monkeypatch.setattr(folder_mod, "_decode_runs", decode_runs)
+
+
+@pytest.mark.skipif(not folder_mod.forks(), reason="decoding processes are forked, on Linux only")
+def test_processes_decode_the_same_rows_as_threads(folder, data_env):
+    from cnnlab.data.folder import read_images
+    files = [(p, 0) for p in sorted((folder / "train").glob("*/*.[jp][pn]g"))] * 4  # 96 rows, png and jpg
+    threads, _ = read_images(files, (3, 12, 10), workers=1, cache=False)
+    in_memory, _ = read_images(files, (3, 12, 10), workers=3, cache=False, decode="processes")
+    cached, _ = read_images(files, (3, 12, 10), workers=2, cache=True, decode="processes")
+    assert threads.std() > 0 and np.array_equal(in_memory, threads) and np.array_equal(cached, threads)
+
+
+@pytest.mark.skipif(not folder_mod.forks(), reason="decoding processes are forked, on Linux only")
+def test_rows_written_by_children_alone_are_complete(folder, data_env, monkeypatch):
+    from cnnlab.data.folder import read_images
+    files = [(p, 0) for p in sorted((folder / "train").glob("*/*.[jp][pn]g"))] * 2
+    reference, _ = read_images(files, (3, 12, 10), workers=1, cache=False)
+    caller_decodes(monkeypatch)
+    for cache in (False, True):
+        rows, _ = read_images(files, (3, 12, 10), workers=2, cache=cache, decode="processes")
+        assert np.array_equal(rows, reference)
+
+
+@pytest.mark.skipif(not folder_mod.forks(), reason="decoding processes are forked, on Linux only")
+def test_a_broken_file_met_in_a_child_is_one_line_and_leaves_no_cache(folder, data_env, monkeypatch):
+    caller_decodes(monkeypatch)
+    (folder / "train" / "green" / "green3.png").write_bytes(b"\x89PNG not really")
+    for cache in ("0", "1"):  # channels=3: no header scan, so the decoding child is the first to open the file
+        with pytest.raises(DataError, match="green3.png: not a") as e:
+            load_dataset(f"folder:{folder}?size=12&channels=3&workers=2&decode=processes&cache={cache}", "train")
+        assert "\n" not in str(e.value)
+    assert not list(data_env.rglob("*.npy"))  # neither the split nor a temporary file is left
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.skipif(not folder_mod.forks(), reason="decoding processes are forked, on Linux only")
+def test_the_runs_of_a_child_that_died_are_decoded_by_the_caller(folder, data_env, monkeypatch):
+    from cnnlab.data.folder import read_images
+    files = [(p, 0) for p in sorted((folder / "train").glob("*/*.[jp][pn]g"))] * 2
+    reference, _ = read_images(files, (3, 12, 10), workers=1, cache=False)
+    caller, real = os.getpid(), folder_mod.decode_file
+
+    def decode_file(path, *args, **kwargs):
+        if os.getpid() != caller and path.name == "red5.png":
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(folder_mod, "decode_file", decode_file)
+    caller_decodes(monkeypatch, calls=(1,))  # the child takes every run; the caller only finishes what it left
+    rows, _ = read_images(files, (3, 12, 10), workers=2, cache=True, decode="processes")
+    assert np.array_equal(rows, reference)
+
+
+@pytest.mark.skipif(not folder_mod.forks(), reason="decoding processes are forked, on Linux only")
+def test_an_interrupt_stops_the_children_and_leaves_no_cache(folder, data_env, monkeypatch, tmp_path):
+    def interrupted(*args, **kwargs):
+        if os.getpid() == caller:
+            raise KeyboardInterrupt  # Ctrl-C, as it reaches the calling process while the children decode
+        time.sleep(30)  # a child still busy: it is stopped, not waited for
+        (tmp_path / f"finished-{os.getpid()}").touch()
+
+    caller = os.getpid()
+    monkeypatch.setattr(folder_mod, "_decode_runs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset(f"folder:{folder}?size=12&channels=3&workers=3&decode=processes", "train")
+    assert not list(data_env.rglob("*.npy"))
+    assert not multiprocessing.active_children() and not list(tmp_path.glob("finished-*"))
+
+
+def test_decode_picks_processes_for_large_splits_only(folder, data_env, monkeypatch):
+    from cnnlab.data.folder import PROCESS_MIN_FILES, uses_processes
+    forks = folder_mod.forks()
+    assert uses_processes("auto", PROCESS_MIN_FILES, 2) == forks
+    assert not uses_processes("auto", PROCESS_MIN_FILES - 1, 2)
+    assert uses_processes("processes", 3, 2) == forks
+    assert not uses_processes("processes", 10**6, 1) and not uses_processes("threads", 10**6, 8)
+    monkeypatch.setattr(folder_mod, "_decode_processes", lambda *a, **k: pytest.fail("processes started"))
+    assert len(load_dataset(f"folder:{folder}?size=12&workers=2", "train")) == 24  # auto, 24 files: threads
+    with pytest.raises(DataError, match="bad decode='fork'; expected auto or threads or processes"):
+        load_dataset(f"folder:{folder}?decode=fork", "train")
 
 
 def test_scan_skips_hidden_entries_and_symlinked_folders_and_sorts_by_path_parts(tmp_path, data_env):

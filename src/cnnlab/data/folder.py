@@ -27,20 +27,26 @@ Options after ``?`` (joined by ``&``):
 * ``channels=1|3``: grayscale or RGB. Default: 1 if every image is grayscale, else 3. Transparent pixels
   become white; 16-bit and float images are scaled to 8 bits; EXIF orientation is applied.
 * ``val=F``: the held-out fraction above. ``seed=N``: seed of the held-out draw (default 0).
-* ``workers=N``: decoding threads (default: the usable CPUs, at most 8). ``cache=0``: decode into memory
-  instead of the on-disk cache.
+* ``workers=N``: decoding processes or threads (default: the usable CPUs, at most 8). ``decode=processes|threads``:
+  which (default ``auto``: forked processes from ``PROCESS_MIN_FILES`` files on Linux, else threads).
+  ``cache=0``: decode into memory instead of the on-disk cache.
 
-Each split is decoded once, in parallel (PIL releases the GIL while decoding; JPEGs are decoded near the
-target size with ``draft``), into a uint8 [N, C, H, W] ``.npy`` under the cache folder (`cnnlab.data.cache`)
-that every later command maps instead of decoding again.
+Each split is decoded once, in parallel (JPEGs by libjpeg-turbo near the target size, as PIL's ``draft``), into
+a uint8 [N, C, H, W] ``.npy`` under the cache folder (`cnnlab.data.cache`) that every later command maps instead
+of decoding again.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
+import multiprocessing
 import os
+import pickle
+import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,6 +71,11 @@ SPLITS = ("train", "val", "test")
 # Training on random-resized crops, a model's input is this fraction of the decoded side (224 of 256, as
 # torchvision's and timm's ImageNet recipes): crops keep their resolution, evaluation takes the centre crop.
 CROP_FRACTION = 0.875
+DECODES = ("auto", "threads", "processes")
+# decode=auto forks from this many files: a child costs 5-20 ms to start (most of it copying the page tables
+# of a process that has torch loaded), as much as decoding 20-60 small JPEGs, so a second core pays off only
+# over a few hundred of them.
+PROCESS_MIN_FILES = 256
 
 
 @dataclass(frozen=True)
@@ -78,8 +89,9 @@ class FolderOptions:
         channels: 1 or 3 (None: 1 if every image is grayscale, else 3).
         seed: Seed of the held-out draw.
         resize: 'shorter-crop' or 'stretch'.
-        workers: Decoding threads (None: the usable CPUs, at most 8).
+        workers: Decoding threads or processes (None: the usable CPUs, at most 8).
         cache: Keep decoded splits on disk (else decode into memory each time).
+        decode: 'auto', 'threads' or 'processes' (`uses_processes`).
     """
 
     path: Path
@@ -90,6 +102,7 @@ class FolderOptions:
     resize: str = "shorter-crop"
     workers: int | None = None
     cache: bool = True
+    decode: str = "auto"
 
 
 def _positive_size(text: str) -> tuple[int, int]:
@@ -126,6 +139,12 @@ def _workers(text: str) -> int:
     return n
 
 
+def _decode(text: str) -> str:
+    if text not in DECODES:
+        raise ValueError
+    return text
+
+
 def _flag(text: str) -> bool:
     if text not in ("0", "1"):
         raise ValueError
@@ -141,6 +160,7 @@ _OPTIONS = {
     "resize": ("resize", _resize, " or ".join(RESIZES)),
     "workers": ("workers", _workers, "an integer from 1 to 256"),
     "cache": ("cache", _flag, "0 or 1"),
+    "decode": ("decode", _decode, " or ".join(DECODES)),
 }
 
 
@@ -389,38 +409,40 @@ def _runs(files: list[Path], workers: int) -> list[range]:
     return runs
 
 
-def _decode_all(files: list[Path], shape: tuple[int, int, int], resize: str, workers: int,
-                write_row: Callable[[int, np.ndarray], None], what: str) -> None:
-    """Decode ``files`` into rows ``write_row(i, image)`` with ``workers`` threads; the first error stops the rest.
+def _decode_runs(files: list[Path], runs: list[range], shape: tuple[int, int, int], resize: str,
+                 write_row: Callable[[int, np.ndarray], None], take: Callable[[], int | None],
+                 finished: Callable[[int], None]) -> None:
+    """Decode the runs ``take()`` hands out (None: stop) into ``write_row``; ``finished(k)`` after run k."""
+    row = np.empty(shape, dtype=np.uint8)
+    while (k := take()) is not None:
+        for i in runs[k]:
+            write_row(i, decode_file(files[i], shape, resize, out=row))
+        finished(k)
 
-    Each thread takes runs of consecutive files (`_runs`: the largest files first) and decodes them into its own
-    row buffer: PIL releases the GIL while it decodes and resizes, so the Python work per image (opening, a few
-    attribute reads, one copy into the buffer) is what threads contend for, and it is kept small; no future or
-    queue per image.
-    """
-    n = len(files)
-    tasks = iter(_runs(files, workers))
+
+def _decode_threads(files: list[Path], runs: list[range], shape: tuple[int, int, int], resize: str, workers: int,
+                    write_row: Callable[[int, np.ndarray], None], bar: tqdm) -> None:
+    """`_decode_all` on ``workers`` threads of this process (the calling one included)."""
+    tasks = iter(range(len(runs)))
     lock = threading.Lock()
     failed: list[BaseException] = []
-    bar = tqdm(total=n, unit="img", desc=f"decoding {what}", leave=False, dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
+
+    def take() -> int | None:
+        with lock:
+            return None if failed else next(tasks, None)
+
+    def finished(k: int) -> None:
+        with lock:
+            bar.update(len(runs[k]))
 
     def work() -> None:
-        row = np.empty(shape, dtype=np.uint8)
         try:
-            while not failed:
-                with lock:
-                    run = next(tasks, None)
-                if run is None:
-                    return
-                for i in run:
-                    write_row(i, decode_file(files[i], shape, resize, out=row))
-                with lock:
-                    bar.update(len(run))
+            _decode_runs(files, runs, shape, resize, write_row, take, finished)
         except BaseException as e:  # re-raised by the caller's thread; the other threads stop at their next run
             failed.append(e)
 
-    threads = [threading.Thread(target=work, name=f"decode-{k}", daemon=True) for k in range(1, min(workers, n))]
+    threads = [threading.Thread(target=work, name=f"decode-{k}", daemon=True)
+               for k in range(1, min(workers, len(runs)))]
     try:
         for t in threads:
             t.start()
@@ -432,30 +454,163 @@ def _decode_all(files: list[Path], shape: tuple[int, int, int], resize: str, wor
         for t in threads:
             t.join()
         raise
-    finally:
-        bar.close()
     if failed:
         raise failed[0]
 
 
+def forks() -> bool:
+    """Whether decoding may use forked processes: Linux only (macOS' system libraries are not fork-safe)."""
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def _sendable(e: BaseException) -> BaseException:
+    """``e`` if it survives pickling (to cross from a decoding process to the caller), else a short stand-in."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001 - any exception type may refuse pickling
+        return DataError(f"decoding failed ({type(e).__name__}: {str(e)[:200]})")
+
+
+def _decode_processes(files: list[Path], runs: list[range], shape: tuple[int, int, int], resize: str,
+                      workers: int, write_row: Callable[[int, np.ndarray], None], bar: tqdm) -> None:
+    """`_decode_all` on this process and ``workers - 1`` forked copies of it.
+
+    Why processes: with threads, about a third of each small image's work (reading the file, wrapping the pixels
+    for PIL's resize, the copy into the row) holds the GIL, so a second thread added only 1.1-1.3x; a second
+    process adds what a second core has. Why fork rather than a pool of fresh interpreters: a child is ready in
+    milliseconds with every module already imported, while a fresh one must import numpy, PIL and this package
+    (and with it torch) before its first file, longer than decoding a few thousand small images takes. The
+    children run no torch code and start no threads, which is what makes forking a process that has torch's
+    thread pool safe (as torch's own DataLoader workers do).
+
+    Rows cross without copies: ``write_row`` writes into the cache file (``pwrite`` on an inherited descriptor)
+    or into memory shared with the children (`_shared_empty`). Only run numbers, counts and errors go through
+    shared memory and a pipe. A child that dies (killed, out of memory) leaves its run unmarked; this process
+    decodes such runs itself at the end.
+    """
+    ctx = multiprocessing.get_context("fork")
+    state = ctx.Array("q", 3)  # [next run to hand out, images done, 1 once any process failed]
+    done = ctx.RawArray("b", len(runs))  # done[k]: every row of run k is written
+    errors = ctx.SimpleQueue()
+
+    def take() -> int | None:
+        with state.get_lock():
+            k = state[0]
+            if state[2] or k >= len(runs):
+                return None
+            state[0] = k + 1
+            return k
+
+    def finished(k: int) -> None:
+        done[k] = 1
+        with state.get_lock():
+            state[1] += len(runs[k])
+
+    def child() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the caller stops the children
+        try:
+            _decode_runs(files, runs, shape, resize, write_row, take, finished)
+        except BaseException as e:  # the caller raises it; the others stop at their next run
+            with state.get_lock():
+                state[2] = 1
+            errors.put(_sendable(e))
+
+    def in_caller(k: int) -> None:
+        finished(k)
+        bar.update(state[1] - bar.n)
+
+    sys.stdout.flush()  # a child flushes its copy of any unwritten output as it exits: write it once, now
+    sys.stderr.flush()
+    procs = [ctx.Process(target=child, name=f"decode-{k}", daemon=True) for k in range(1, min(workers, len(runs)))]
+    try:
+        with warnings.catch_warnings():  # Python >= 3.12 warns of forking with threads; see the docstring
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for p in procs:
+                p.start()
+        try:
+            _decode_runs(files, runs, shape, resize, write_row, take, in_caller)
+        except BaseException:
+            with state.get_lock():
+                state[2] = 1
+            raise
+        for p in procs:
+            while p.is_alive():
+                p.join(0.1)
+                bar.update(state[1] - bar.n)
+    except BaseException:  # an error here, or Ctrl-C: the children's rows are not wanted any more
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join()
+        raise
+    if not errors.empty():
+        raise errors.get()
+    lost = [k for k in range(len(runs)) if not done[k]]  # a child's run when it died
+    if lost:
+        left = iter(lost)
+        _decode_runs(files, runs, shape, resize, write_row, lambda: next(left, None), in_caller)
+
+
+def _decode_all(files: list[Path], shape: tuple[int, int, int], resize: str, workers: int,
+                write_row: Callable[[int, np.ndarray], None], what: str, processes: bool = False) -> None:
+    """Decode ``files`` into rows ``write_row(i, image)`` with ``workers`` threads or processes (``processes``:
+    ``write_row`` must write where forked children's writes are seen); the first error stops the rest.
+
+    The work is handed out as runs of consecutive files (`_runs`: the largest files first), each decoded into
+    the worker's own row buffer; no future or queue per image. With threads, PIL and libjpeg-turbo release the
+    GIL while they decode and resize, so the Python work per image (opening, a few attribute reads, one copy
+    into the buffer) is what threads contend for, and it is kept small.
+    """
+    runs = _runs(files, workers)
+    bar = tqdm(total=len(files), unit="img", desc=f"decoding {what}", leave=False, dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+    try:
+        if processes and workers > 1 and len(runs) > 1:
+            _decode_processes(files, runs, shape, resize, workers, write_row, bar)
+        else:
+            _decode_threads(files, runs, shape, resize, workers, write_row, bar)
+    finally:
+        bar.close()
+
+
+def _shared_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised-looking uint8 array (zero pages) in memory shared with forked children: what they write
+    into it, this process sees."""
+    nbytes = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8, count=nbytes).reshape(shape)
+
+
+def uses_processes(decode: str, n: int, workers: int) -> bool:
+    """Whether ``n`` files decode in processes: ``decode`` 'processes', or 'auto' from `PROCESS_MIN_FILES`."""
+    if decode == "threads" or workers < 2 or not forks():
+        return False
+    return decode == "processes" or n >= PROCESS_MIN_FILES
+
+
 def read_images(files: Files, shape: tuple[int, int, int], resize: str = "shorter-crop", *,
-                workers: int = 1, cache: bool = True, what: str = "images") -> tuple[np.ndarray, np.ndarray]:
+                workers: int = 1, cache: bool = True, what: str = "images",
+                decode: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Decode (file, label) pairs into images uint8 [N, C, H, W] and labels int64 [N].
 
     With ``cache`` the images come memory-mapped from the on-disk cache (decoded into it on a miss).
+    ``decode`` ('auto' | 'threads' | 'processes') picks how ``workers`` decode in parallel (`uses_processes`).
     """
     labels = np.array([label for _, label in files], dtype=np.int64)
     paths = [p for p, _ in files]
     full = (len(files), *shape)
+    processes = uses_processes(decode, len(files), workers)
     if not cache or not files:
-        images = np.empty(full, dtype=np.uint8)
-        _decode_all(paths, shape, resize, workers, images.__setitem__, what)
+        images = _shared_empty(full) if processes else np.empty(full, dtype=np.uint8)
+        _decode_all(paths, shape, resize, workers, images.__setitem__, what, processes)
         return images, labels
     options = {"shape": list(shape), "resize": resize, "interpolation": "bilinear", **decoder_versions()}
     key = cache_key(paths, options)
-    images = cached_array(key, full, lambda write: _decode_all(paths, shape, resize, workers, write, what))
+    images = cached_array(key, full, lambda write: _decode_all(paths, shape, resize, workers, write, what,
+                                                                processes))
     if images is None:  # no usable cache folder: decode into memory, as with cache=0
-        return read_images(files, shape, resize, workers=workers, cache=False, what=what)
+        return read_images(files, shape, resize, workers=workers, cache=False, what=what, decode=decode)
     return images, labels
 
 
@@ -488,7 +643,7 @@ def resolve_folder(argument: str) -> DatasetSpec:
             raise DataError(f"folder:{argument}: the {split} split is empty ({scan.empty_reason.get(split, '')}); "
                             f"use val>0 or add {opts.path}/{split}/<class>/ folders")
         return read_images(files, scan.shape, scan.resize, workers=_workers_for(opts), cache=opts.cache,
-                           what=f"{opts.path.name}/{split}")
+                           what=f"{opts.path.name}/{split}", decode=opts.decode)
 
     same = {"test": "val"} if scan.splits["test"] is scan.splits["val"] else {}
     return DatasetSpec(info=info, load=load, splits=SPLITS, same_as=same)
