@@ -459,8 +459,10 @@ def _decode_threads(files: list[Path], runs: list[range], shape: tuple[int, int,
 
 
 def forks() -> bool:
-    """Whether decoding may use forked processes: Linux only (macOS' system libraries are not fork-safe)."""
-    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    """Whether decoding may use forked processes: on Linux only (macOS' system libraries are not fork-safe), and not
+    inside a daemonic process (a multiprocessing pool's worker), which may not start children."""
+    return (sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+            and not multiprocessing.current_process().daemon)
 
 
 def _sendable(e: BaseException) -> BaseException:
