@@ -29,7 +29,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from .batcher import MicroBatcher
-from .decode import Pending, decode, max_pixels, plan_file
+from .decode import PNG_IHDR_HEAD, Pending, decode, max_pixels, plan_file
 from .limits import BadRequest, Limits, PixelBudget, check_request_pixels
 from .server import BODY_RECEIVED
 
@@ -98,9 +98,6 @@ def _query(query: bytes, length: int) -> RawImageRequest | None:
     return RawImageRequest(length, int(top_k), invert.decode() if invert else None, CENTRES[centre])
 
 
-PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"  # signature, then the IHDR chunk's length and type
-
-
 def plan_png(data: bytes) -> list[Pending] | None:
     """`plan_file` for a PNG read from its IHDR chunk alone (its width and height are the decoded size), without
     opening it in PIL; None when ``data`` does not start as a PNG or claims no or too many pixels.
@@ -108,7 +105,7 @@ def plan_png(data: bytes) -> list[Pending] | None:
     Whatever this lets through is still fully checked: the decoder opens the file as `plan_file` would, and
     every refusal on the lean path is re-derived through `plan_file` (see `fast_predict_handler`).
     """
-    if len(data) < 24 or not data.startswith(PNG_HEAD):
+    if len(data) < 24 or not data.startswith(PNG_IHDR_HEAD):
         return None
     width, height = struct.unpack(">II", data[16:24])
     if not 0 < width * height <= max_pixels():
