@@ -137,16 +137,16 @@ class Answers:
         self._heads = [f'"class":{i},"label":{json.dumps(label, ensure_ascii=False)},"probability":'
                        for i, label in enumerate(labels)]
 
-    def body(self, probs: torch.Tensor, top_k: int) -> bytes:
-        """The JSON body for one row of probabilities [K] (as `json_body(describe_row(probs, labels, top_k))`)."""
-        values = probs.tolist()
+    def body(self, values: list[float], top_k: int) -> bytes:
+        """The JSON body for one row of float32 probabilities [K] as Python floats (as
+        `json_body(describe_row(torch.tensor(values), labels, top_k))`)."""
         k = max(1, min(top_k, len(values)))
         if not all(map(math.isfinite, values)):  # the encoder refuses NaN and infinity: let it, as the full path
-            return json_body(describe_row(probs, self.labels, top_k))
+            return json_body(describe_row(torch.tensor(values, dtype=torch.float32), self.labels, top_k))
         if len(set(values)) == len(values):  # no ties: the order is the values' alone, as topk's
             order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
-        else:  # equal values come in whatever order topk gives them: ask it
-            order = probs.topk(k)[1].tolist()
+        else:  # equal values come in whatever order topk gives them: ask it (the same float32 row as the full path's)
+            order = torch.tensor(values, dtype=torch.float32).topk(k)[1].tolist()
         heads, text = self._heads, list(map(repr, values))
         top = order[0]
         top_k_items = ",".join(["{" + heads[i] + text[i] + "}" for i in order])
@@ -204,7 +204,7 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
     Args:
         limits: The app's request limits.
         budget: The app's in-flight budget (body bytes and decoded pixels are reserved in it).
-        batcher: The app's micro-batcher.
+        batcher: The app's micro-batcher (its results: rows of probabilities as lists of floats).
         shape: The model's input (C, H, W).
         labels: Printable class names.
         invert: The run's recorded polarity ('auto', 'yes', 'no'), used when the query does not override it.
@@ -238,12 +238,12 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
             args = (pending, shape, req.invert or invert, req.centre, resize, interpolation)
             images = decode(*args) if small and pixels <= INLINE_PIXELS else await run_in_threadpool(decode, *args)
             try:
-                probs = await batcher.submit(images)
+                rows = await batcher.submit(images)  # [[K floats]] (see create_app's forward_rows)
             except RuntimeError as e:  # shutting down
                 raise BadRequest(str(e), 503, {"Retry-After": "1"}) from None
         finally:
             budget.give(cost)
-        return answers.body(probs[0], req.top_k)
+        return answers.body(rows[0], req.top_k)
 
     async def handle(scope, receive, send, req: RawImageRequest) -> None:
         deadline = None if scope.get(BODY_RECEIVED) else asyncio.get_running_loop().time() + read_timeout
