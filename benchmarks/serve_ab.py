@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_lenet5_run, hardware_line, print_json, print_table
 
 from cnnlab.errors import CnnlabError
-from cnnlab.serve.server import httptools_available, serve_subprocess
+from cnnlab.serve.server import httptools_available, serve_subprocess, uvloop_available
 
 
 def ensure_run(run_dir: str | None, out: Path) -> Path:
@@ -114,6 +114,11 @@ def summary(results: list[dict], label: str) -> dict:
             "p99_ms": float(np.median([r["p99_ms"] for r in mine])),
             "failed": sum(r["failed"] for r in mine), "non_2xx": sum(r["non_2xx"] for r in mine),
             "keep_alive": sum(r["keep_alive"] for r in mine), "complete": sum(r["complete"] for r in mine)}
+
+
+def event_loop() -> str:
+    """The event loop a server started from this environment runs on (uvicorn's 'auto' choice)."""
+    return "uvloop" if uvloop_available() else "asyncio (uvloop is not installed; it is in the 'serve' extra)"
 
 
 def ab_parser(description: str, rounds: int) -> argparse.ArgumentParser:
@@ -191,8 +196,8 @@ def main() -> int:
     if not httptools_available():
         print("note: httptools is not installed, so the server parses HTTP with h11, which closes every HTTP/1.0 "
               "connection (ab's -k asks for keep-alive): pip install httptools (it is in the 'serve' extra)")
-    print(f"server: lenet5 run {run}; max batch {args.max_batch}, wait {args.max_wait_ms:g} ms; client: ab -k "
-          f"-n {args.requests} -c {args.concurrency}, one {len(digit)}-byte "
+    print(f"server: lenet5 run {run}; max batch {args.max_batch}, wait {args.max_wait_ms:g} ms; event loop "
+          f"{event_loop()}; client: ab -k -n {args.requests} -c {args.concurrency}, one {len(digit)}-byte "
           f"MNIST PNG, loopback; client and server share the machine")
     print_table(["server", "round", "requests/s", "p50 ms", "p99 ms", "max ms", "failed", "non-2xx", "keep-alive"],
                 [[r["server"], r["round"], f"{r['rps']:.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",

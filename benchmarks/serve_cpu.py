@@ -28,16 +28,28 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import hardware_line, print_json, print_table
-from serve_ab import ab_missing, ab_parser, check_ab_args, digit_png, ensure_run, run_ab, source_trees, tree_env
+from serve_ab import (
+    ab_missing,
+    ab_parser,
+    check_ab_args,
+    digit_png,
+    ensure_run,
+    event_loop,
+    run_ab,
+    source_trees,
+    tree_env,
+)
 
 from cnnlab.serve.server import serve_process
 
 TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads, finished ones too), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of process ``pid`` (all its threads, finished ones too), or of its thread ``thread``
+    alone (a thread id: the main thread's is ``pid``), in seconds."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # utime, stime: fields 14 and 15 of stat(5)
 
 
@@ -48,14 +60,16 @@ def batching(url: str) -> dict:
 
 
 def cpu_round(server, png: Path, args) -> dict:
-    """One counted ab round: the server's CPU-seconds per 1,000 requests and the round's mean batch."""
+    """One counted ab round: the server's CPU-seconds per 1,000 requests (all threads, and the event loop's: the
+    main thread, where uvicorn runs; the rest is mostly the forward passes) and the round's mean batch."""
     before = batching(server.url)
-    cpu0 = cpu_seconds(server.pid)
+    cpu0, loop0 = cpu_seconds(server.pid), cpu_seconds(server.pid, server.pid)
     ab = run_ab(server.url, png, args.requests, args.concurrency, args.timeout)
-    cpu = cpu_seconds(server.pid) - cpu0
+    cpu, loop = cpu_seconds(server.pid) - cpu0, cpu_seconds(server.pid, server.pid) - loop0
     after = batching(server.url)
     passes = after["forward_passes"] - before["forward_passes"]
     return {"cpu_s_per_1000": 1000 * cpu / max(1, ab["complete"]), "cpu_s": cpu,
+            "loop_s_per_1000": 1000 * loop / max(1, ab["complete"]),
             "mean_batch": (after["images"] - before["images"]) / max(1, passes), **ab}
 
 
@@ -64,7 +78,8 @@ def summary(results: list[dict], label: str) -> dict:
     mine = [r["cpu_s_per_1000"] for r in results if r["server"] == label]
     rows = [r for r in results if r["server"] == label]
     return {"server": label, "rounds": len(mine), "cpu_s_per_1000": float(np.median(mine)), "min": min(mine),
-            "max": max(mine), "mean_batch": float(np.median([r["mean_batch"] for r in rows])),
+            "max": max(mine), "loop_s_per_1000": float(np.median([r["loop_s_per_1000"] for r in rows])),
+            "mean_batch": float(np.median([r["mean_batch"] for r in rows])),
             "failed": sum(r["failed"] for r in rows), "non_2xx": sum(r["non_2xx"] for r in rows)}
 
 
@@ -96,15 +111,18 @@ def main() -> int:
                 results.append({"server": label, "round": i + 1, **cpu_round(server, png, args)})
 
     print(hardware_line())
-    print(f"server: lenet5 run {run}; max batch {args.max_batch}, wait {args.max_wait_ms:g} ms; client: ab -k "
+    print(f"server: lenet5 run {run}; max batch {args.max_batch}, wait {args.max_wait_ms:g} ms; event loop "
+          f"{event_loop()}; client: ab -k "
           f"-n {args.requests} -c {args.concurrency}, one MNIST PNG, loopback; client and server share the machine")
-    print_table(["server", "round", "CPU s / 1000 req", "mean batch", "requests/s", "failed", "non-2xx"],
-                [[r["server"], r["round"], f"{r['cpu_s_per_1000']:.3f}", f"{r['mean_batch']:.1f}", f"{r['rps']:.0f}",
-                  r["failed"], r["non_2xx"]] for r in results])
+    print_table(["server", "round", "CPU s / 1000 req", "event loop's", "mean batch", "requests/s", "failed",
+                 "non-2xx"],
+                [[r["server"], r["round"], f"{r['cpu_s_per_1000']:.3f}", f"{r['loop_s_per_1000']:.3f}",
+                  f"{r['mean_batch']:.1f}", f"{r['rps']:.0f}", r["failed"], r["non_2xx"]] for r in results])
     summaries = [summary(results, label) for label in servers]
     for s in summaries:
         print(f"{s['server']}: CPU-seconds per 1,000 requests, median of {s['rounds']} rounds "
-              f"{s['cpu_s_per_1000']:.3f} (min {s['min']:.3f}, max {s['max']:.3f}); median mean batch "
+              f"{s['cpu_s_per_1000']:.3f} (min {s['min']:.3f}, max {s['max']:.3f}), of which the event loop's thread "
+              f"{s['loop_s_per_1000']:.3f}; median mean batch "
               f"{s['mean_batch']:.1f}; "
               f"failed {s['failed']}, non-2xx {s['non_2xx']}")
     if args.baseline_src:

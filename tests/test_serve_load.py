@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,5 @@ def test_serve_cpu_reads_a_process_cpu_time_as_the_kernel_counts_it():
     tick = 1 / serve_cpu.TICKS_PER_S
     assert before.user + before.system - tick <= seen <= after.user + after.system + tick
     assert seen > 0
+    main_thread = serve_cpu.cpu_seconds(os.getpid(), threading.get_native_id())  # this test runs on the main thread
+    assert 0 < main_thread <= serve_cpu.cpu_seconds(os.getpid()) + tick
