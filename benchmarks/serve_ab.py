@@ -22,6 +22,7 @@ the ratio of their figures is printed. Client and server share this machine's CP
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import os
 import re
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_lenet5_run, hardware_line, print_json, print_table
 
 from cnnlab.errors import CnnlabError
-from cnnlab.serve.server import httptools_available, serve_subprocess, uvloop_available
+from cnnlab.serve.server import httptools_available, serve_subprocess
 
 
 def ensure_run(run_dir: str | None, out: Path) -> Path:
@@ -117,8 +118,10 @@ def summary(results: list[dict], label: str) -> dict:
 
 
 def event_loop() -> str:
-    """The event loop a server started from this environment runs on (uvicorn's 'auto' choice)."""
-    return "uvloop" if uvloop_available() else "asyncio (uvloop is not installed; it is in the 'serve' extra)"
+    """The event loop a server started from this environment runs on (uvicorn's 'auto' choice; looked up here
+    rather than asked of cnnlab, so that an older source tree's server can be measured too)."""
+    found = importlib.util.find_spec("uvloop") is not None
+    return "uvloop" if found else "asyncio (uvloop is not installed; it is in the 'serve' extra)"
 
 
 def ab_parser(description: str, rounds: int) -> argparse.ArgumentParser:
