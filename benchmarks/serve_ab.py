@@ -22,6 +22,7 @@ the ratio of their figures is printed. Client and server share this machine's CP
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import os
 import re
@@ -116,6 +117,13 @@ def summary(results: list[dict], label: str) -> dict:
             "keep_alive": sum(r["keep_alive"] for r in mine), "complete": sum(r["complete"] for r in mine)}
 
 
+def event_loop() -> str:
+    """The event loop a server started from this environment runs on (uvicorn's 'auto' choice; looked up here
+    rather than asked of cnnlab, so that an older source tree's server can be measured too)."""
+    found = importlib.util.find_spec("uvloop") is not None
+    return "uvloop" if found else "asyncio (uvloop is not installed; it is in the 'serve' extra)"
+
+
 def ab_parser(description: str, rounds: int) -> argparse.ArgumentParser:
     """The options every ApacheBench benchmark of the server takes (``rounds``: the default of --rounds)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,8 +199,8 @@ def main() -> int:
     if not httptools_available():
         print("note: httptools is not installed, so the server parses HTTP with h11, which closes every HTTP/1.0 "
               "connection (ab's -k asks for keep-alive): pip install httptools (it is in the 'serve' extra)")
-    print(f"server: lenet5 run {run}; max batch {args.max_batch}, wait {args.max_wait_ms:g} ms; client: ab -k "
-          f"-n {args.requests} -c {args.concurrency}, one {len(digit)}-byte "
+    print(f"server: lenet5 run {run}; max batch {args.max_batch}, wait {args.max_wait_ms:g} ms; event loop "
+          f"{event_loop()}; client: ab -k -n {args.requests} -c {args.concurrency}, one {len(digit)}-byte "
           f"MNIST PNG, loopback; client and server share the machine")
     print_table(["server", "round", "requests/s", "p50 ms", "p99 ms", "max ms", "failed", "non-2xx", "keep-alive"],
                 [[r["server"], r["round"], f"{r['rps']:.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",

@@ -316,9 +316,9 @@ def test_answers_are_the_json_encoders_bytes():
     answers = Answers(labels)
     for row in rows:
         for k in (1, 3, 10, 50):
-            assert answers.body(row, k) == json_body(describe_predictions(row[None], labels, k)[0])
+            assert answers.body(row.tolist(), k) == json_body(describe_predictions(row[None], labels, k)[0])
     with pytest.raises(ValueError, match="JSON compliant"):  # as the full path's JSONResponse
-        answers.body(torch.tensor([float("nan")] + [0.1] * 9), 3)
+        answers.body([float("nan")] + [0.1] * 9, 3)
 
 
 def _encode_png(array: np.ndarray, **save) -> bytes:

@@ -36,13 +36,22 @@ from cnnlab.serve import app as app_module
 from cnnlab.serve import background_server, create_app
 from cnnlab.serve.decode import decode_file, plan_file
 from cnnlab.serve.limits import BadRequest, Limits, PixelBudget, json_depth
-from cnnlab.serve.server import ConnectionLimits, guarded_h11, guarded_httptools, httptools_available
+from cnnlab.serve.server import (
+    ConnectionLimits,
+    guarded_h11,
+    guarded_httptools,
+    httptools_available,
+    uvloop_available,
+)
 
 pytestmark = pytest.mark.robust
 WAIT_S = 30.0  # upper bound for events that must happen; reached only if the server hangs
 NO_HTTPTOOLS = pytest.mark.skipif(not httptools_available(), reason="httptools is not installed")
 # Each connection guard is tested on both HTTP parsers the server can run.
 PROTOCOLS = [pytest.param("h11", id="h11"), pytest.param("httptools", id="httptools", marks=NO_HTTPTOOLS)]
+# ... and the lean path with the guards on both event loops.
+LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(not uvloop_available(),
+                                                                     reason="uvloop is not installed"))]
 
 
 def request(url: str, method: str = "GET", body: bytes | None = None,
@@ -307,6 +316,18 @@ def test_unknown_or_missing_http_parser_is_a_config_error(monkeypatch):
     assert server_module.guarded_protocol(ConnectionLimits()).__name__ == "GuardedH11Protocol"
 
 
+def test_unknown_or_missing_event_loop_is_a_config_error(monkeypatch):
+    from cnnlab.errors import ConfigError
+    from cnnlab.serve import server as server_module
+
+    with pytest.raises(ConfigError, match="unknown event loop 'trio'"):
+        server_module.uvicorn_config(None, loop="trio")
+    monkeypatch.setattr(server_module, "uvloop_available", lambda: False)
+    with pytest.raises(ConfigError, match="uvloop event loop is not installed"):
+        server_module.BackgroundServer(None, loop="uvloop")
+    assert server_module.uvicorn_config(None, loop="auto").loop == "auto"  # uvicorn's own fallback to asyncio
+
+
 class _Responses:
     """Reads responses with a Content-Length one after another from a socket (one read may hold several)."""
 
@@ -355,6 +376,39 @@ def test_http10_keep_alive_is_answered_and_kept_open(server_httptools):
         status, headers, _ = _Responses(s).next()
         assert status.endswith(b" 200 OK") and headers.get(b"connection") == b"close"
         assert _closed_by_server(s)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_lean_path_and_guards_on_each_event_loop(trained, loop):
+    """The server on asyncio's loop and on uvloop: kept-alive HTTP/1.0 requests on the lean path get the full
+    path's answer, a stalled request head is dropped at its deadline, a stalled body is 408, /health answers."""
+    app = create_app(trained.path, trained=trained, max_wait_ms=1, read_timeout=0.2)
+    digit = png(Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)))
+    head = (b"POST /predict%s HTTP/1.0\r\nConnection: keep-alive\r\nContent-Type: image/png\r\n"
+            b"Content-Length: %d\r\n\r\n")
+    with background_server(app, limits=ConnectionLimits(head_timeout=0.2), loop=loop) as srv:
+        assert type(app.state.batcher._task.get_loop()).__module__.startswith(loop)
+        port = urlsplit(srv.url).port
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(WAIT_S)
+            responses = _Responses(s)
+            bodies = []
+            for query in (b"", b"?top_k=%33", b""):  # lean, full (an escaped query), lean
+                s.sendall(head % (query, len(digit)) + digit)
+                status, headers, body = responses.next()
+                assert status.endswith(b" 200 OK") and headers[b"connection"] == b"keep-alive"
+                bodies.append(json.loads(body))
+            assert bodies[0]["top_k"] == bodies[1]["top_k"] == bodies[2]["top_k"]
+            assert np.allclose(bodies[0]["probabilities"], bodies[1]["probabilities"], atol=1e-6)
+            s.sendall(b"GET /hea")  # a head that never completes
+            assert _closed_by_server(s)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(head % (b"", 1000) + digit[:10])  # a body that never completes
+            s.settimeout(WAIT_S)
+            status, _, body = _Responses(s).next()
+            assert status.endswith(b" 408 Request Timeout") and "not received within" in json.loads(body)["error"]
+        assert request(srv.url + "/health")[0] == 200
+    assert settled(app.state.budget) == 0
 
 
 def test_coalesced_writes_send_a_response_head_with_its_body():

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,8 @@ def test_abuse_mix_keeps_server_memory_bounded_and_health_answering(tiny_run):
     assert r["half_open"] > r["server_nofile"], r
 
 
-def test_serve_cpu_reads_a_process_cpu_time_as_the_kernel_counts_it():
-    """benchmarks/serve_cpu.py's reading of /proc/PID/stat (user + system time) agrees with os.times()."""
+def _serve_cpu():
+    """benchmarks/serve_cpu.py as a module."""
     import importlib.util
 
     sys.path.insert(0, str(BENCH.parent))
@@ -60,6 +61,12 @@ def test_serve_cpu_reads_a_process_cpu_time_as_the_kernel_counts_it():
         spec.loader.exec_module(serve_cpu)
     finally:
         sys.path.remove(str(BENCH.parent))
+    return serve_cpu
+
+
+def test_serve_cpu_reads_a_process_cpu_time_as_the_kernel_counts_it():
+    """benchmarks/serve_cpu.py's reading of /proc/PID/stat (user + system time) agrees with os.times()."""
+    serve_cpu = _serve_cpu()
     sum(i * i for i in range(2_000_000))  # some CPU time of our own, so there is something to count
     before = os.times()
     seen = serve_cpu.cpu_seconds(os.getpid())
@@ -68,3 +75,27 @@ def test_serve_cpu_reads_a_process_cpu_time_as_the_kernel_counts_it():
     tick = 1 / serve_cpu.TICKS_PER_S
     assert before.user + before.system - tick <= seen <= after.user + after.system + tick
     assert seen > 0
+    main_thread = serve_cpu.cpu_seconds(os.getpid(), threading.get_native_id())  # this test runs on the main thread
+    assert 0 < main_thread <= serve_cpu.cpu_seconds(os.getpid()) + tick
+
+
+def test_serve_cpu_event_loop_worker_answers_every_request_on_the_lean_path(tiny_run, tmp_path, capsys, monkeypatch):
+    """--event-loop-only's worker runs this tree's app on a raw PNG: every request is answered 200 on the lean path
+    (it refuses to report otherwise) and each round gives a CPU time per request."""
+    import numpy as np
+    from PIL import Image
+
+    from cnnlab.serve import app as app_module
+
+    serve_cpu = _serve_cpu()
+    png = tmp_path / "digit.png"
+    Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)).save(png)
+    monkeypatch.setattr(serve_cpu, "LOOP_REQUESTS", 20)
+    lean = []
+    handler = app_module.fast_predict_handler
+    monkeypatch.setattr(app_module, "fast_predict_handler",
+                        lambda **kw: (lambda *a: lean.append(1) or handler(**kw)(*a)))
+    serve_cpu.event_loop_worker(str(tiny_run.path), str(png), 2)
+    us = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["us"]
+    assert len(us) == 2 and all(u > 0 for u in us)
+    assert len(lean) == 50 + 2 * 20  # the warm-up and both rounds, all on the lean path

@@ -171,10 +171,16 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
         # the run's recorded TTA, precision, layout and crop, as `cnnlab predict` and `evaluate`
         return torch.softmax(trained.logits(images, batch_size=max(max_batch, len(images))), 1)
 
+    def forward_rows(images: torch.Tensor) -> list[list[float]]:  # worker thread
+        # One tolist() per batch, off the event loop: each request then gets its rows as a slice of a list,
+        # where slicing and converting a tensor view per request would cost the loop several calls into torch.
+        # float32 -> Python float is exact, so `torch.tensor(rows)` gives the same probabilities back.
+        return forward(images).tolist()
+
     check_servable(trained, forward)
     labels = [printable(c) for c in trained.classes]
     budget = PixelBudget(limits.max_inflight_pixels)
-    batcher = MicroBatcher(forward, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    batcher = MicroBatcher(forward_rows, max_batch=max_batch, max_wait_ms=max_wait_ms)
     html = page_html(trained)
 
     @asynccontextmanager
@@ -235,10 +241,10 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
             images = await run_in_threadpool(decode, pending, shape, invert, centre, trained.preprocess.resize,
                                             trained.preprocess.interpolation)
             try:
-                probs = await batcher.submit(images)
+                rows = await batcher.submit(images)
             except RuntimeError as e:  # shutting down
                 raise BadRequest(str(e), 503, {"Retry-After": "1"}) from None
-        preds = describe_predictions(probs, labels, top_k)
+        preds = describe_predictions(torch.tensor(rows, dtype=torch.float32), labels, top_k)
         return JSONResponse({"predictions": preds} if kind == "application/json" else preds[0])
 
     return app

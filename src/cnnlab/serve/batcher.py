@@ -63,7 +63,8 @@ class MicroBatcher:
     """Gathers concurrent requests into batches for ``forward``.
 
     Args:
-        forward: Maps uint8 images [N, C, H, W] to a result tensor [N, ...]; runs in one worker thread.
+        forward: Maps uint8 images [N, C, H, W] to N results (a tensor [N, ...] or a list of N rows); runs in
+            one worker thread. Each request gets its slice of them.
         max_batch: Most images in one forward pass (a single larger request still runs, alone).
         max_wait_ms: How long a request that finds the model idle waits for company (requests that queued
             while a forward pass ran go into the next pass at once).
@@ -116,8 +117,9 @@ class MicroBatcher:
             self._pool.shutdown(wait=True)
         self._task = self._pool = self._carry = None
 
-    async def submit(self, images: torch.Tensor) -> torch.Tensor:
-        """The forward result for ``images`` [n, C, H, W], computed together with whatever else is waiting."""
+    async def submit(self, images: torch.Tensor):
+        """The forward result for ``images`` [n, C, H, W] (its n rows of ``forward``'s result), computed together
+        with whatever else is waiting."""
         if self._queue is None or self._task is None or self._task.done():
             raise RuntimeError("batcher is not running")
         fut = asyncio.get_running_loop().create_future()

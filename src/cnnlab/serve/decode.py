@@ -172,8 +172,11 @@ def plan_json(payload, shape: tuple[int, int, int], max_images: int, centre: boo
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IHDR_HEAD = PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR"  # a PNG's first chunk: IHDR, 13 bytes long
 PLAIN_PNG_BYTES = 64 * 1024  # larger files go through PIL's reader, which reads their data without a copy
 PLAIN_PNG_MODES = {0: "L", 2: "RGB"}  # PNG colour type -> PIL mode (and raw mode) at 8 bits per sample
+_CHUNK_HEAD = struct.Struct(">I4s")  # a chunk's data length and type
+_IHDR = struct.Struct(">IIBBBBB")  # width, height, bit depth, colour type, compression, filter, interlace
 
 
 def plain_png(data: bytes) -> Image.Image | None:
@@ -187,27 +190,32 @@ def plain_png(data: bytes) -> Image.Image | None:
     in the same mode; whatever this path cannot decode (a broken data stream, too little data) it leaves to
     `decode_file`, which then names the error as it always has.
     """
-    if len(data) > PLAIN_PNG_BYTES or not data.startswith(PNG_SIGNATURE):
+    if len(data) > PLAIN_PNG_BYTES or not data.startswith(PNG_IHDR_HEAD):
         return None
-    chunks, pos, end = [], 8, len(data)
-    while pos + 12 <= end:
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        stop = pos + 12 + length
-        if stop > end or zlib.crc32(data[pos + 4:stop - 4]) != int.from_bytes(data[stop - 4:stop], "big"):
-            return None
-        chunks.append((kind, pos + 8, stop - 4))
-        pos = stop
-    kinds = [kind for kind, _, _ in chunks]
-    if (pos != end or len(kinds) < 3 or kinds[0] != b"IHDR" or kinds[-1] != b"IEND" or chunks[-1][1] != chunks[-1][2]
-            or any(kind != b"IDAT" for kind in kinds[1:-1]) or chunks[0][2] - chunks[0][1] != 13):
+    if zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big"):  # IHDR's type and data, then its checksum
         return None
-    width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    width, height, depth, colour, compression, filtering, interlace = _IHDR.unpack_from(data, 16)
     mode = PLAIN_PNG_MODES.get(colour)
     if mode is None or depth != 8 or compression or filtering or interlace or not 0 < width * height <= max_pixels():
         return None
-    pixels = b"".join(data[a:b] for _, a, b in chunks[1:-1])
+    parts, pos, end = [], 33, len(data)
+    while True:  # IDAT chunks up to an empty IEND that ends the file
+        if pos + 12 > end:
+            return None
+        length, kind = _CHUNK_HEAD.unpack_from(data, pos)
+        stop = pos + 12 + length
+        if stop > end or zlib.crc32(data[pos + 4:stop - 4]) != int.from_bytes(data[stop - 4:stop], "big"):
+            return None
+        if kind == b"IEND":
+            if length or stop != end or not parts:
+                return None
+            break
+        if kind != b"IDAT":
+            return None
+        parts.append(data[pos + 8:stop - 4])
+        pos = stop
     try:
-        return Image.frombytes(mode, (width, height), pixels, "zip", mode)
+        return Image.frombytes(mode, (width, height), parts[0] if len(parts) == 1 else b"".join(parts), "zip", mode)
     except (ValueError, OSError):  # too little data or a broken stream: decode_file says which, as before
         return None
 
@@ -251,6 +259,9 @@ def decode(pending: list[Pending], shape: tuple[int, int, int], invert: str, cen
                                     interpolation=interpolation)[0])
             elif plain and shape[0] == 1 and not centre and image.mode == "L" and image.size == size[::-1]:
                 out.append(_gray_tensor(image, invert))
+                # Only as large as the model's input: its bitmap goes with its last reference, just below (close()
+                # would cost about as much again as the whole conversion).
+                image = None
             else:
                 out.append(image_to_tensor(image, shape[0], size, invert, centre, resize=resize,
                                            interpolation=interpolation))

@@ -23,13 +23,13 @@ import logging
 import math
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from starlette.concurrency import run_in_threadpool
 
 from .batcher import MicroBatcher
-from .decode import Pending, decode, max_pixels, plan_file
+from .decode import PNG_IHDR_HEAD, Pending, decode, max_pixels, plan_file
 from .limits import BadRequest, Limits, PixelBudget, check_request_pixels
 from .server import BODY_RECEIVED
 
@@ -41,9 +41,9 @@ CENTRES = {b"true": True, b"false": False, b"1": True, b"0": False}
 log = logging.getLogger("cnnlab.serve")
 
 
-@dataclass(frozen=True)
-class RawImageRequest:
-    """What `raw_image_route` read from a request's head."""
+class RawImageRequest(NamedTuple):
+    """What `raw_image_route` read from a request's head (a tuple: made per request, at half a frozen dataclass's
+    cost)."""
 
     length: int  # Content-Length
     top_k: int = 3
@@ -81,24 +81,22 @@ def raw_image_route(scope: dict) -> RawImageRequest | None:
 def _query(query: bytes, length: int) -> RawImageRequest | None:
     """The query's parameters, or None for anything the full path should judge (escapes, repeats, unknown
     names, values outside the plain forms)."""
+    if not query:  # the common case: every parameter at its default
+        return RawImageRequest(length)
+    if b"%" in query or b"+" in query:
+        return None
     params: dict[bytes, bytes] = {}
-    if query:
-        if b"%" in query or b"+" in query:
+    for part in query.split(b"&"):
+        name, eq, value = part.partition(b"=")
+        if not eq or name in params:
             return None
-        for part in query.split(b"&"):
-            name, eq, value = part.partition(b"=")
-            if not eq or name in params:
-                return None
-            params[name] = value
+        params[name] = value
     top_k, invert, centre = params.pop(b"top_k", b"3"), params.pop(b"invert", None), params.pop(b"centre", b"false")
     if params or not top_k.isdigit() or not 1 <= int(top_k) <= MAX_TOP_K or centre not in CENTRES:
         return None
     if invert is not None and invert not in INVERTS:
         return None
     return RawImageRequest(length, int(top_k), invert.decode() if invert else None, CENTRES[centre])
-
-
-PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"  # signature, then the IHDR chunk's length and type
 
 
 def plan_png(data: bytes) -> list[Pending] | None:
@@ -108,7 +106,7 @@ def plan_png(data: bytes) -> list[Pending] | None:
     Whatever this lets through is still fully checked: the decoder opens the file as `plan_file` would, and
     every refusal on the lean path is re-derived through `plan_file` (see `fast_predict_handler`).
     """
-    if len(data) < 24 or not data.startswith(PNG_HEAD):
+    if len(data) < 24 or not data.startswith(PNG_IHDR_HEAD):
         return None
     width, height = struct.unpack(">II", data[16:24])
     if not 0 < width * height <= max_pixels():
@@ -140,16 +138,16 @@ class Answers:
         self._heads = [f'"class":{i},"label":{json.dumps(label, ensure_ascii=False)},"probability":'
                        for i, label in enumerate(labels)]
 
-    def body(self, probs: torch.Tensor, top_k: int) -> bytes:
-        """The JSON body for one row of probabilities [K] (as `json_body(describe_row(probs, labels, top_k))`)."""
-        values = probs.tolist()
+    def body(self, values: list[float], top_k: int) -> bytes:
+        """The JSON body for one row of float32 probabilities [K] as Python floats (as
+        `json_body(describe_row(torch.tensor(values), labels, top_k))`)."""
         k = max(1, min(top_k, len(values)))
         if not all(map(math.isfinite, values)):  # the encoder refuses NaN and infinity: let it, as the full path
-            return json_body(describe_row(probs, self.labels, top_k))
+            return json_body(describe_row(torch.tensor(values, dtype=torch.float32), self.labels, top_k))
         if len(set(values)) == len(values):  # no ties: the order is the values' alone, as topk's
             order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
-        else:  # equal values come in whatever order topk gives them: ask it
-            order = probs.topk(k)[1].tolist()
+        else:  # equal values come in whatever order topk gives them: ask it (the same float32 row as the full path's)
+            order = torch.tensor(values, dtype=torch.float32).topk(k)[1].tolist()
         heads, text = self._heads, list(map(repr, values))
         top = order[0]
         top_k_items = ",".join(["{" + heads[i] + text[i] + "}" for i in order])
@@ -207,7 +205,7 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
     Args:
         limits: The app's request limits.
         budget: The app's in-flight budget (body bytes and decoded pixels are reserved in it).
-        batcher: The app's micro-batcher.
+        batcher: The app's micro-batcher (its results: rows of probabilities as lists of floats).
         shape: The model's input (C, H, W).
         labels: Printable class names.
         invert: The run's recorded polarity ('auto', 'yes', 'no'), used when the query does not override it.
@@ -241,12 +239,12 @@ def fast_predict_handler(*, limits: Limits, budget: PixelBudget, batcher: MicroB
             args = (pending, shape, req.invert or invert, req.centre, resize, interpolation)
             images = decode(*args) if small and pixels <= INLINE_PIXELS else await run_in_threadpool(decode, *args)
             try:
-                probs = await batcher.submit(images)
+                rows = await batcher.submit(images)  # [[K floats]] (see create_app's forward_rows)
             except RuntimeError as e:  # shutting down
                 raise BadRequest(str(e), 503, {"Retry-After": "1"}) from None
         finally:
             budget.give(cost)
-        return answers.body(probs[0], req.top_k)
+        return answers.body(rows[0], req.top_k)
 
     async def handle(scope, receive, send, req: RawImageRequest) -> None:
         deadline = None if scope.get(BODY_RECEIVED) else asyncio.get_running_loop().time() + read_timeout

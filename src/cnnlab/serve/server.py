@@ -5,7 +5,9 @@ keep-alive connections, but not a connection that never finishes sending a reque
 connections until the process runs out of file descriptors. `guarded_protocol` adds a deadline for the
 request head and a connection cap that drops the longest-waiting connection without a complete head to make
 room, so a crowd of half-open connections cannot lock out real clients (or `/health`). The HTTP parser is
-httptools (C) when it is installed, else h11 (pure Python); both carry the same guards.
+httptools (C) when it is installed, else h11 (pure Python); both carry the same guards. The event loop is
+uvloop (libuv, C) when it is installed, else asyncio's own (uvicorn's 'auto'); the guards, timers and the
+batcher's hand-offs use only the loop API both provide.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def default_max_connections() -> int:
 
 
 HTTP_PROTOCOLS = ("auto", "httptools", "h11")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # uvicorn's names; 'auto': uvloop when it is installed
 
 
 def httptools_available() -> bool:
@@ -88,6 +91,24 @@ def httptools_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def uvloop_available() -> bool:
+    """Whether the libuv event loop (the 'uvloop' package) can be imported: uvicorn's 'auto' loop then uses it."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_loop(loop: str) -> str:
+    """``loop`` if it names an event loop this machine has (see `EVENT_LOOPS`), else ConfigError in one line."""
+    if loop not in EVENT_LOOPS:
+        raise ConfigError(f"unknown event loop {loop!r}; expected one of: {', '.join(EVENT_LOOPS)}")
+    if loop == "uvloop" and not uvloop_available():
+        raise ConfigError("the uvloop event loop is not installed (pip install uvloop)")
+    return loop
 
 
 @dataclass(frozen=True)
@@ -340,16 +361,17 @@ def guarded_protocol(limits: ConnectionLimits) -> type:
     return guarded_h11(limits)
 
 
-def uvicorn_config(app, limits: ConnectionLimits | None = None, **kw):
-    """A uvicorn Config for ``app`` with the connection guards of ``limits`` (others: uvicorn's keywords)."""
+def uvicorn_config(app, limits: ConnectionLimits | None = None, loop: str = "auto", **kw):
+    """A uvicorn Config for ``app`` with the connection guards of ``limits`` on the event loop ``loop`` (see
+    `EVENT_LOOPS`; others: uvicorn's keywords)."""
     import uvicorn
 
     limits = (limits or ConnectionLimits()).resolved()
     # limit_concurrency is left off on purpose: uvicorn counts idle connections towards it and would answer
     # /health 503 while half-open connections wait for their deadline; the cap above evicts those instead.
-    return uvicorn.Config(app, http=guarded_protocol(limits), timeout_keep_alive=limits.keep_alive,
-                          h11_max_incomplete_event_size=limits.max_head_bytes, backlog=ACCEPT_BATCH,
-                          access_log=False, **kw)
+    return uvicorn.Config(app, http=guarded_protocol(limits), loop=check_loop(loop),
+                          timeout_keep_alive=limits.keep_alive, h11_max_incomplete_event_size=limits.max_head_bytes,
+                          backlog=ACCEPT_BATCH, access_log=False, **kw)
 
 
 def is_loopback(host: str) -> bool:
@@ -389,14 +411,16 @@ def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str
 
 
 class BackgroundServer:
-    """A uvicorn server in a daemon thread; ``url`` is its base address (e.g. http://127.0.0.1:54321)."""
+    """A uvicorn server in a daemon thread; ``url`` is its base address (e.g. http://127.0.0.1:54321).
+    ``loop``: the event loop (see `EVENT_LOOPS`)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, limits: ConnectionLimits | None = None):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, limits: ConnectionLimits | None = None,
+                 loop: str = "auto"):
         import uvicorn
 
+        self.config = uvicorn_config(app, limits, loop, log_level="warning", timeout_graceful_shutdown=2)
         self.sock = bind_socket(host, port)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.config = uvicorn_config(app, limits, log_level="warning", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="cnnlab-server", daemon=True)
@@ -417,10 +441,10 @@ class BackgroundServer:
 
 
 @contextmanager
-def background_server(app, host: str = "127.0.0.1", port: int = 0,
-                      limits: ConnectionLimits | None = None) -> Iterator[BackgroundServer]:
-    """Run ``app`` on a free loopback port for the duration of a ``with`` block."""
-    server = BackgroundServer(app, host, port, limits).start()
+def background_server(app, host: str = "127.0.0.1", port: int = 0, limits: ConnectionLimits | None = None,
+                      loop: str = "auto") -> Iterator[BackgroundServer]:
+    """Run ``app`` on a free loopback port for the duration of a ``with`` block (on the event loop ``loop``)."""
+    server = BackgroundServer(app, host, port, limits, loop).start()
     try:
         yield server
     finally:
