@@ -537,6 +537,20 @@ def test_the_runs_of_a_child_that_died_are_decoded_by_the_caller(folder, data_en
 
 
 @pytest.mark.skipif(not folder_mod.forks(), reason="decoding processes are forked, on Linux only")
+def test_a_fork_that_fails_leaves_the_work_to_the_caller(folder, data_env, monkeypatch):
+    from cnnlab.data.folder import read_images
+    files = [(p, 0) for p in sorted((folder / "train").glob("*/*.[jp][pn]g"))] * 2
+    reference, _ = read_images(files, (3, 12, 10), workers=1, cache=False)
+
+    def no_fork(self):
+        raise OSError(12, "Cannot allocate memory")  # as fork fails under strict overcommit
+
+    monkeypatch.setattr(multiprocessing.get_context("fork").Process, "start", no_fork)
+    rows, _ = read_images(files, (3, 12, 10), workers=3, cache=True, decode="processes")
+    assert np.array_equal(rows, reference)
+
+
+@pytest.mark.skipif(not folder_mod.forks(), reason="decoding processes are forked, on Linux only")
 def test_an_interrupt_stops_the_children_and_leaves_no_cache(folder, data_env, monkeypatch, tmp_path):
     def interrupted(*args, **kwargs):
         if os.getpid() == caller:

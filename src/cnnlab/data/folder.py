@@ -524,12 +524,17 @@ def _decode_processes(files: list[Path], runs: list[range], shape: tuple[int, in
 
     sys.stdout.flush()  # a child flushes its copy of any unwritten output as it exits: write it once, now
     sys.stderr.flush()
-    procs = [ctx.Process(target=child, name=f"decode-{k}", daemon=True) for k in range(1, min(workers, len(runs)))]
+    procs = []
     try:
         with warnings.catch_warnings():  # Python >= 3.12 warns of forking with threads; see the docstring
             warnings.simplefilter("ignore", DeprecationWarning)
-            for p in procs:
-                p.start()
+            for k in range(1, min(workers, len(runs))):
+                p = ctx.Process(target=child, name=f"decode-{k}", daemon=True)
+                try:
+                    p.start()
+                except OSError:  # no memory or process slot for a fork: fewer workers (at worst this process alone)
+                    break
+                procs.append(p)
         try:
             _decode_runs(files, runs, shape, resize, write_row, take, in_caller)
         except BaseException:
