@@ -192,6 +192,44 @@ def test_mnist_fast_convs_deepens_each_stage_and_keeps_the_default_net():
         create_model("mnist-fast", convs=0)
 
 
+def test_mnist_fast_per_stage_convs_stem_and_act():
+    """A list of convs sets each stage's depth; the patch stem and ReLU replace their layers, not the shapes."""
+    net = create_model("mnist-fast", c1=8, c2=16, c3=32, convs=[1, 2, 3])
+    convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 8), (8, 16), (16, 16), (16, 32), (32, 32),
+                                                                (32, 32)]
+    assert net.meta.args["convs"] == [1, 2, 3]
+
+    patch = create_model("mnist-fast", c1=8, c2=16, c3=32, stem="patch", act="relu")
+    layers = list(patch.features)
+    # The 2x2 patches become 4 channels at 14 x 14: no full-size convolution and no pool in the first stage.
+    assert isinstance(layers[0], nn.PixelUnshuffle) and layers[1].in_channels == 4
+    assert sum(isinstance(m, nn.MaxPool2d) for m in layers) == 2
+    assert not any(isinstance(m, nn.GELU) for m in layers) and sum(isinstance(m, nn.ReLU) for m in layers) == 3
+    x = torch.rand(4, 1, 28, 28)
+    assert patch.features[:4](x).shape == (4, 8, 14, 14)
+    assert patch.features(x).shape == (4, 32, 3, 3) and patch(x).shape == (4, 10)
+
+    # Spelled-out defaults build the default net, weight for weight from the same seed.
+    torch.manual_seed(0)
+    plain = create_model("mnist-fast")
+    torch.manual_seed(0)
+    spelled = create_model("mnist-fast", convs=[1, 1, 1], stem="pool", act="gelu")
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), spelled.state_dict().values()))
+    assert list(plain.state_dict()) == list(spelled.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"convs": [1, 2]}, "a list of three \\(one per stage\\), got \\[1, 2\\]"),
+    ({"convs": [1, 0, 2]}, "convs must be >= 1"),
+    ({"stem": "conv"}, "stem must be one of pool, patch, got 'conv'"),
+    ({"act": "swish"}, "act must be one of gelu, relu, got 'swish'"),
+])
+def test_mnist_fast_rejects_bad_options(kwargs, message):
+    with pytest.raises(ModelError, match=message):
+        create_model("mnist-fast", **kwargs)
+
+
 def test_fashion_recipe_builds_its_deeper_mnist_fast():
     """The recipe's model_args reach the factory: six convolutions, 28 px in, ten clothing classes out."""
     from cnnlab.config import resolve_config

@@ -57,8 +57,10 @@ def mnist_fast(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, c1:
         act: "gelu" or "relu" (cheaper on a CPU, where these narrow layers are bound by memory traffic).
     """
     per_stage = [convs] * 3 if isinstance(convs, int) else list(convs)
-    if len(per_stage) != 3 or any(not isinstance(n, int) or n < 1 for n in per_stage):
-        raise ModelError(f"mnist-fast: convs must be >= 1, or a list of three such counts, got {convs}")
+    if any(not isinstance(n, int) or n < 1 for n in per_stage):
+        raise ModelError(f"mnist-fast: convs must be >= 1, got {convs}")
+    if len(per_stage) != 3:
+        raise ModelError(f"mnist-fast: convs must be one count or a list of three (one per stage), got {convs}")
     if stem not in STEMS:
         raise ModelError(f"mnist-fast: stem must be one of {', '.join(STEMS)}, got {stem!r}")
     if act not in ACTIVATIONS:
