@@ -219,6 +219,28 @@ def test_mnist_fast_per_stage_convs_stem_and_act():
     assert list(plain.state_dict()) == list(spelled.state_dict())
 
 
+def test_mnist_fast_deep_net_draws_its_weights_as_before():
+    """Seeded runs of ``convs = 2`` (the fashion recipe) keep their weights: each stage's extra conv-BN is
+    built before the stage's first convolution, as the net was built before the per-stage options existed."""
+    def reference(c: tuple[int, int, int]) -> list[nn.Module]:
+        layers, i = [], 1
+        for o in c:
+            extra = [nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.GELU()]
+            layers += [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(o), nn.GELU(),
+                       *extra]
+            i = o
+        return layers
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(*reference((16, 32, 64)))
+    for convs in (2, [2, 2, 2]):
+        torch.manual_seed(0)
+        net = create_model("mnist-fast", c1=16, c2=32, c3=64, convs=convs)
+        got = net.features.state_dict()
+        assert list(got) == list(ref.state_dict())
+        assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"convs": [1, 2]}, "a list of three \\(one per stage\\), got \\[1, 2\\]"),
     ({"convs": [1, 0, 2]}, "convs must be >= 1"),

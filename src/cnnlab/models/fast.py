@@ -73,8 +73,9 @@ def mnist_fast(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, c1:
 
     def block(i: int, o: int, n: int) -> list[nn.Module]:
         # Pool straight after the convolution (as airbench does): BatchNorm and GELU then touch 4x fewer values.
+        deeper = extra(o, n)  # built first, as before these options: the same seed draws the same weights
         return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(o), activation(),
-                *extra(o, n)]
+                *deeper]
 
     if stem == "patch":
         first = [nn.PixelUnshuffle(2), nn.Conv2d(4 * in_chans, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1),
