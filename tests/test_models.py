@@ -192,6 +192,66 @@ def test_mnist_fast_convs_deepens_each_stage_and_keeps_the_default_net():
         create_model("mnist-fast", convs=0)
 
 
+def test_mnist_fast_per_stage_convs_stem_and_act():
+    """A list of convs sets each stage's depth; the patch stem and ReLU replace their layers, not the shapes."""
+    net = create_model("mnist-fast", c1=8, c2=16, c3=32, convs=[1, 2, 3])
+    convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 8), (8, 16), (16, 16), (16, 32), (32, 32),
+                                                                (32, 32)]
+    assert net.meta.args["convs"] == [1, 2, 3]
+
+    patch = create_model("mnist-fast", c1=8, c2=16, c3=32, stem="patch", act="relu")
+    layers = list(patch.features)
+    # The 2x2 patches become 4 channels at 14 x 14: no full-size convolution and no pool in the first stage.
+    assert isinstance(layers[0], nn.PixelUnshuffle) and layers[1].in_channels == 4
+    assert sum(isinstance(m, nn.MaxPool2d) for m in layers) == 2
+    assert not any(isinstance(m, nn.GELU) for m in layers) and sum(isinstance(m, nn.ReLU) for m in layers) == 3
+    x = torch.rand(4, 1, 28, 28)
+    assert patch.features[:4](x).shape == (4, 8, 14, 14)
+    assert patch.features(x).shape == (4, 32, 3, 3) and patch(x).shape == (4, 10)
+
+    # Spelled-out defaults build the default net, weight for weight from the same seed.
+    torch.manual_seed(0)
+    plain = create_model("mnist-fast")
+    torch.manual_seed(0)
+    spelled = create_model("mnist-fast", convs=[1, 1, 1], stem="pool", act="gelu")
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), spelled.state_dict().values()))
+    assert list(plain.state_dict()) == list(spelled.state_dict())
+
+
+def test_mnist_fast_deep_net_draws_its_weights_as_before():
+    """Seeded runs of ``convs = 2`` (the fashion recipe) keep their weights: each stage's extra conv-BN is
+    built before the stage's first convolution, as the net was built before the per-stage options existed."""
+    def reference(c: tuple[int, int, int]) -> list[nn.Module]:
+        layers, i = [], 1
+        for o in c:
+            extra = [nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.GELU()]
+            layers += [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(o), nn.GELU(),
+                       *extra]
+            i = o
+        return layers
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(*reference((16, 32, 64)))
+    for convs in (2, [2, 2, 2]):
+        torch.manual_seed(0)
+        net = create_model("mnist-fast", c1=16, c2=32, c3=64, convs=convs)
+        got = net.features.state_dict()
+        assert list(got) == list(ref.state_dict())
+        assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"convs": [1, 2]}, "a list of three \\(one per stage\\), got \\[1, 2\\]"),
+    ({"convs": [1, 0, 2]}, "convs must be >= 1"),
+    ({"stem": "conv"}, "stem must be one of pool, patch, got 'conv'"),
+    ({"act": "swish"}, "act must be one of gelu, relu, got 'swish'"),
+])
+def test_mnist_fast_rejects_bad_options(kwargs, message):
+    with pytest.raises(ModelError, match=message):
+        create_model("mnist-fast", **kwargs)
+
+
 def test_fashion_recipe_builds_its_deeper_mnist_fast():
     """The recipe's model_args reach the factory: six convolutions, 28 px in, ten clothing classes out."""
     from cnnlab.config import resolve_config

@@ -33,9 +33,13 @@ class Scale(nn.Module):
         return f"factor={self.factor}"
 
 
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+STEMS = ("pool", "patch")
+
+
 @register_model("mnist-fast", description="3 x (conv3x3-maxpool-BN-GELU) -> global max pool -> fc")
 def mnist_fast(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, c1: int = 24, c2: int = 48,
-               c3: int = 96, convs: int = 1) -> CnnModel:
+               c3: int = 96, convs: int | list[int] = 1, stem: str = "pool", act: str = "gelu") -> CnnModel:
     """A small BN/GELU net for MNIST-sized inputs: 28 -> 14 -> 7 -> 3 -> global max pool.
 
     With the default widths ~4.2 M multiply-adds per image, 1/3 of the tf.estimator CNN; the ``mnist-fast``
@@ -43,20 +47,45 @@ def mnist_fast(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, c1:
 
     Args:
         convs: Convolutions per stage. Each one past the first is a conv-BN-GELU at the pooled size (airbench's
-            block), so it deepens the net at a quarter of the first convolution's cost per channel pair.
+            block), so it deepens the net at a quarter of the first convolution's cost per channel pair. A list of
+            three gives each stage its own count (the first stage's extra convolution is the costliest per
+            multiply-add on a CPU: 16 channels at 14 x 14).
+        stem: How the first stage halves the image. "pool": a 3x3 convolution at full size, then max pooling.
+            "patch": each 2x2 patch of pixels becomes the channels of one position (pixel unshuffle), then a 3x3
+            convolution at half size. Both cost the same multiply-adds, but "patch" never writes, pools or
+            back-propagates a full-size activation, which dominate the first stage's time on a CPU.
+        act: "gelu" or "relu" (cheaper on a CPU, where these narrow layers are bound by memory traffic).
     """
-    if convs < 1:
+    per_stage = [convs] * 3 if isinstance(convs, int) else list(convs)
+    if any(not isinstance(n, int) or n < 1 for n in per_stage):
         raise ModelError(f"mnist-fast: convs must be >= 1, got {convs}")
+    if len(per_stage) != 3:
+        raise ModelError(f"mnist-fast: convs must be one count or a list of three (one per stage), got {convs}")
+    if stem not in STEMS:
+        raise ModelError(f"mnist-fast: stem must be one of {', '.join(STEMS)}, got {stem!r}")
+    if act not in ACTIVATIONS:
+        raise ModelError(f"mnist-fast: act must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
+    activation = ACTIVATIONS[act]
 
-    def block(i: int, o: int) -> list[nn.Module]:
+    def extra(o: int, n: int) -> list[nn.Module]:
+        return [layer for _ in range(n - 1)
+                for layer in (nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), activation())]
+
+    def block(i: int, o: int, n: int) -> list[nn.Module]:
         # Pool straight after the convolution (as airbench does): BatchNorm and GELU then touch 4x fewer values.
-        extra = [layer for _ in range(convs - 1) for layer in conv_bn(o, o)]
-        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(o), nn.GELU(), *extra]
+        deeper = extra(o, n)  # built first, as before these options: the same seed draws the same weights
+        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(o), activation(),
+                *deeper]
 
+    if stem == "patch":
+        first = [nn.PixelUnshuffle(2), nn.Conv2d(4 * in_chans, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1),
+                 activation(), *extra(c1, per_stage[0])]
+    else:
+        first = block(in_chans, c1, per_stage[0])
     features = nn.Sequential(
-        *block(in_chans, c1),  # [N,c1,14,14]
-        *block(c1, c2),  # [N,c2,7,7]
-        *block(c2, c3),  # [N,c3,3,3]
+        *first,  # [N,c1,14,14]
+        *block(c1, c2, per_stage[1]),  # [N,c2,7,7]
+        *block(c2, c3, per_stage[2]),  # [N,c3,3,3]
     )
     head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c3, num_classes))
     meta = ModelMeta(name="mnist-fast", input_size=(in_chans, img_size, img_size), num_classes=num_classes)
