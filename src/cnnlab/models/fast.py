@@ -13,10 +13,10 @@ from ..errors import ModelError
 from .registry import CnnModel, ModelMeta, register_model
 
 
-def conv_bn(in_ch: int, out_ch: int, bn_momentum: float = 0.1) -> list[nn.Module]:
-    """3x3 SAME convolution without bias (BatchNorm's shift replaces it), BatchNorm, GELU."""
+def conv_bn(in_ch: int, out_ch: int, bn_momentum: float = 0.1, act: type[nn.Module] = nn.GELU) -> list[nn.Module]:
+    """3x3 SAME convolution without bias (BatchNorm's shift replaces it), BatchNorm, ``act`` (GELU)."""
     return [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch, momentum=bn_momentum),
-            nn.GELU()]
+            act()]
 
 
 class Scale(nn.Module):
@@ -68,8 +68,7 @@ def mnist_fast(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, c1:
     activation = ACTIVATIONS[act]
 
     def extra(o: int, n: int) -> list[nn.Module]:
-        return [layer for _ in range(n - 1)
-                for layer in (nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), activation())]
+        return [layer for _ in range(n - 1) for layer in conv_bn(o, o, act=activation)]
 
     def block(i: int, o: int, n: int) -> list[nn.Module]:
         # Pool straight after the convolution (as airbench does): BatchNorm and GELU then touch 4x fewer values.
