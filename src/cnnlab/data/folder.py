@@ -126,10 +126,13 @@ def _channels(text: str) -> int:
     return int(text)
 
 
-def _resize(text: str) -> str:
-    if text not in RESIZES:
-        raise ValueError
-    return text
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """A parser accepting exactly the texts in ``choices``."""
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError
+        return text
+    return parse
 
 
 def _workers(text: str) -> int:
@@ -137,12 +140,6 @@ def _workers(text: str) -> int:
     if not 1 <= n <= 256:
         raise ValueError
     return n
-
-
-def _decode(text: str) -> str:
-    if text not in DECODES:
-        raise ValueError
-    return text
 
 
 def _flag(text: str) -> bool:
@@ -157,10 +154,10 @@ _OPTIONS = {
     "size": ("size", _positive_size, f"N or HxW with at most {MAX_PIXELS:,} pixels, e.g. size=224"),
     "channels": ("channels", _channels, "1 or 3"),
     "seed": ("seed", int, "an integer"),
-    "resize": ("resize", _resize, " or ".join(RESIZES)),
+    "resize": ("resize", _one_of(RESIZES), " or ".join(RESIZES)),
     "workers": ("workers", _workers, "an integer from 1 to 256"),
     "cache": ("cache", _flag, "0 or 1"),
-    "decode": ("decode", _decode, " or ".join(DECODES)),
+    "decode": ("decode", _one_of(DECODES), " or ".join(DECODES)),
 }
 
 
@@ -574,7 +571,7 @@ def _decode_all(files: list[Path], shape: tuple[int, int, int], resize: str, wor
     bar = tqdm(total=len(files), unit="img", desc=f"decoding {what}", leave=False, dynamic_ncols=True,
                disable=not sys.stderr.isatty())
     try:
-        if processes and workers > 1 and len(runs) > 1:
+        if processes and len(runs) > 1:  # (`uses_processes` has checked the workers and the platform)
             _decode_processes(files, runs, shape, resize, workers, write_row, bar)
         else:
             _decode_threads(files, runs, shape, resize, workers, write_row, bar)
