@@ -12,6 +12,7 @@ batcher's hand-offs use only the loop API both provide.
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import os
 import resource
@@ -84,22 +85,23 @@ HTTP_PROTOCOLS = ("auto", "httptools", "h11")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # uvicorn's names; 'auto': uvloop when it is installed
 
 
-def httptools_available() -> bool:
-    """Whether the C HTTP parser (the 'httptools' package) can be imported."""
+def _importable(module: str) -> bool:
+    """Whether ``module`` imports (an import, not only a lookup: a broken install counts as missing)."""
     try:
-        import httptools  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
+
+
+def httptools_available() -> bool:
+    """Whether the C HTTP parser (the 'httptools' package) can be imported."""
+    return _importable("httptools")
 
 
 def uvloop_available() -> bool:
     """Whether the libuv event loop (the 'uvloop' package) can be imported: uvicorn's 'auto' loop then uses it."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _importable("uvloop")
 
 
 def check_loop(loop: str) -> str:
