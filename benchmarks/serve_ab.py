@@ -3,6 +3,7 @@
     python benchmarks/serve_ab.py                            # trains a small lenet5 run first (needs MNIST)
     python benchmarks/serve_ab.py --run-dir runs/lenet5-mnist --requests 2000 --concurrency 32 --rounds 3
     python benchmarks/serve_ab.py --baseline-src ../old/src  # also an older tree's server, rounds interleaved
+    python benchmarks/serve_ab.py --workers 2                # only the server of two worker processes
 
 The server runs as its own process (``python -m cnnlab serve``) on 127.0.0.1 and a free port. One MNIST test
 digit is written as a PNG and ``ab -k -n N -c C -p digit.png -T image/png URL/predict`` is run a few rounds
@@ -14,9 +15,11 @@ probabilities depend on which requests shared a forward pass), which ab would ot
 connection errors and non-2xx answers still count. Every round is bounded by -n and by ab's own timeout
 (-s), and the server is stopped at the end.
 
-With ``--baseline-src`` a second server is started from that source tree (its ``src`` directory, put first on
-PYTHONPATH) and the two are measured in alternating rounds, so a machine whose load changes affects both alike;
-the ratio of their figures is printed. Client and server share this machine's CPUs.
+``--workers`` lists the server process counts to measure (``cnnlab serve --workers``; default 1 and 2). With
+``--baseline-src`` a second server is started from that source tree (its ``src`` directory, put first on
+PYTHONPATH) for each count. Several servers are measured in alternating rounds, so a machine whose load changes
+affects all alike; the ratio of each one's figures to the first's is printed. Client and server share this
+machine's CPUs.
 """
 
 from __future__ import annotations
@@ -98,10 +101,13 @@ def run_ab(url: str, png: Path, requests: int, concurrency: int, timeout_s: int)
         raise SystemExit(f"ab failed: {e}: {tail[0]}") from None
 
 
-def measure(label: str, run: Path, env: dict[str, str], args, png: Path, rounds: int) -> list[dict]:
-    """Start one server, warm it up with an uncounted round, and run ``rounds`` counted ab rounds on it."""
+def measure(label: str, run: Path, server: tuple[dict[str, str], list[str]], args, png: Path,
+            rounds: int) -> list[dict]:
+    """Start one server (its environment and extra options), warm it up with an uncounted round, and run
+    ``rounds`` counted ab rounds on it."""
+    env, options = server
     with serve_subprocess(run, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                          env=env) as url:
+                          *options, env=env) as url:
         run_ab(url, png, min(args.requests, 500), args.concurrency, args.timeout)
         return [{"server": label, **run_ab(url, png, args.requests, args.concurrency, args.timeout)}
                 for _ in range(rounds)]
@@ -172,25 +178,50 @@ def tree_env(src: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
 
 
+def worker_counts(ap: argparse.ArgumentParser, text: str) -> list[int]:
+    """--workers: a comma-separated list of positive process counts (argparse's one-line error otherwise)."""
+    try:
+        counts = [int(w) for w in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or len(set(counts)) < len(counts):
+        ap.error(f"--workers {text}: expected distinct positive counts, e.g. 1,2")
+    return counts
+
+
+def servers_to_measure(trees: dict[str, Path], workers: list[int]) -> dict[str, tuple[dict[str, str], list[str]]]:
+    """Each tree with each worker count: label -> (environment, extra ``cnnlab serve`` options). One worker
+    passes no option, so an older tree without --workers can be measured too."""
+    servers = {}
+    for tree, src in trees.items():
+        for w in workers:
+            label = tree if len(workers) == 1 else f"{tree}, {w} worker{'s' if w > 1 else ''}"
+            servers[label] = (tree_env(src), [] if w == 1 else ["--workers", str(w)])
+    return servers
+
+
 def main() -> int:
     ap = ab_parser(__doc__, rounds=3)
+    ap.add_argument("--workers", default="1,2",
+                    help="server processes (cnnlab serve --workers); a list measures each, rounds alternating")
     args = ap.parse_args()
     check_ab_args(ap, args)
+    workers = worker_counts(ap, args.workers)
     if ab_missing("serve_ab"):
         return 0
-    trees = source_trees(ap, args)
+    servers = servers_to_measure(source_trees(ap, args), workers)
 
     run = ensure_run(args.run_dir, Path(args.out))
-    servers = {label: tree_env(src) for label, src in trees.items()}
     results: list[dict] = []
     digit = digit_png()
+    alternate = len(servers) > 1
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "digit.png"
         png.write_bytes(digit)
         # One round per server start, alternating, so the servers see the same spells of machine load.
-        for _ in range(args.rounds if args.baseline_src else 1):
-            for label, env in servers.items():
-                results += measure(label, run, env, args, png, 1 if args.baseline_src else args.rounds)
+        for _ in range(args.rounds if alternate else 1):
+            for label, server in servers.items():
+                results += measure(label, run, server, args, png, 1 if alternate else args.rounds)
     for label in servers:  # each server's rounds numbered 1, 2, ... in the order they ran
         for i, r in enumerate(r for r in results if r["server"] == label):
             r["round"] = i + 1
@@ -210,10 +241,10 @@ def main() -> int:
         print(f"{s['server']}: median of {s['rounds']} rounds: {s['rps']:.0f} requests/s, p50 {s['p50_ms']:.0f} ms, "
               f"p99 {s['p99_ms']:.0f} ms; failed {s['failed']}, non-2xx {s['non_2xx']}, "
               f"keep-alive {s['keep_alive']} of {s['complete']}")
-    if args.baseline_src:
-        cur, base = summaries
-        print(f"current / baseline: requests/s x{cur['rps'] / base['rps']:.2f}, "
-              f"p99 x{cur['p99_ms'] / max(base['p99_ms'], 1):.2f} (same machine, alternating rounds)")
+    first = summaries[0]
+    for s in summaries[1:]:
+        print(f"{s['server']} / {first['server']}: requests/s x{s['rps'] / first['rps']:.2f}, "
+              f"p99 x{s['p99_ms'] / max(first['p99_ms'], 1):.2f} (same machine, alternating rounds)")
     if args.json:
         print_json({"requests": args.requests, "concurrency": args.concurrency, "rounds": results,
                     "summary": summaries})

@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import CnnlabError
+from .errors import CnnlabError, ConfigError
 from .rundir import PREEMPTED_EXIT, Preempted
 from .runtime import tune_allocator
 
@@ -313,17 +313,42 @@ def cmd_serve(args, extra: list[str]) -> int:
                     max_request_pixels=args.max_request_pixels, max_inflight_pixels=args.max_inflight_pixels)
     from .infer import load_trained, select_device
 
-    trained = load_trained(args.run_dir, select_device(args.device), checkpoint=args.checkpoint)
+    device = select_device(args.device)
+    threads = _serve_worker_threads(args.workers, device)
+    trained = load_trained(args.run_dir, device, checkpoint=args.checkpoint)
     app = create_app(args.run_dir, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     limits=limits, read_timeout=args.body_timeout, trained=trained)
+                     limits=limits, read_timeout=args.body_timeout, trained=trained,
+                     inline_forward=args.workers > 1, forward_threads=threads)
     t = app.state.trained
     if not is_loopback(args.host):
         print(f"cnnlab serve: warning: listening on {args.host}, reachable from other machines", file=sys.stderr)
-    print(f"cnnlab serve: {t.model.meta.name} step {t.step} ({t.path}) on http://{args.host}:{args.port}/",
+    workers = f", {args.workers} worker processes" if args.workers > 1 else ""
+    print(f"cnnlab serve: {t.model.meta.name} step {t.step} ({t.path}) on http://{args.host}:{args.port}/{workers}",
           flush=True)
-    serve_forever(app, args.host, args.port, log_level=args.log_level,
-                  limits=ConnectionLimits(max_connections=args.max_connections, head_timeout=args.header_timeout))
-    return 0
+    connections = ConnectionLimits(max_connections=args.max_connections, head_timeout=args.header_timeout)
+    return serve_forever(app, args.host, args.port, log_level=args.log_level, limits=connections, workers=args.workers)
+
+
+def _serve_worker_threads(workers: int, device) -> int | None:
+    """The torch threads of each of ``workers`` serving processes (None: one process, the batcher's default).
+
+    Several workers are forked from this process after it has loaded the model, so it must not have started
+    torch's thread pool by then (a fork copies the pool's bookkeeping but not its threads): it runs the model's
+    start-up check on one thread, and each worker sets its own share of the CPUs.
+    """
+    import torch
+
+    from .runtime import available_cpus
+
+    if workers <= 1:
+        return None
+    if not hasattr(os, "fork"):
+        raise ConfigError("--workers above 1 needs a system with fork (Linux, macOS)")
+    if device.type != "cpu":
+        raise ConfigError(f"--workers above 1 serves on the CPU only (a {device.type} context does not survive "
+                          "a fork); use --workers 1")
+    torch.set_num_threads(1)
+    return max(1, available_cpus() // workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -460,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a connection may take to send its request line and headers")
     p.add_argument("--body-timeout", type=_number(float, 0, above=True), default=30.0,
                    help="seconds a request may take to send its body (408 after)")
+    p.add_argument("--workers", type=POSITIVE, default=1,
+                   help="server processes sharing the port, each with the model and its share of the CPUs "
+                        "(CPU only); for small models, one per core serves the most requests")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_checkpoint_choice(p)
     p.set_defaults(func=cmd_serve)

@@ -143,7 +143,8 @@ def page_html(trained: TrainedModel) -> str:
 def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max_wait_ms: float = 5.0,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_images: int = MAX_IMAGES,
                limits: Limits | None = None, read_timeout: float = READ_TIMEOUT_S,
-               trained: TrainedModel | None = None) -> ServeApp:
+               trained: TrainedModel | None = None, inline_forward: bool = False,
+               forward_threads: int | None = None) -> ServeApp:
     """Build the app for a run directory or checkpoint file (loaded and checked now, once).
 
     Args:
@@ -156,6 +157,9 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
         limits: All request limits (bytes, images, pixels per request and in flight, JSON depth).
         read_timeout: Seconds within which a request's body must have arrived (408 after).
         trained: An already loaded model (then ``run`` only names it).
+        inline_forward: Run the forward passes on the event loop's thread (see `MicroBatcher`), for a server of
+            several worker processes.
+        forward_threads: torch threads of the forward passes (None: see `MicroBatcher`).
 
     Raises:
         CnnlabError: The run has no usable checkpoint, or its model cannot serve (non-finite weights, fewer
@@ -180,7 +184,8 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
     check_servable(trained, forward)
     labels = [printable(c) for c in trained.classes]
     budget = PixelBudget(limits.max_inflight_pixels)
-    batcher = MicroBatcher(forward_rows, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    batcher = MicroBatcher(forward_rows, max_batch=max_batch, max_wait_ms=max_wait_ms, threads=forward_threads,
+                           inline=inline_forward)
     html = page_html(trained)
 
     @asynccontextmanager

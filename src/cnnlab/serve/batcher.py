@@ -6,6 +6,7 @@ whatever else is queued (up to ``max_batch`` images) in a worker thread (so the 
 decoding requests meanwhile), and hands each request its rows of the result. A request that finds the model
 idle waits up to ``max_wait_ms`` for company; requests that queued up while a pass ran go into the next pass
 at once, so under load batches form by themselves and the model works while the next requests are decoded.
+With ``inline``, the pass runs on the event loop's thread instead (for servers of several processes).
 """
 
 from __future__ import annotations
@@ -69,15 +70,23 @@ class MicroBatcher:
         max_wait_ms: How long a request that finds the model idle waits for company (requests that queued
             while a forward pass ran go into the next pass at once).
         threads: torch intra-op threads of the worker thread (None: `forward_threads`). torch's thread count is
-            per thread once set, so the caller's own threads keep theirs.
+            per thread once set, so the caller's own threads keep theirs. With ``inline``: the event loop
+            thread's count, set at `start` (None: the count torch has now).
+        inline: Run ``forward`` on the event loop's own thread, with the process's torch threads. The loop then
+            waits during each pass, but the pass never waits for the loop: with a worker thread, each of a pass's
+            calls into torch hands the GIL back and forth with the loop decoding the next requests. For a server
+            of several processes, each with one core (`serve_forever`'s ``workers``).
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 64,
-                 max_wait_ms: float = 5.0, threads: int | None = None):
+                 max_wait_ms: float = 5.0, threads: int | None = None, inline: bool = False):
         self.forward = forward
         self.max_batch = max(1, int(max_batch))
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
-        self.threads = forward_threads() if threads is None else max(1, int(threads))
+        self.inline = inline
+        if threads is None:
+            threads = torch.get_num_threads() if inline else forward_threads()
+        self.threads = max(1, int(threads))
         self.stats = BatchStats()
         # A deque and one Event instead of an asyncio.Queue: a put and a timed get on a Queue cost a future, a
         # task and a timer per request; here a request costs an append and a set.
@@ -90,6 +99,13 @@ class MicroBatcher:
     async def start(self) -> None:
         """Start the collector on the running event loop."""
         self._queue, self._wake = deque(), asyncio.Event()
+        if self.inline:
+            _set_thread_count(self.threads)
+        else:
+            await self._start_pool()
+        self._task = asyncio.create_task(self._run(), name="cnnlab-batcher")
+
+    async def _start_pool(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnlab-forward",
                                         initializer=_set_thread_count, initargs=(self.threads,))
         # Setting a thread's count also makes it torch's default for threads started later: start the worker
@@ -97,7 +113,6 @@ class MicroBatcher:
         mine = torch.get_num_threads()
         await asyncio.get_running_loop().run_in_executor(self._pool, int)
         torch.set_num_threads(mine)
-        self._task = asyncio.create_task(self._run(), name="cnnlab-batcher")
 
     async def stop(self) -> None:
         """Stop collecting; requests still waiting get an error instead of hanging."""
@@ -176,7 +191,8 @@ class MicroBatcher:
             batch = torch.cat([x for x, _ in items])
             t0 = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self._pool, self.forward, batch)
+                out = (self.forward(batch) if self._pool is None else
+                       await loop.run_in_executor(self._pool, self.forward, batch))
             except (Exception, asyncio.CancelledError) as e:  # every waiter hears of it, none hangs
                 for _, f in items:
                     if not f.done():

@@ -7,7 +7,8 @@ request head and a connection cap that drops the longest-waiting connection with
 room, so a crowd of half-open connections cannot lock out real clients (or `/health`). The HTTP parser is
 httptools (C) when it is installed, else h11 (pure Python); both carry the same guards. The event loop is
 uvloop (libuv, C) when it is installed, else asyncio's own (uvicorn's 'auto'); the guards, timers and the
-batcher's hand-offs use only the loop API both provide.
+batcher's hand-offs use only the loop API both provide. `serve_forever` can serve from several forked
+worker processes that share the listening socket (`run_workers`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import importlib
 import ipaddress
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -402,14 +405,131 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-                  limits: ConnectionLimits | None = None) -> None:
-    """Serve ``app`` until interrupted (Ctrl-C / SIGTERM)."""
+                  limits: ConnectionLimits | None = None, workers: int = 1) -> int:
+    """Serve ``app`` until interrupted (Ctrl-C / SIGTERM); the exit code.
+
+    With ``workers`` > 1 the app is served by that many forked copies of this process, which share the listening
+    socket (see `run_workers`). Each copy has the app's model already loaded (pages shared with this process);
+    build the app for that (``create_app(..., inline_forward=True)``, one torch thread per core and worker).
+    """
     import uvicorn
 
     bound_allocator()
     sock = bind_socket(host, port)
     config = uvicorn_config(app, limits, log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+
+    def serve() -> bool:
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
+        return server.started
+
+    if workers <= 1:
+        return 0 if serve() else STARTUP_FAILED
+    return run_workers(serve, workers)
+
+
+STARTUP_FAILED = 3  # a worker's exit code when its server did not start (uvicorn's own code for that)
+RESTART_AFTER_S = 1.0  # a worker that dies sooner after its start is not replaced: its copy would die the same way
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def run_workers(target: Callable[[], bool], workers: int, label: str = "cnnlab serve") -> int:
+    """Run ``target`` in ``workers`` forked processes until this process gets SIGINT or SIGTERM; the exit code.
+
+    A prefork supervisor, as gunicorn's: the signal is passed on to the workers (SIGTERM: each finishes its
+    requests), and their ends are awaited. A worker that ends while no stop was asked for is replaced by a new
+    fork, unless it ended within `RESTART_AFTER_S` of its start or ``target`` returned False (did not start):
+    then every worker is stopped and the code is 1. Forking needs a process that runs no other thread, as this
+    one when it only loaded the model; each worker dies with this process (Linux), so none is left behind even
+    when the supervisor is killed.
+    """
+    if threading.active_count() > 1:  # a fork copies one thread: another thread's locks would stay held for ever
+        raise ConfigError("cannot fork workers: this process already runs other threads")
+    parent = os.getpid()
+    running: dict[int, float] = {}  # pid -> its start (monotonic)
+    state = {"stopping": False, "code": 0}
+
+    def stop(signum: int | None = None, frame=None) -> None:
+        state["stopping"] = True
+        for pid in running:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, stop) for s in _STOP_SIGNALS}
+    try:
+        for _ in range(workers):
+            running[_fork_worker(target, parent)] = time.monotonic()
+        while running:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            began = running.pop(pid, None)
+            if began is None or state["stopping"]:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+            ended = f"worker {pid} {how}"
+            if code == STARTUP_FAILED or time.monotonic() - began < RESTART_AFTER_S:
+                print(f"{label}: {ended} right after its start; stopping", file=sys.stderr, flush=True)
+                state["code"] = 1
+                stop()
+            else:
+                print(f"{label}: {ended}; starting another", file=sys.stderr, flush=True)
+                running[_fork_worker(target, parent)] = time.monotonic()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return state["code"]
+
+
+def _fork_worker(target: Callable[[], bool], parent: int) -> int:
+    """Fork one worker running ``target``; its pid. The worker never returns: it exits with 0, `STARTUP_FAILED`
+    (``target`` returned False) or 1 (an exception, printed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()  # else a worker would print this process's buffered output a second time
+    # The stop signals wait until the worker has its own handlers: the supervisor's would act on its copy of
+    # the worker table.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() == parent:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if pid:
+        return pid
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _die_with_parent(parent)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        code = 0 if target() else STARTUP_FAILED
+    except KeyboardInterrupt:
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when ``parent`` ends (Linux; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before the call above
+        os._exit(1)
 
 
 class BackgroundServer:
