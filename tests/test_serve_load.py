@@ -50,18 +50,41 @@ def test_abuse_mix_keeps_server_memory_bounded_and_health_answering(tiny_run):
     assert r["half_open"] > r["server_nofile"], r
 
 
-def _serve_cpu():
-    """benchmarks/serve_cpu.py as a module."""
+def _benchmark(name: str):
+    """benchmarks/NAME.py as a module."""
     import importlib.util
 
     sys.path.insert(0, str(BENCH.parent))
     try:
-        spec = importlib.util.spec_from_file_location("serve_cpu", BENCH.parent / "serve_cpu.py")
-        serve_cpu = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(serve_cpu)
+        spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCH.parent))
-    return serve_cpu
+    return module
+
+
+def _serve_cpu():
+    return _benchmark("serve_cpu")
+
+
+def test_serve_ab_measures_each_tree_with_each_worker_count(capsys):
+    import argparse
+
+    serve_ab = _benchmark("serve_ab")
+    ap = argparse.ArgumentParser(prog="serve_ab")
+    assert serve_ab.worker_counts(ap, "1,2") == [1, 2]
+    for bad in ("0", "1,1", "two", ""):
+        with pytest.raises(SystemExit):
+            serve_ab.worker_counts(ap, bad)
+        assert "expected distinct positive counts" in capsys.readouterr().err
+    trees = {"current": Path("/a/src"), "baseline": Path("/b/src")}
+    servers = serve_ab.servers_to_measure(trees, [1, 2])
+    assert list(servers) == ["current, 1 worker", "current, 2 workers", "baseline, 1 worker", "baseline, 2 workers"]
+    assert servers["current, 1 worker"][1] == []  # an older tree without --workers can still be measured
+    assert servers["baseline, 2 workers"][1] == ["--workers", "2"]
+    assert servers["baseline, 2 workers"][0]["PYTHONPATH"].startswith("/b/src")
+    assert list(serve_ab.servers_to_measure({"current": Path("/a/src")}, [2])) == ["current"]
 
 
 def test_serve_cpu_reads_a_process_cpu_time_as_the_kernel_counts_it():
