@@ -457,10 +457,16 @@ def run_workers(target: Callable[[], bool], workers: int, label: str = "cnnlab s
             except ProcessLookupError:
                 pass
 
+    def start() -> None:
+        pid = _fork_worker(target, parent)
+        running[pid] = time.monotonic()
+        if state["stopping"]:  # the stop came during the fork, before the worker was in the table
+            os.kill(pid, signal.SIGTERM)
+
     previous = {s: signal.signal(s, stop) for s in _STOP_SIGNALS}
     try:
         for _ in range(workers):
-            running[_fork_worker(target, parent)] = time.monotonic()
+            start()
         while running:
             try:
                 pid, status = os.wait()
@@ -478,7 +484,7 @@ def run_workers(target: Callable[[], bool], workers: int, label: str = "cnnlab s
                 stop()
             else:
                 print(f"{label}: {ended}; starting another", file=sys.stderr, flush=True)
-                running[_fork_worker(target, parent)] = time.monotonic()
+                start()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
