@@ -222,3 +222,48 @@ def test_compile_option_compiles_the_training_model(tiny_data, tmp_path, monkeyp
     assert res.step == 2
     # compiled models keep nn.Linear (inductor wants plain aten ops), and config.json says so
     assert json.loads((tmp_path / "run" / "config.json").read_text())["fp32_linear"] == "torch"
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "nesterov", "adam", "adamw"])
+def test_eager_optimizers_update_and_save_as_torch_optim_does(kind):
+    from cnnlab.train.steps import make_optimizer
+
+    def trained(compile_: bool):
+        torch.manual_seed(0)
+        model = create_model("lenet5")
+        opt = make_optimizer(make_config({"optimizer": kind, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+                                          "compile": compile_}), model)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            train_step(model, opt, torch.rand(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+        assert torch.is_grad_enabled()  # the step's grad mode is restored
+        return model, opt
+
+    model, opt = trained(False)
+    ref_model, ref_opt = trained(True)  # with compile, the plain torch.optim class
+    assert type(ref_opt) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+    assert type(opt) is not type(ref_opt) and isinstance(opt, type(ref_opt))
+    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()):
+        assert torch.equal(a, b)
+    state, ref_state = opt.state_dict(), ref_opt.state_dict()
+    assert state["param_groups"] == ref_state["param_groups"]
+    assert state["state"].keys() == ref_state["state"].keys()
+    for k in state["state"]:
+        for name, v in state["state"][k].items():
+            assert torch.equal(v, ref_state["state"][k][name]), (k, name)
+    ref_opt.load_state_dict(state)  # each loads the other's state
+    opt.load_state_dict(ref_state)
+
+
+def test_training_does_not_import_torch_dynamo(tiny_data, tmp_path):
+    """torch.optim's compile wrappers import torch._dynamo, the largest import of a training command; a run
+    that does not compile skips them (a new torch that marks its optimizers some other way fails here)."""
+    code = ("import sys; from cnnlab.cli import main; "
+            f"rc = main(['train', '--model-dir', {str(tmp_path / 'run')!r}, '--data-dir', {str(tiny_data)!r}, "
+            "'--model=lenet5', '--optimizer=adam', '--steps=3', '--batch_size=8', '--eval_batch_size=16', "
+            "'--no-report', '--no-progress']); "
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo'); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "no dynamo"
+    assert (tmp_path / "run" / "results.json").exists()

@@ -13,6 +13,8 @@ For people who write their own loop::
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 
 import torch
@@ -26,16 +28,51 @@ from .finetune import param_groups
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The optimiser a config names. Weight decay skips biases and norm parameters (1-D tensors); the backbone's
-    groups carry ``lr_mult`` = ``backbone_lr_mult`` (see `finetune.param_groups`)."""
+    groups carry ``lr_mult`` = ``backbone_lr_mult`` (see `finetune.param_groups`). Without ``config.compile``, it
+    is the torch.optim class's `eager_optimizer` subclass (same updates and state, no torch._dynamo import)."""
     groups = param_groups(model, config)
+    sgd, adam, adamw = ((torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) if config.compile else
+                        (eager_optimizer(torch.optim.SGD), eager_optimizer(torch.optim.Adam),
+                         eager_optimizer(torch.optim.AdamW)))
     builders = {
-        "sgd": lambda: torch.optim.SGD(groups, lr=config.lr),
-        "momentum": lambda: torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum),
-        "nesterov": lambda: torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True),
-        "adam": lambda: torch.optim.Adam(groups, lr=config.lr, eps=config.adam_eps),
-        "adamw": lambda: torch.optim.AdamW(groups, lr=config.lr, eps=config.adam_eps),
+        "sgd": lambda: sgd(groups, lr=config.lr),
+        "momentum": lambda: sgd(groups, lr=config.lr, momentum=config.momentum),
+        "nesterov": lambda: sgd(groups, lr=config.lr, momentum=config.momentum, nesterov=True),
+        "adam": lambda: adam(groups, lr=config.lr, eps=config.adam_eps),
+        "adamw": lambda: adamw(groups, lr=config.lr, eps=config.adam_eps),
     }
     return builders[config.optimizer]()
+
+
+# Optimizer methods that torch wraps for torch.compile (`torch._disable_dynamo`, plus a graph break around `step`)
+_COMPILE_WRAPPED = ("zero_grad", "add_param_group", "state_dict", "load_state_dict")
+
+
+@functools.cache
+def eager_optimizer(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``cls``'s subclass for a process that does not compile its optimiser step: its methods skip torch's
+    torch.compile wrappers.
+
+    Those wrappers import torch._dynamo (and with it sympy, triton and much of torch.distributed) at the first
+    call of `step`, `zero_grad` or the constructor: the largest import of a training command, 1.3-2.1 s on a
+    2-CPU host (``python -c "import torch, torch._dynamo"`` against ``import torch``), paid before the first
+    step. Outside torch.compile the wrappers only call the method (and `step`'s sets the grad mode, as here), so
+    the updates, the state dict and its loading are the same (tested against the plain class).
+    """
+    raw_step = inspect.unwrap(cls.step)  # under the profiler hook and the grad-mode / graph-break wrapper
+
+    def step(self, closure=None):
+        previous = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(self.defaults["differentiable"])
+            return raw_step(self, closure)
+        finally:
+            torch.set_grad_enabled(previous)
+
+    methods = {name: inspect.unwrap(getattr(cls, name)) for name in _COMPILE_WRAPPED}
+    return type(cls.__name__, (cls,), {"step": step, **methods, "__module__": __name__,
+                                       "__qualname__": f"eager_optimizer({cls.__qualname__})",
+                                       "__doc__": cls.__doc__})
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
