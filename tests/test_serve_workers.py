@@ -117,6 +117,16 @@ WORKER_SCRIPT = textwrap.dedent("""
     from cnnlab.serve.server import run_workers
 
     out, mode = Path(sys.argv[1]), sys.argv[2]
+    if mode == "nofork":
+        real_fork, forks = os.fork, []
+
+        def fork():  # the first fork works, the second is refused as a full process table would refuse it
+            forks.append(1)
+            if len(forks) > 1:
+                raise BlockingIOError(11, "Resource temporarily unavailable")
+            return real_fork()
+
+        os.fork = fork
 
     def target():
         (out / str(os.getpid())).write_text("")
@@ -141,7 +151,9 @@ def start_supervisor(tmp_path: Path, mode: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("mode, message", [("fail", "exited with code 3 right after its start; stopping"),
-                                           ("raise", "exited with code 1 right after its start; stopping")])
+                                           ("raise", "exited with code 1 right after its start; stopping"),
+                                           ("nofork", "cannot start a worker: Resource temporarily unavailable; "
+                                                      "stopping")])
 def test_a_worker_that_fails_at_start_stops_the_supervisor(tmp_path, mode, message):
     proc = start_supervisor(tmp_path, mode)
     _, err = proc.communicate(timeout=60)

@@ -12,10 +12,14 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CnnlabError, ConfigError
 from .rundir import PREEMPTED_EXIT, Preempted
 from .runtime import tune_allocator
+
+if TYPE_CHECKING:  # annotations only: the commands import torch where they need it
+    import torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -329,7 +333,7 @@ def cmd_serve(args, extra: list[str]) -> int:
     return serve_forever(app, args.host, args.port, log_level=args.log_level, limits=connections, workers=args.workers)
 
 
-def _serve_worker_threads(workers: int, device) -> int | None:
+def _serve_worker_threads(workers: int, device: torch.device) -> int | None:
     """The torch threads of each of ``workers`` serving processes (None: one process, the batcher's default).
 
     Several workers are forked from this process after it has loaded the model, so it must not have started

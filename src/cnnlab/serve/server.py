@@ -458,7 +458,13 @@ def run_workers(target: Callable[[], bool], workers: int, label: str = "cnnlab s
                 pass
 
     def start() -> None:
-        pid = _fork_worker(target, parent)
+        try:
+            pid = _fork_worker(target, parent)
+        except OSError as e:  # the system refuses another process: stop rather than serve on with fewer
+            print(f"{label}: cannot start a worker: {e.strerror or e}; stopping", file=sys.stderr, flush=True)
+            state["code"] = 1
+            stop()
+            return
         running[pid] = time.monotonic()
         if state["stopping"]:  # the stop came during the fork, before the worker was in the table
             os.kill(pid, signal.SIGTERM)

@@ -54,10 +54,10 @@ def eager_optimizer(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimi
     torch.compile wrappers.
 
     Those wrappers import torch._dynamo (and with it sympy, triton and much of torch.distributed) at the first
-    call of `step`, `zero_grad` or the constructor: the largest import of a training command, 1.3-2.1 s on a
-    2-CPU host (``python -c "import torch, torch._dynamo"`` against ``import torch``), paid before the first
-    step. Outside torch.compile the wrappers only call the method (and `step`'s sets the grad mode, as here), so
-    the updates, the state dict and its loading are the same (tested against the plain class).
+    call of `step`, `zero_grad` or the constructor: the largest import of a training command, paid before its
+    first step (measured in docs/speed.md). Outside torch.compile the wrappers only call the method (and
+    `step`'s sets the grad mode, as here), so the updates, the state dict and its loading are the same (tested
+    against the plain class).
     """
     raw_step = inspect.unwrap(cls.step)  # under the profiler hook and the grad-mode / graph-break wrapper
 
