@@ -7,6 +7,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import sys
 import threading
 import uuid
@@ -109,6 +110,7 @@ def test_health_names_the_model(served):
     assert status == 200
     assert h["status"] == "ok" and h["model"] == "lenet5" and h["step"] == 4
     assert h["classes"] == [str(i) for i in range(10)] and h["data_shape"] == [1, 28, 28]
+    assert h["workers"] == 1 and h["worker_pid"] == os.getpid()  # the background server runs in this process
 
 
 def test_multipart_and_raw_uploads_predict_like_the_python_api(served, python_api):

@@ -212,9 +212,9 @@ def test_workers_answer_like_the_python_api_and_a_dead_worker_is_replaced(tiny_r
                  what="a new worker")
         assert len(children(server.pid) - first) == 1
         assert np.allclose(predict_all(server.url, pngs), want, atol=1e-5)
-        health = json.loads(fetch(server.url + "/health")[1])
-        assert health["status"] == "ok"
         workers = children(server.pid)
+        health = json.loads(fetch(server.url + "/health")[1])
+        assert health["status"] == "ok" and health["workers"] == 2 and health["worker_pid"] in workers
     assert server.proc.returncode == 0  # terminated: the workers finished and the supervisor exited cleanly
     assert f"worker {victim} was killed by signal 9; starting another" in server.log()
     assert "2 worker processes" in server.log()

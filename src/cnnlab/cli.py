@@ -322,7 +322,7 @@ def cmd_serve(args, extra: list[str]) -> int:
     trained = load_trained(args.run_dir, device, checkpoint=args.checkpoint)
     app = create_app(args.run_dir, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                      limits=limits, read_timeout=args.body_timeout, trained=trained,
-                     inline_forward=args.workers > 1, forward_threads=threads)
+                     workers=args.workers, forward_threads=threads)
     t = app.state.trained
     if not is_loopback(args.host):
         print(f"cnnlab serve: warning: listening on {args.host}, reachable from other machines", file=sys.stderr)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -143,7 +144,7 @@ def page_html(trained: TrainedModel) -> str:
 def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max_wait_ms: float = 5.0,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_images: int = MAX_IMAGES,
                limits: Limits | None = None, read_timeout: float = READ_TIMEOUT_S,
-               trained: TrainedModel | None = None, inline_forward: bool = False,
+               trained: TrainedModel | None = None, workers: int = 1,
                forward_threads: int | None = None) -> ServeApp:
     """Build the app for a run directory or checkpoint file (loaded and checked now, once).
 
@@ -157,8 +158,9 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
         limits: All request limits (bytes, images, pixels per request and in flight, JSON depth).
         read_timeout: Seconds within which a request's body must have arrived (408 after).
         trained: An already loaded model (then ``run`` only names it).
-        inline_forward: Run the forward passes on the event loop's thread (see `MicroBatcher`), for a server of
-            several worker processes.
+        workers: How many processes will serve the app (`serve_forever`'s ``workers``). Above 1, each runs its
+            forward passes on its event loop's thread (`MicroBatcher`'s ``inline``); ``/health`` reports the
+            count and the process that answered, whose counters it shows.
         forward_threads: torch threads of the forward passes (None: see `MicroBatcher`).
 
     Raises:
@@ -185,7 +187,7 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
     labels = [printable(c) for c in trained.classes]
     budget = PixelBudget(limits.max_inflight_pixels)
     batcher = MicroBatcher(forward_rows, max_batch=max_batch, max_wait_ms=max_wait_ms, threads=forward_threads,
-                           inline=inline_forward)
+                           inline=workers > 1)
     html = page_html(trained)
 
     @asynccontextmanager
@@ -216,7 +218,7 @@ def create_app(run: str | Path, *, device: str = "cpu", max_batch: int = 64, max
                 "dataset": trained.dataset, "data_shape": list(shape), "input_size": list(model.meta.input_size),
                 "batching": {"max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1000,
                              **batcher.stats.as_dict()},
-                "in_flight": budget.as_dict()}
+                "in_flight": budget.as_dict(), "workers": workers, "worker_pid": os.getpid()}
 
     async def pending_images(request: Request, kind: str, centre: bool) -> list:
         """The request's images with headers read and nothing decoded (see `decode`)."""

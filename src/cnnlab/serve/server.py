@@ -410,7 +410,7 @@ def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str
 
     With ``workers`` > 1 the app is served by that many forked copies of this process, which share the listening
     socket (see `run_workers`). Each copy has the app's model already loaded (pages shared with this process);
-    build the app for that (``create_app(..., inline_forward=True)``, one torch thread per core and worker).
+    build the app for that (``create_app(..., workers=N)``, one torch thread per core and worker).
     """
     import uvicorn
 
