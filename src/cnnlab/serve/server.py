@@ -442,6 +442,10 @@ def run_workers(target: Callable[[], bool], workers: int, label: str = "cnnlab s
     then every worker is stopped and the code is 1. Forking needs a process that runs no other thread, as this
     one when it only loaded the model; each worker dies with this process (Linux), so none is left behind even
     when the supervisor is killed.
+
+    Not uvicorn's own supervisor (``--workers``): it starts fresh interpreters and pickles its Config to them,
+    and ours holds an app object and protocol classes built per `ConnectionLimits`, which do not pickle; each
+    worker would also import torch and load the model again. A fork inherits all of it, loaded once.
     """
     if threading.active_count() > 1:  # a fork copies one thread: another thread's locks would stay held for ever
         raise ConfigError("cannot fork workers: this process already runs other threads")
