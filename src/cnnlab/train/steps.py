@@ -31,9 +31,8 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     groups carry ``lr_mult`` = ``backbone_lr_mult`` (see `finetune.param_groups`). Without ``config.compile``, it
     is the torch.optim class's `eager_optimizer` subclass (same updates and state, no torch._dynamo import)."""
     groups = param_groups(model, config)
-    sgd, adam, adamw = ((torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) if config.compile else
-                        (eager_optimizer(torch.optim.SGD), eager_optimizer(torch.optim.Adam),
-                         eager_optimizer(torch.optim.AdamW)))
+    kind = (lambda cls: cls) if config.compile else eager_optimizer
+    sgd, adam, adamw = kind(torch.optim.SGD), kind(torch.optim.Adam), kind(torch.optim.AdamW)
     builders = {
         "sgd": lambda: sgd(groups, lr=config.lr),
         "momentum": lambda: sgd(groups, lr=config.lr, momentum=config.momentum),
