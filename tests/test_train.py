@@ -77,8 +77,10 @@ def test_cli_train_resume_evaluate_predict(tiny_data, tmp_path, capsys):
     assert np.allclose(got[True], want, atol=1e-6) and not np.allclose(got[True], got[False], atol=1e-4)
 
 
-def test_interrupted_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch):
-    config = make_config({"model": "tf-estimator-cnn", "dataset": "mnist", "optimizer": "adam", "lr": 1e-3,
+@pytest.mark.parametrize("optimizer", [{"model": "tf-estimator-cnn", "optimizer": "adam", "lr": 1e-3},
+                                       {"model": "mnist-fast", "optimizer": "muon", "lr": 0.05}])
+def test_interrupted_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch, optimizer):
+    config = make_config({**optimizer, "dataset": "mnist", "schedule": "onecycle", "warmup": 0.25,
                           "batch_size": 24, "steps": 12, "ckpt_every": 4, "log_every": 4, "eval_batch_size": 32})
     fit(config, tmp_path / "a", progress=False, log=lambda *_: None)
 
@@ -255,12 +257,13 @@ def test_eager_optimizers_update_and_save_as_torch_optim_does(kind):
     opt.load_state_dict(ref_state)
 
 
-def test_training_does_not_import_torch_dynamo(tiny_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "muon"])
+def test_training_does_not_import_torch_dynamo(tiny_data, tmp_path, optimizer):
     """torch.optim's compile wrappers import torch._dynamo, the largest import of a training command; a run
     that does not compile skips them (a new torch that marks its optimizers some other way fails here)."""
     code = ("import sys; from cnnlab.cli import main; "
             f"rc = main(['train', '--model-dir', {str(tmp_path / 'run')!r}, '--data-dir', {str(tiny_data)!r}, "
-            "'--model=lenet5', '--optimizer=adam', '--steps=3', '--batch_size=8', '--eval_batch_size=16', "
+            f"'--model=lenet5', '--optimizer={optimizer}', '--steps=3', '--batch_size=8', '--eval_batch_size=16', "
             "'--no-report', '--no-progress']); "
             "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo'); sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

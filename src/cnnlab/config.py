@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "muon")
 SCHEDULES = ("constant", "onecycle", "cosine", "linear", "triangle")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 SELECT_METRICS = ("val_accuracy", "val_loss")
@@ -47,10 +47,13 @@ class TrainConfig:
     dataset: str = opt("mnist", "dataset name or folder:PATH (see `cnnlab datasets`)")
     model_args: dict = opt({}, "extra keyword arguments for create_model (model_args.dropout=0.3, ...)")
     # Optimisation.
-    optimizer: str = opt("sgd", "sgd | momentum | nesterov | adam | adamw")
+    optimizer: str = opt("sgd", "sgd | momentum | nesterov | adam | adamw | muon (Muon for convolution filters, "
+                              "Nesterov SGD for the rest)")
     lr: float = opt(0.001, "peak learning rate")
     momentum: float = opt(0.9, "momentum for the momentum / nesterov optimizers")
     weight_decay: float = opt(0.0, "weight decay of weight matrices (not biases or norms); decoupled for adamw")
+    muon_lr: float = opt(0.24, "muon: peak learning rate of the convolution filters (the schedule scales it as lr)")
+    muon_momentum: float = opt(0.6, "muon: momentum of the convolution filters")
     adam_eps: float = opt(1e-8, "Adam epsilon (tf.train.AdamOptimizer's default; Keras uses 1e-7)")
     batch_size: int = opt(100, "global batch size (split over processes under torchrun)")
     steps: int = opt(1000, "optimisation steps (ignored when epochs > 0)")
@@ -154,6 +157,8 @@ def _validate(c: TrainConfig) -> None:
         (c.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {c.tta!r}"),
         (c.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}"),
         (0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}"),
+        (c.muon_lr > 0, f"muon_lr must be > 0, got {c.muon_lr}"),
+        (0 <= c.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {c.muon_momentum}"),
         (c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}"),
         (0 <= c.warmup < 1, f"warmup must be in [0, 1), got {c.warmup}"),
         (0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}"),

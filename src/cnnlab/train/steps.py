@@ -24,14 +24,18 @@ from torch import nn
 from ..config import TrainConfig
 from ..infer import autocast
 from .finetune import param_groups
+from .muon import Muon, muon_groups
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The optimiser a config names. Weight decay skips biases and norm parameters (1-D tensors); the backbone's
-    groups carry ``lr_mult`` = ``backbone_lr_mult`` (see `finetune.param_groups`). Without ``config.compile``, it
-    is the torch.optim class's `eager_optimizer` subclass (same updates and state, no torch._dynamo import)."""
+    groups carry ``lr_mult`` = ``backbone_lr_mult`` (see `finetune.param_groups`); "muon" moves the convolution
+    filters to groups of their own (`muon.muon_groups`). Without ``config.compile``, it is the optimiser class's
+    `eager_optimizer` subclass (same updates and state, no torch._dynamo import)."""
     groups = param_groups(model, config)
     kind = (lambda cls: cls) if config.compile else eager_optimizer
+    if config.optimizer == "muon":
+        return kind(Muon)(muon_groups(groups, config), lr=config.lr, momentum=config.momentum)
     sgd, adam, adamw = kind(torch.optim.SGD), kind(torch.optim.Adam), kind(torch.optim.AdamW)
     builders = {
         "sgd": lambda: sgd(groups, lr=config.lr),
@@ -63,7 +67,7 @@ def eager_optimizer(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimi
     def step(self, closure=None):
         previous = torch.is_grad_enabled()
         try:
-            torch.set_grad_enabled(self.defaults["differentiable"])
+            torch.set_grad_enabled(self.defaults.get("differentiable", False))
             return raw_step(self, closure)
         finally:
             torch.set_grad_enabled(previous)

@@ -1,0 +1,112 @@
+"""The muon optimiser: the orthogonalised filter step, SGD for the rest, its groups, and resuming a run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cnnlab import create_model, train_step
+from cnnlab.config import make_config
+from cnnlab.errors import ConfigError
+from cnnlab.train.muon import Muon, orthogonalize
+from cnnlab.train.steps import make_optimizer
+
+
+def _alignment(x: torch.Tensor, y: torch.Tensor) -> float:
+    return (x.flatten() @ y.flatten() / (x.norm() * y.norm())).item()
+
+
+@pytest.mark.parametrize("shape", [(64, 288), (288, 64), (16, 1, 3, 3), (32, 16, 3, 3)])
+def test_orthogonalize_gives_the_polar_factor_approximately(shape):
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = shape[0], torch.Size(shape[1:]).numel()
+    k = min(rows, cols)
+    u0, _ = torch.linalg.qr(torch.randn(rows, k, generator=gen))
+    v0, _ = torch.linalg.qr(torch.randn(cols, k, generator=gen))
+    # a gradient's spectrum is skewed: a few strong directions, many weak ones
+    g = (u0 * torch.logspace(1, -2, k) @ v0.T).reshape(shape)
+    o = orthogonalize(g)
+    assert o.shape == g.shape and o.dtype == g.dtype
+    u, _, vt = torch.linalg.svd(g.reshape(shape[0], -1), full_matrices=False)
+    polar = u @ vt
+    singular = torch.linalg.svdvals(o.reshape(shape[0], -1))
+    # Jordan's coefficients trade exactness for speed: five steps bring singular values spread 1000-fold to
+    # within 10-fold of each other (near 1 for the strong directions), not all to 1
+    assert singular.max() < 1.3 and singular.max() / singular.min() < 10
+    assert _alignment(o.reshape(polar.shape), polar) > 0.9
+    assert _alignment(o.reshape(polar.shape), g.reshape(polar.shape)) < 0.7  # weak directions now count as much
+    assert torch.allclose(orthogonalize(3.0 * g), o, atol=1e-5)  # the gradient's scale does not matter
+
+
+def _steps(opt: torch.optim.Optimizer, params: list[torch.Tensor], n: int = 3) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+def test_groups_that_are_not_orthogonal_step_as_nesterov_sgd():
+    torch.manual_seed(0)
+    a = [torch.randn(8, 4, 3, 3), torch.randn(10, 8), torch.randn(10)]
+    b = [t.clone() for t in a]
+    _steps(Muon([{"params": a}], lr=0.1, momentum=0.9, weight_decay=5e-4), a)
+    _steps(torch.optim.SGD([{"params": b}], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True), b)
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+def test_an_orthogonal_group_steps_along_the_orthogonalised_update_with_decoupled_decay():
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    before = w.clone()
+    opt = Muon([{"params": [w], "orthogonal": True}], lr=0.2, momentum=0.6, weight_decay=0.01)
+    w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    # first step: the buffer is the gradient, the Nesterov update (1 + momentum) times it
+    expected = before * (1 - 0.2 * 0.01) - 0.2 * orthogonalize(1.6 * w.grad)
+    assert torch.allclose(w, expected, atol=1e-6)
+    w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    buf = opt.state[w]["momentum_buffer"].clone() * 0.6 + w.grad
+    previous = w.clone()
+    opt.step()
+    assert torch.allclose(w, previous * (1 - 0.2 * 0.01) - 0.2 * orthogonalize(w.grad + 0.6 * buf), atol=1e-6)
+
+
+def test_make_optimizer_puts_the_filters_in_orthogonal_groups_at_the_muon_rate():
+    model = create_model("mnist-fast", c1=8, c2=8, c3=8, convs=2)
+    config = make_config({"optimizer": "muon", "lr": 0.05, "momentum": 0.9, "muon_lr": 0.3, "muon_momentum": 0.5,
+                          "weight_decay": 5e-4})
+    opt = make_optimizer(config, model)
+    assert not opt.param_groups[0]["orthogonal"]
+    assert opt.param_groups[0]["lr"] == 0.05  # the training log reports the first group's rate
+    grouped = [p for g in opt.param_groups for p in g["params"]]
+    assert len(grouped) == len(list(model.parameters()))
+    assert {id(p) for p in grouped} == {id(p) for p in model.parameters()}
+    for group in opt.param_groups:
+        filters = group["orthogonal"]
+        assert all((p.ndim == 4) == filters for p in group["params"])
+        assert group["momentum"] == (0.5 if filters else 0.9)
+        assert group["lr"] == pytest.approx(0.3 if filters else 0.05)
+        assert group["lr"] == pytest.approx(config.lr * group["lr_mult"])  # the schedule scales both rates
+    assert sum(len(g["params"]) for g in opt.param_groups if g["orthogonal"]) == sum(
+        isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def test_muon_trains_a_net_and_leaves_grad_mode_on():
+    torch.manual_seed(0)
+    model = create_model("mnist-fast", c1=8, c2=8, c3=8)
+    opt = make_optimizer(make_config({"optimizer": "muon", "lr": 0.05}), model)
+    x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(32) % 10
+    first = train_step(model, opt, x, y)[0].item()
+    for _ in range(20):
+        last = train_step(model, opt, x, y)[0].item()
+    assert torch.is_grad_enabled()
+    assert last < 0.5 * first  # it fits one batch
+
+
+@pytest.mark.parametrize("values", [{"muon_lr": 0.0}, {"muon_momentum": 1.0}, {"muon_momentum": -0.1}])
+def test_bad_muon_settings_are_refused(values):
+    with pytest.raises(ConfigError, match="muon_"):
+        make_config({"optimizer": "muon", **values})
