@@ -50,7 +50,7 @@ class TrainConfig:
     optimizer: str = opt("sgd", "sgd | momentum | nesterov | adam | adamw | muon (Muon for convolution filters, "
                               "Nesterov SGD for the rest)")
     lr: float = opt(0.001, "peak learning rate")
-    momentum: float = opt(0.9, "momentum for the momentum / nesterov optimizers")
+    momentum: float = opt(0.9, "momentum for the momentum / nesterov optimizers (and muon's other parameters)")
     weight_decay: float = opt(0.0, "weight decay of weight matrices (not biases or norms); decoupled for adamw")
     muon_lr: float = opt(0.24, "muon: peak learning rate of the convolution filters (the schedule scales it as lr)")
     muon_momentum: float = opt(0.6, "muon: momentum of the convolution filters")
