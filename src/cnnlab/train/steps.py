@@ -34,8 +34,6 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     `eager_optimizer` subclass (same updates and state, no torch._dynamo import)."""
     groups = param_groups(model, config)
     kind = (lambda cls: cls) if config.compile else eager_optimizer
-    if config.optimizer == "muon":
-        return kind(Muon)(muon_groups(groups, config), lr=config.lr, momentum=config.momentum)
     sgd, adam, adamw = kind(torch.optim.SGD), kind(torch.optim.Adam), kind(torch.optim.AdamW)
     builders = {
         "sgd": lambda: sgd(groups, lr=config.lr),
@@ -43,6 +41,7 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
         "nesterov": lambda: sgd(groups, lr=config.lr, momentum=config.momentum, nesterov=True),
         "adam": lambda: adam(groups, lr=config.lr, eps=config.adam_eps),
         "adamw": lambda: adamw(groups, lr=config.lr, eps=config.adam_eps),
+        "muon": lambda: kind(Muon)(muon_groups(groups, config), lr=config.lr, momentum=config.momentum),
     }
     return builders[config.optimizer]()
 
