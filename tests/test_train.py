@@ -226,8 +226,9 @@ def test_compile_option_compiles_the_training_model(tiny_data, tmp_path, monkeyp
     assert json.loads((tmp_path / "run" / "config.json").read_text())["fp32_linear"] == "torch"
 
 
-@pytest.mark.parametrize("kind", ["sgd", "momentum", "nesterov", "adam", "adamw"])
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "nesterov", "adam", "adamw", "muon"])
 def test_eager_optimizers_update_and_save_as_torch_optim_does(kind):
+    from cnnlab.train.muon import Muon
     from cnnlab.train.steps import make_optimizer
 
     def trained(compile_: bool):
@@ -243,7 +244,7 @@ def test_eager_optimizers_update_and_save_as_torch_optim_does(kind):
 
     model, opt = trained(False)
     ref_model, ref_opt = trained(True)  # with compile, the plain torch.optim class
-    assert type(ref_opt) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+    assert type(ref_opt) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, Muon)
     assert type(opt) is not type(ref_opt) and isinstance(opt, type(ref_opt))
     for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()):
         assert torch.equal(a, b)
