@@ -21,6 +21,7 @@ from cnnlab import checkpoint as ck
 from cnnlab.cli import main
 from cnnlab.config import make_config
 from cnnlab.errors import CheckpointError
+from cnnlab.train import finetune
 from cnnlab.train.loop import fit
 
 TINY = ["--batch_size=16", "--log_every=2", "--ckpt_every=4", "--eval_batch_size=16", "--no-report"]
@@ -271,3 +272,14 @@ def test_training_does_not_import_torch_dynamo(tiny_data, tmp_path, optimizer):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "no dynamo"
     assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_unfreezing_leaves_the_parameters_a_model_keeps_fixed_fixed():
+    m = create_model("airbench", w1=8, w2=8, w3=8)
+    fixed = [p for p in m.parameters() if not p.requires_grad]
+    assert fixed  # the whitening filters
+    for step in range(3):
+        finetune.apply_freeze(m, step, 2)
+        assert all(not p.requires_grad for p in m.features.parameters()) == (step < 2)
+    assert all(not p.requires_grad for p in fixed)
+    assert all(p.requires_grad for p in m.parameters() if all(p is not q for q in fixed))

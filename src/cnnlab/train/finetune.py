@@ -69,10 +69,14 @@ def frozen_steps(config: TrainConfig, num_train: int, world_size: int = 1) -> in
 def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
     """Stop (or restart) training the backbone: no gradients for its parameters, its batch norms in eval mode.
 
-    Unfreezing puts the batch norms back in the model's own mode (train during training).
+    Unfreezing puts the batch norms back in the model's own mode (train during training), and restarts only the
+    parameters that freezing stopped: those the model keeps fixed by design (airbench's whitening filters, frozen
+    batch-norm scales) stay fixed.
     """
     features, _ = _parts(model)
-    for p in features.parameters():
+    if frozen and not hasattr(model, "_frozen_by_finetune"):
+        model._frozen_by_finetune = [p for p in features.parameters() if p.requires_grad]
+    for p in (model.__dict__.pop("_frozen_by_finetune", []) if not frozen else model._frozen_by_finetune):
         p.requires_grad_(not frozen)
     for m in features.modules():
         if isinstance(m, _BatchNorm):
