@@ -111,6 +111,25 @@ def test_airbench_whitening_decorrelates_patches():
     assert not whiten.weight.requires_grad
 
 
+
+def test_airbench_dirac_starts_each_3x3_convolution_as_the_identity_and_bn_scale_can_stay_1():
+    torch.manual_seed(0)
+    model = create_model("airbench", w1=8, w2=16, w3=16, dirac=True, bn_scale=False)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == 6
+    for conv in convs:
+        x = torch.randn(2, conv.in_channels, 5, 5)
+        y, k = conv(x), min(conv.in_channels, conv.out_channels)
+        assert torch.allclose(y[:, :k], x[:, :k], atol=1e-5)  # the first outputs pass the input through
+        assert conv.weight[k:].abs().sum() > 0 or k == conv.out_channels  # the others start random
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
+    plain = create_model("airbench", w1=8, w2=16, w3=16)
+    assert list(plain.state_dict()) == list(model.state_dict())  # the same checkpoints load into either
+    assert all(m.weight.requires_grad for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    x = torch.randn(1, 24, 5, 5)
+    assert not torch.allclose(plain.features[2](x), x[:, :8], atol=1e-2)  # without dirac: random filters
+
 def test_registry_errors_and_patterns():
     assert set(list_models("tf*")) == {"tf-estimator-cnn", "tf-core-convnet", "tf2-convnet"}
     assert list_models("tf-*") == ["tf-core-convnet", "tf-estimator-cnn"]

@@ -93,6 +93,22 @@ def test_make_optimizer_puts_the_filters_in_orthogonal_groups_at_the_muon_rate()
         isinstance(m, nn.Conv2d) for m in model.modules())
 
 
+
+@pytest.mark.parametrize("optimizer", ["nesterov", "muon"])
+def test_norm_lr_mult_scales_the_rate_of_biases_and_norms_only(optimizer):
+    model = create_model("mnist-fast", c1=8, c2=8, c3=8)
+    config = make_config({"optimizer": optimizer, "lr": 0.05, "muon_lr": 0.3, "norm_lr_mult": 16})
+    opt = make_optimizer(config, model)
+    assert opt.param_groups[0]["lr"] == 0.05
+    for group in opt.param_groups:
+        ndim = {p.ndim for p in group["params"]}
+        expected = 0.05 * 16 if ndim == {1} else 0.3 if ndim == {4} and optimizer == "muon" else 0.05
+        assert group["lr"] == pytest.approx(expected)
+        assert group["lr"] == pytest.approx(config.lr * group["lr_mult"])  # the schedule scales it too
+    assert any({p.ndim for p in g["params"]} == {1} for g in opt.param_groups)
+    with pytest.raises(ConfigError, match="norm_lr_mult"):
+        make_config({"norm_lr_mult": 0})
+
 def test_muon_trains_a_net_and_leaves_grad_mode_on():
     torch.manual_seed(0)
     model = create_model("mnist-fast", c1=8, c2=8, c3=8)

@@ -118,11 +118,16 @@ class Whiten(nn.Conv2d):
 
 @register_model("airbench", description="whiten 2x2 -> 3 x (conv-pool-BN-GELU-conv-BN-GELU) -> pool -> fc/9")
 def airbench(num_classes: int = 10, in_chans: int = 3, img_size: int = 32, w1: int = 64, w2: int = 256,
-             w3: int = 256, bn_momentum: float = 0.4) -> CnnModel:
+             w3: int = 256, bn_momentum: float = 0.4, dirac: bool = False, bn_scale: bool = True) -> CnnModel:
     """The airbench94 CIFAR-10 network (Keller Jordan, 2024, https://github.com/KellerJordan/cifar10-airbench)
     with configurable widths.
 
     airbench94 uses widths 64/256/256; smaller widths trade accuracy for CPU time.
+
+    Args:
+        dirac: Start each 3x3 convolution's first min(in, out) output channels as copies of its input channels
+            (``dirac_``), an implicit residual connection at initialisation, as airbench94 does.
+        bn_scale: Train the batch norms' scales. airbench94 keeps them at 1 and trains only their shifts.
     """
     wh = 2 * in_chans * 4  # both signs of every eigen-direction of a 2x2 patch
     def block(i: int, o: int) -> list[nn.Module]:
@@ -136,5 +141,11 @@ def airbench(num_classes: int = 10, in_chans: int = 3, img_size: int = 32, w1: i
         *block(w2, w3),  # [N,w3,3,3]
     )
     head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(w3, num_classes, bias=False), Scale(1 / 9))
+    for m in features.modules():
+        if dirac and isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+            with torch.no_grad():
+                nn.init.dirac_(m.weight[:m.in_channels])
+        if not bn_scale and isinstance(m, nn.BatchNorm2d):
+            m.weight.requires_grad_(False)  # stays 1 (the state dict still holds it, so checkpoints load as before)
     meta = ModelMeta(name="airbench", input_size=(in_chans, img_size, img_size), num_classes=num_classes)
     return CnnModel(features, head, meta)

@@ -33,16 +33,18 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """Optimiser parameter groups: weight decay on >= 2-D tensors only; the backbone's groups at ``lr_mult``.
+    """Optimiser parameter groups: weight decay on >= 2-D tensors only; the backbone's groups at ``lr_mult``, the
+    biases and norm parameters (1-D) at ``norm_lr_mult`` times their group's.
 
     With ``backbone_lr_mult == 1`` the groups are the same two as a plain run's (so its checkpoints resume).
     """
 
     def split(params: list[torch.Tensor], mult: float) -> list[dict]:
+        norm = mult * config.norm_lr_mult
         return [{"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay,
                  "lr_mult": mult, "lr": config.lr * mult},
                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0,
-                 "lr_mult": mult, "lr": config.lr * mult}]
+                 "lr_mult": norm, "lr": config.lr * norm}]
 
     if config.backbone_lr_mult == 1.0:
         return split(list(model.parameters()), 1.0)
