@@ -16,13 +16,14 @@ from cnnlab import checkpoint as ck
 from cnnlab import create_model, load_dataset
 from cnnlab.cli import main
 from cnnlab.config import make_config
+from cnnlab.data.augment import Augment
 from cnnlab.data.sources import ArrayDataset
 from cnnlab.errors import CheckpointError, ConfigError
 from cnnlab.infer import EvalResult, load_trained
 from cnnlab.train import controls
 from cnnlab.train import loop as loop_mod
 from cnnlab.train.loop import fit
-from cnnlab.train.steps import loss_terms, step_generator, train_step
+from cnnlab.train.steps import AlternatingFlip, EpochSampler, loss_terms, step_generator, train_step
 
 QUIET = {"progress": False, "log": lambda *_: None}
 
@@ -426,3 +427,34 @@ def test_export_takes_the_best_by_default_and_latest_on_request(tiny_data, tmp_p
         assert torch.allclose(torch.from_numpy(got), want, atol=1e-4), choice
         outs.append(got)
     assert not torch.allclose(torch.from_numpy(outs[0]), torch.from_numpy(outs[1]), atol=1e-3)  # two models
+
+
+def test_alternating_flip_mirrors_each_image_once_in_any_two_epochs():
+    n, batch = 40, 16  # batches straddle the epoch boundaries (every 2.5 batches)
+    sampler, flips = EpochSampler(n, batch, seed=3), AlternatingFlip(n, batch, seed=3)
+    seen: dict[int, list[bool]] = {i: [] for i in range(n)}
+    for step in range(4 * n // batch):  # four epochs
+        idx = sampler.indices(step)
+        for i, mirrored in zip(idx.tolist(), flips.mask(idx, step).tolist()):
+            seen[i].append(mirrored)
+    for views in seen.values():
+        assert len(views) == 4 and views[0] != views[1] and views[1] != views[2] and views[2] != views[3]
+    first = [views[0] for views in seen.values()]
+    assert 10 < sum(first) < 30  # half of the images start mirrored
+    assert torch.equal(AlternatingFlip(n, batch, seed=3).first, flips.first)
+    assert not torch.equal(AlternatingFlip(n, batch, seed=4).first, flips.first)
+
+
+def test_augment_mirrors_the_masked_samples_without_drawing():
+    x = torch.rand(4, 1, 5, 5)
+    augment = Augment(size=(5, 5), flip=True)
+    mask = torch.tensor([True, False, False, True])
+    gen = step_generator(0, 0)
+    out = augment(x, gen, mask)
+    assert torch.equal(out[mask], x[mask].flip(-1)) and torch.equal(out[~mask], x[~mask])
+    assert torch.equal(gen.get_state(), step_generator(0, 0).get_state())  # the other draws are unchanged
+
+
+def test_alternate_flip_needs_flip():
+    with pytest.raises(ConfigError, match="alternate_flip needs flip"):
+        make_config({"alternate_flip": True})

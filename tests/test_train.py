@@ -79,7 +79,9 @@ def test_cli_train_resume_evaluate_predict(tiny_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("optimizer", [{"model": "tf-estimator-cnn", "optimizer": "adam", "lr": 1e-3},
-                                       {"model": "mnist-fast", "optimizer": "muon", "lr": 0.05}])
+                                       {"model": "mnist-fast", "optimizer": "muon", "lr": 0.05},
+                                       {"model": "mnist-fast", "optimizer": "nesterov", "lr": 0.05, "flip": True,
+                                        "alternate_flip": True}])
 def test_interrupted_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch, optimizer):
     config = make_config({**optimizer, "dataset": "mnist", "schedule": "onecycle", "warmup": 0.25,
                           "batch_size": 24, "steps": 12, "ckpt_every": 4, "log_every": 4, "eval_batch_size": 32})

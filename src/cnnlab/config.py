@@ -68,6 +68,9 @@ class TrainConfig:
     random_crop: bool = opt(False, "random crops to the model's input size (else centre crop)")
     translate: int = opt(0, "random shifts of up to this many pixels (reflect padding)")
     flip: bool = opt(False, "random horizontal flips")
+    alternate_flip: bool = opt(False, "with flip: mirror each image in every other epoch (half of them from the "
+                                      "first), not at random: airbench's alternating flip, each image seen both ways "
+                                      "in any two epochs")
     hue: float = opt(0.0, "max hue shift (fraction of the colour circle), as tf.image.random_hue")
     brightness: float = opt(0.0, "max additive brightness change, as tf.image.random_brightness")
     contrast: tuple[float, float] = opt((1.0, 1.0), "contrast factor range, as tf.image.random_contrast")
@@ -167,6 +170,7 @@ def _validate(c: TrainConfig) -> None:
         (0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}"),
         (0 <= c.ema < 1, f"ema must be in [0, 1), got {c.ema}"),
         (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
+        (c.flip or not c.alternate_flip, "alternate_flip needs flip = true"),
         (0 <= c.hue <= 0.5, f"hue must be in [0, 0.5], got {c.hue}"),
         (c.random_resized_crop == (0.0, 0.0) or 0 < c.random_resized_crop[0] <= c.random_resized_crop[1] <= 1,
          "random_resized_crop must be (0, 0) or (lower, upper) with 0 < lower <= upper <= 1, "

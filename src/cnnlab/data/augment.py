@@ -90,10 +90,11 @@ def translate(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tenso
     return random_crop(padded, tuple(x.shape[-2:]), gen)
 
 
-def flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mirror each sample left-right with probability 1/2."""
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
-    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+def flip(x: torch.Tensor, gen: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mirror each sample left-right with probability 1/2 (or where ``mask`` [N] is true: no draw)."""
+    if mask is None:
+        mask = torch.rand(x.shape[0], generator=gen) < 0.5
+    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +160,9 @@ class Augment:
                    saturation=tuple(config.saturation), cutout=config.cutout,
                    resized_crop=tuple(getattr(config, "random_resized_crop", (0.0, 0.0))))
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Augment the float batch ``x`` with draws from ``gen``; with ``flip_mask`` ([N] bool, e.g.
+        `AlternatingFlip`'s), ``flip`` mirrors those samples instead of drawing."""
         n = x.shape[0]
         if self.resized_crop != (0.0, 0.0):
             x = random_resized_crop(x, self.size, self.resized_crop, gen)
@@ -168,7 +171,7 @@ class Augment:
         else:
             x = fit_to_size(x, self.size)
         if self.flip:
-            x = flip(x, gen)
+            x = flip(x, gen, flip_mask)
         colour = x.shape[1] == 3
         hue = _uniform(n, -self.hue, self.hue, gen).to(x.device) if self.hue and colour else None
         if self.contrast != (1.0, 1.0):

@@ -39,7 +39,7 @@ from ..runinfo import run_info
 from ..runtime import linear_backend, resolve_precision
 from . import controls, distributed, finetune
 from .hooks import ConsoleLog, MetricsLog, ProgressBar, truncate_metrics
-from .steps import EpochSampler, lr_factor, make_optimizer, step_generator, train_step
+from .steps import AlternatingFlip, EpochSampler, lr_factor, make_optimizer, step_generator, train_step
 
 
 class TrainingDiverged(CnnlabError):
@@ -218,17 +218,18 @@ def _make_hooks(model_dir: Path, total: int, step: int, dist: distributed.DistCo
             *(extra or [])]
 
 
-def _batch(batches: BatchSource, num_classes: int, sampler, augment: Augment, step: int, config: TrainConfig,
+def _batch(parts: StepParts, step: int, config: TrainConfig,
            dist: distributed.DistContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's indices, augmented float images and targets (class indices, or MixUp/CutMix soft targets
     [N, K]) of the global batch for ``step``."""
-    idx = sampler.indices(step)
-    images_u8, y = batches.take(idx)  # resident, or gathered from the decoded cache (data_memory_gb)
-    idx = idx.to(batches.device)
+    idx = parts.sampler.indices(step)
+    images_u8, y = parts.batches.take(idx)  # resident, or gathered from the decoded cache (data_memory_gb)
+    flips = parts.flips.mask(idx, step) if parts.flips is not None else None
+    idx = idx.to(parts.batches.device)
     gen = step_generator(config.seed, step)
-    x = augment(images_u8.float().div_(255.0), gen)
+    x = parts.augment(images_u8.float().div_(255.0), gen, flips)
     if config.mixup or config.cutmix:  # drawn after augment's draws, from the same stream
-        x, y = controls.mix_batch(x, y, num_classes, gen, mixup=config.mixup, cutmix=config.cutmix)
+        x, y = controls.mix_batch(x, y, parts.num_classes, gen, mixup=config.mixup, cutmix=config.cutmix)
     idx, x, y = dist.shard(idx), dist.shard(x), dist.shard(y)  # this rank's rows of the global batch
     if config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -383,6 +384,7 @@ class StepParts:
         train_model: What the step calls: the model, wrapped in DDP under torchrun and compiled when asked.
         frozen_until: Steps that train the head only (see `finetune.frozen_steps`).
         num_classes: K, the width of MixUp/CutMix soft targets.
+        flips: The alternating flip's per-sample choices (``alternate_flip``), or None (random flips).
     """
 
     batches: BatchSource
@@ -392,6 +394,7 @@ class StepParts:
     train_model: torch.nn.Module
     frozen_until: int
     num_classes: int
+    flips: AlternatingFlip | None = None
 
 
 def step_parts(state: TrainState, config: TrainConfig, train_set: ArrayDataset,
@@ -411,7 +414,9 @@ def step_parts(state: TrainState, config: TrainConfig, train_set: ArrayDataset,
     if config.compile:
         train_model = torch.compile(train_model)  # the first steps pay for the compilation
     frozen_until = finetune.frozen_steps(config, len(train_set), dist.world_size)
-    return StepParts(batches, sampler, augment, class_weight, train_model, frozen_until, train_set.info.num_classes)
+    flips = AlternatingFlip(len(train_set), config.batch_size, config.seed) if config.alternate_flip else None
+    return StepParts(batches, sampler, augment, class_weight, train_model, frozen_until, train_set.info.num_classes,
+                     flips)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int, total: int) -> None:
@@ -430,7 +435,7 @@ def optimise_step(state: TrainState, parts: StepParts, config: TrainConfig, tota
         This rank's batch indices [n], its mean loss (this rank's, detached) and its logits [n, K].
     """
     step = state.step
-    idx, x, y = _batch(parts.batches, parts.num_classes, parts.sampler, parts.augment, step, config, dist)
+    idx, x, y = _batch(parts, step, config, dist)
     finetune.apply_freeze(state.model, step, parts.frozen_until)
     set_lr(state.optimizer, config, step, total)
     loss, logits = train_step(parts.train_model, state.optimizer, x, y, label_smoothing=config.label_smoothing,

@@ -103,6 +103,7 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
 BATCH_ORDER = (1, 0)
 AUGMENT = (7919, 17)
 BALANCED_SAMPLER = (104_729, 3)
+ALTERNATE_FLIP = (15_485_863, 5)
 
 
 def seeded_generator(seed: int, index: int, stream: tuple[int, int]) -> torch.Generator:
@@ -139,6 +140,24 @@ class EpochSampler:
             parts.append(self._perm(epoch)[off:off + take])
             pos += take
         return torch.cat(parts)
+
+
+class AlternatingFlip:
+    """Which samples of batch ``step`` are mirrored under airbench's alternating flip: image i in epoch e when
+    its fixed random bit (a function of the seed) differs from e's parity. So each image is seen both ways in
+    any two consecutive epochs, where random flips leave a quarter of them the same way twice.
+
+    The epoch of a sample is its position in the run's stream of samples divided by the training set's size.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.first = torch.randint(0, 2, (n,), generator=seeded_generator(seed, 0, ALTERNATE_FLIP)).bool()
+
+    def mask(self, idx: torch.Tensor, step: int) -> torch.Tensor:
+        """[len(idx)] bool: mirror sample j of the batch (``idx``: the batch's indices into the training set)."""
+        odd = ((step * self.batch_size + torch.arange(len(idx))) // self.n) % 2 == 1
+        return self.first[idx.cpu()] ^ odd
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
