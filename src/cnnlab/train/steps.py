@@ -145,7 +145,7 @@ class EpochSampler:
 class AlternatingFlip:
     """Which samples of batch ``step`` are mirrored under airbench's alternating flip: image i in epoch e when
     its fixed random bit (a function of the seed) differs from e's parity. So each image is seen both ways in
-    any two consecutive epochs, where random flips leave a quarter of them the same way twice.
+    any two consecutive epochs, where random flips show half of them the same way twice.
 
     The epoch of a sample is its position in the run's stream of samples divided by the training set's size.
     """
