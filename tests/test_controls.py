@@ -458,3 +458,21 @@ def test_augment_mirrors_the_masked_samples_without_drawing():
 def test_alternate_flip_needs_flip():
     with pytest.raises(ConfigError, match="alternate_flip needs flip"):
         make_config({"alternate_flip": True})
+
+
+def test_training_batches_alternate_each_images_flip_between_epochs():
+    n, batch = 6, 4  # an asymmetric image per index: its mirror is never itself
+    images = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
+    images[:, 0, :, 0] = torch.arange(1, n + 1, dtype=torch.uint8)[:, None] * 40  # left column brightness = index
+    config = make_config({"flip": True, "alternate_flip": True, "batch_size": batch, "channels_last": False})
+    parts = SimpleNamespace(
+        sampler=EpochSampler(n, batch, config.seed), flips=AlternatingFlip(n, batch, config.seed),
+        batches=SimpleNamespace(take=lambda idx: (images[idx], idx), device=torch.device("cpu")),
+        augment=Augment.from_config(config, (4, 4)), num_classes=10)
+    dist = SimpleNamespace(shard=lambda t: t)
+    mirrored: dict[int, list[bool]] = {i: [] for i in range(n)}
+    for step in range(3):  # two epochs of 6 in batches of 4
+        _, x, y = loop_mod._batch(parts, step, config, dist)
+        for image, i in zip(x, y.tolist()):
+            mirrored[i].append(bool(image[0, 0, -1] > 0))  # the bright column moved to the right
+    assert all(len(m) == 2 and m[0] != m[1] for m in mirrored.values())
