@@ -109,6 +109,7 @@ def test_norm_lr_mult_scales_the_rate_of_biases_and_norms_only(optimizer):
     with pytest.raises(ConfigError, match="norm_lr_mult"):
         make_config({"norm_lr_mult": 0})
 
+
 def test_cifar10_94_trains_each_part_at_the_rate_its_recipe_states():
     """The recipe reaches airbench94's rates through lr, backbone_lr_mult, muon_lr and norm_lr_mult: the
     classifier at 1.6, the filters at 0.24 (Muon), the norm shifts and the whitening bias at 0.4 x 64."""
