@@ -32,7 +32,10 @@ def print_table(headers: list[str], rows: list[list], out=sys.stdout) -> None:
 
 
 def run_cli_train(recipe: str, model_dir: Path, overrides: list[str], log_file: Path | None = None) -> dict:
-    """Run ``python -m cnnlab train`` in a fresh process; return results.json plus the process wall time."""
+    """Run ``python -m cnnlab train`` in a fresh process; return results.json plus the process wall time.
+
+    A failing run ends the benchmark with cnnlab's one-line error (or the log's last line) and the log's path.
+    """
     cmd = [sys.executable, "-m", "cnnlab", "train", "--recipe", recipe, "--model-dir", str(model_dir),
            "--no-progress", *overrides]
     t0 = time.perf_counter()
@@ -40,7 +43,10 @@ def run_cli_train(recipe: str, model_dir: Path, overrides: list[str], log_file: 
         proc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode} (log: {log_file})")
+        lines = Path(log_file).read_text(errors="replace").splitlines() if log_file else []
+        errors = [line for line in lines if line.startswith("cnnlab: error:")]
+        last = (errors or lines or [f"exit code {proc.returncode}"])[-1]
+        raise SystemExit(f"run {model_dir.name} failed: {last}" + (f" (log: {log_file})" if log_file else ""))
     result = json.loads((model_dir / "results.json").read_text())
     result["wall"] = wall
     return result

@@ -91,10 +91,15 @@ def test_mutable_defaults_are_not_shared():
 def test_auto_precision_is_bf16_only_where_native(monkeypatch):
     from cnnlab import runtime
 
-    cases = (("fpu sse avx2 avx512f", "fp32"), ("avx512f avx512_bf16", "bf16"), ("amx_bf16 amx_tile", "bf16"))
-    for flags, want in cases:
-        monkeypatch.setattr(runtime, "cpuinfo", lambda key, f=flags: f if key == "flags" else "")
-        assert runtime.resolve_precision("auto") == want
+    amd, intel = "AuthenticAMD", "GenuineIntel"
+    cases = (("fpu sse avx2 avx512f", amd, "fp32"), ("fpu sse avx2 avx512f", intel, "fp32"),
+             ("avx512f avx512_bf16", amd, "bf16"),
+             ("avx512f avx512_bf16", intel, "fp32"),  # Intel without AMX: bf16 kernels slower than fp32
+             ("avx512f avx512_bf16 amx_bf16 amx_tile", intel, "bf16"), ("avx512_bf16", "", "fp32"))
+    for flags, vendor, want in cases:
+        info = {"flags": flags, "vendor_id": vendor}
+        monkeypatch.setattr(runtime, "cpuinfo", lambda key, info=info: info.get(key, ""))
+        assert runtime.resolve_precision("auto") == want, (flags, vendor)
         assert runtime.resolve_precision("fp32") == "fp32" and runtime.resolve_precision("bf16") == "bf16"
 
 

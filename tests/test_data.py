@@ -511,7 +511,11 @@ def test_download_failure_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     message = one_line_error(excinfo)
     assert message.startswith("mnist not found and download failed (")
     assert "connect to the internet to download" in message
-    assert not list((tmp_path / "d").rglob("*.part"))
+    assert not (tmp_path / "d").exists()  # no .part file and no empty folder left behind
+    (tmp_path / "d").mkdir()
+    with pytest.raises(DataError):
+        load_dataset("mnist", data_dir=tmp_path / "d")
+    assert (tmp_path / "d").is_dir() and not list((tmp_path / "d").iterdir())  # the user's folder stays
 
 
 @robust

@@ -121,3 +121,12 @@ def test_times_are_stated_against_the_host(bench_modules):
     host = {"reference": {"seconds": 2.0}, "peak": {"fp32": 1e11, "bf16": 4e11}}
     r = common.seconds_ratios(10.0, host, "bf16")
     assert r == {"seconds": 10.0, "per_reference": 5.0, "peak_tflop": pytest.approx(4.0)}
+
+
+def test_a_failing_training_run_ends_the_benchmark_in_one_line(bench_modules, tmp_path, data_env):
+    _, common = bench_modules
+    with pytest.raises(SystemExit) as excinfo:
+        common.run_cli_train("no-such-recipe", tmp_path / "run", [], log_file=tmp_path / "run.log")
+    message = str(excinfo.value.code)
+    assert "\n" not in message and message.startswith("run run failed: cnnlab: error: ")
+    assert "no-such-recipe" in message and message.endswith(f"(log: {tmp_path / 'run.log'})")

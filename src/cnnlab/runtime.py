@@ -64,18 +64,24 @@ def cpuinfo(key: str) -> str:
 
 
 def native_bf16(device_type: str = "cpu") -> bool:
-    """Whether bf16 arithmetic is native on this device: a CUDA GPU that supports it, or an x86 CPU with
-    AVX512-BF16 or AMX-BF16 (elsewhere bf16 autocast is emulated and runs slower than fp32; docs/speed.md)."""
+    """Whether bf16 runs faster than fp32 on this device: a CUDA GPU that supports it, a CPU with AMX-BF16, or an
+    AMD CPU with AVX512-BF16 (measured on a Zen 5 EPYC: bf16 about twice fp32's FLOP/s).
+
+    AVX512-BF16 alone does not make bf16 pay on Intel's CPUs (Cooper Lake, or a Sapphire/Emerald Rapids whose AMX a
+    virtual machine hides): there oneDNN's bf16 kernels ran at half fp32's FLOP/s and training was 1.2-1.4x slower
+    in bf16 (docs/speed.md). Without any bf16 instructions, bf16 autocast is emulated and slower still. The choice
+    depends on the machine only, never on a timing, so a rerun makes the same choice.
+    """
     if device_type == "cuda":
         import torch
 
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     flags = cpuinfo("flags").split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and cpu_vendor() == "AuthenticAMD")
 
 
 def resolve_precision(precision: str, device_type: str = "cpu") -> str:
-    """``precision`` with 'auto' replaced by what this device runs fastest: bf16 where native, else fp32."""
+    """``precision`` with 'auto' replaced by what this device runs fastest: bf16 where `native_bf16`, else fp32."""
     if precision != "auto":
         return precision
     return "bf16" if native_bf16(device_type) else "fp32"

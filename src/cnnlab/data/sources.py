@@ -367,13 +367,23 @@ def _locate(
     online = "connect to the internet to download"
     if not download:
         raise DataError(_missing_message(layout, roots, " (downloading is off)", "allow downloading"))
-    target = _first_writable(_writable_roots(data_dir))
+    writable = _writable_roots(data_dir)
+    existed = {root for root in writable if root.exists()}
+    target = _first_writable(writable)
     if target is None:
         raise DataError(_missing_message(layout, roots, " and no writable folder to download into", online))
     log.info("downloading %s into %s", layout.name, target / layout.folder)
+    created = [] if target in existed else [target]  # folders this download makes, deepest first
+    if not (target / layout.folder).exists():
+        created.insert(0, target / layout.folder)
     try:
         fetch(target)
     except DataError as exc:
+        for d in created:  # leave no empty folders behind; a folder holding verified files stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise DataError(_missing_message(layout, roots, f" and download failed ({exc})", online)) from exc
     found = _find(layout, split, [target], candidates)
     if found is None:  # only if a download reported success yet left a file out
