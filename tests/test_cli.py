@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -90,3 +92,27 @@ def test_library_messages_reach_the_user_once_on_stderr(capsys):
     sources.log.info("downloading %s into %s", "mnist", "/somewhere")
     captured = capsys.readouterr()
     assert captured.err == "cnnlab: downloading mnist into /somewhere\n" and captured.out == ""
+
+
+def _run_entry_point(prelude: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """``prelude``, then the console entry point ``cnnlab.cli.run`` with ``argv``, in a fresh interpreter."""
+    code = f"import sys; from cnnlab.cli import run\n{prelude}\nsys.argv = ['cnnlab', *{argv!r}]\nrun()\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_the_entry_point_exits_with_mains_code_after_the_exit_handlers(tmp_path):
+    prelude = "import atexit; atexit.register(lambda: print('exit handler ran'))"
+    ok = _run_entry_point(prelude, ["models"])
+    assert ok.returncode == 0 and "mnist-fast" in ok.stdout and ok.stdout.rstrip().endswith("exit handler ran")
+    bad = _run_entry_point(prelude, ["evaluate", str(tmp_path / "missing")])
+    assert bad.returncode == 2 and bad.stderr.startswith("cnnlab: error: ") and "exit handler ran" in bad.stdout
+    cli = subprocess.run([sys.executable, "-m", "cnnlab", "evaluate", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1
+
+
+def test_the_entry_point_waits_for_a_running_thread():
+    prelude = ("import threading, time\n"
+               "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()")
+    done = _run_entry_point(prelude, ["models"])
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("thread done")
