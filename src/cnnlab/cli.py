@@ -576,7 +576,7 @@ def run() -> None:
     code = main()
     if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
         sys.exit(code)
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # what Python's own exit runs first (private, but in CPython since 3.0)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -67,10 +67,11 @@ def native_bf16(device_type: str = "cpu") -> bool:
     """Whether bf16 runs faster than fp32 on this device: a CUDA GPU that supports it, a CPU with AMX-BF16, or an
     AMD CPU with AVX512-BF16 (measured on a Zen 5 EPYC: bf16 about twice fp32's FLOP/s).
 
-    AVX512-BF16 alone does not make bf16 pay on Intel's CPUs (Cooper Lake, or a Sapphire/Emerald Rapids whose AMX a
-    virtual machine hides): there oneDNN's bf16 kernels ran at half fp32's FLOP/s and training was 1.2-1.4x slower
-    in bf16 (docs/speed.md). Without any bf16 instructions, bf16 autocast is emulated and slower still. The choice
-    depends on the machine only, never on a timing, so a rerun makes the same choice.
+    AVX512-BF16 alone does not make bf16 pay on Intel's CPUs: on an Emerald Rapids whose AMX its virtual machine
+    hides, oneDNN's bf16 kernels ran at half fp32's FLOP/s and training was 1.2-1.6x slower in bf16 (docs/speed.md;
+    Cooper Lake has the same instructions without AMX, not measured). Without any bf16 instructions, bf16 autocast
+    is emulated and slower still. The choice depends on the machine only, never on a timing, so a rerun makes the
+    same choice.
     """
     if device_type == "cuda":
         import torch
