@@ -434,3 +434,44 @@ def test_bad_layer_index_via_the_api_is_a_model_error():
     model = create_model("lenet5")
     with pytest.raises(ModelError, match="2 conv layers"):
         plot_filters(model, 2, 0)
+
+
+def test_analyze_reuses_an_evaluation_only_of_the_loaded_weights(runs, monkeypatch):
+    from cnnlab.infer import EvalResult
+
+    monkeypatch.setenv("CNNLAB_DATA", str(runs["data"]))
+    a = analyze(runs["mnist"])
+    step, fresh = a.trained.step, a.logits
+    acc = float((fresh.argmax(1) == a.labels).float().mean())
+    # doubled logits: the same predictions and accuracy, yet told apart from a second evaluation's
+    done = EvalResult(loss=0.0, accuracy=acc, n=len(a.labels), logits=fresh * 2)
+    reused = analyze(runs["mnist"], evaluated=(step, done))
+    assert torch.equal(reused.logits, fresh * 2)
+    assert reused.metrics.accuracy == pytest.approx(a.metrics.accuracy)
+    assert reused.metrics.loss != pytest.approx(a.metrics.loss)  # the metrics come from the reused logits
+    # another step's weights, another accuracy on these labels, or part of the split: evaluated again
+    for other, kw in [((step - 1, done), {}),
+                      ((step, dataclasses.replace(done, accuracy=acc + 0.5)), {}),
+                      ((step, done), {"limit": 8})]:
+        b = analyze(runs["mnist"], evaluated=other, **kw)
+        assert torch.allclose(b.logits, fresh[:len(b.logits)], atol=1e-5)
+
+
+def test_train_report_reuses_the_final_test_evaluation(tiny_data, tmp_path, monkeypatch):
+    from cnnlab.infer import TrainedModel
+
+    calls, real = [], TrainedModel.logits
+
+    def counted(self, x, *args, **kw):
+        calls.append(len(x))
+        return real(self, x, *args, **kw)
+
+    monkeypatch.setattr(TrainedModel, "logits", counted)
+    run = tmp_path / "run"
+    args = ["--steps=4", "--batch_size=16", "--eval_batch_size=16", "--log_every=2"]
+    assert main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), *args]) == 0
+    assert (run / "report.html").is_file()
+    assert 32 not in calls  # the 32 test images were evaluated once, by training, not again for the report
+    recorded = json.loads((run / "results.json").read_text())["test"]["accuracy"]
+    assert analyze(run).metrics.accuracy == pytest.approx(recorded)
+    assert 32 in calls  # a later analysis has no training evaluation to reuse

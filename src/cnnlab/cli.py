@@ -119,7 +119,9 @@ def cmd_train(args, extra: list[str]) -> int:
             from .analysis import analyze, write_report
             from .infer import select_device
 
-            analysis = analyze(model_dir, data_dir=args.data_dir, device=select_device(config.device))
+            # the final test evaluation's logits stand in for a second pass when the report loads those weights
+            analysis = analyze(model_dir, data_dir=args.data_dir, device=select_device(config.device),
+                               evaluated=(result.step, result.test) if result.test is not None else None)
             print(f"report: {write_report(analysis)}")
         except Exception as e:  # noqa: BLE001  (whatever fails in the optional report is one warning)
             print(f"cnnlab: warning: report not written ({type(e).__name__}: {e}); "

@@ -16,7 +16,7 @@ import torch
 from ..config import resolve_config
 from ..data.augment import Augment
 from ..errors import CnnlabError, DataError
-from ..infer import TrainedModel, load_trained
+from ..infer import EvalResult, TrainedModel, load_trained
 from ..io import read_jsonl
 from ..rundir import read_record
 from . import plots
@@ -92,7 +92,7 @@ class Analysis:
 
 def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = None,
             device: str | torch.device = "cpu", limit: int | None = None, require_data: bool = True,
-            checkpoint: str = "auto") -> Analysis:
+            checkpoint: str = "auto", evaluated: tuple[int, EvalResult] | None = None) -> Analysis:
     """Load a run and evaluate it on ``split`` of its dataset.
 
     Args:
@@ -105,6 +105,10 @@ def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = 
             ``data_error`` set) instead of raising, so plots that need no data still work.
         checkpoint: Which of the run's checkpoints: auto (the best when kept, else the newest), latest, best
             or a file.
+        evaluated: (step, result) of an evaluation of the whole split that training just did with the run's
+            settings. Its logits are used instead of evaluating again when the loaded checkpoint holds that
+            step's weights (every checkpoint of one step does) and they give the recorded accuracy on the
+            labels loaded here; otherwise the split is evaluated.
     """
     trained = load_trained(run_dir, device, checkpoint=checkpoint)
     run_dir = Path(run_dir) if Path(run_dir).is_dir() else trained.path.parent
@@ -124,9 +128,25 @@ def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = 
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     result.images, result.labels = images, labels
-    result.logits = trained.logits(images)  # the run's precision, layout, TTA, crop and eval batch size
+    result.logits = _reused(evaluated, trained.step, labels)
+    if result.logits is None:
+        result.logits = trained.logits(images)  # the run's precision, layout, TTA, crop and eval batch size
     result.metrics = compute_metrics(result.logits, labels, trained.classes)
     return result
+
+
+def _reused(evaluated: tuple[int, EvalResult] | None, step: int, labels: torch.Tensor) -> torch.Tensor | None:
+    """The logits of ``evaluated`` when they are those of the loaded weights on these labels, else None."""
+    if evaluated is None:
+        return None
+    at, res = evaluated
+    if at != step or res.n != len(labels) or res.logits.ndim != 2 or len(res.logits) != len(labels):
+        return None
+    logits = res.logits.float()
+    # the same images in the same order: the recorded accuracy again (a cheap check, not a proof)
+    if abs((logits.argmax(1) == labels).float().mean().item() - res.accuracy) > 1e-6:
+        return None
+    return logits
 
 
 @dataclass(frozen=True)
