@@ -111,6 +111,16 @@ def test_the_entry_point_exits_with_mains_code_after_the_exit_handlers(tmp_path)
     assert cli.returncode == 2 and cli.stderr.count("\n") == 1
 
 
+def test_a_profiler_of_the_cli_gets_to_write_its_results(tmp_path):
+    out = tmp_path / "cli.prof"
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), "-m", "cnnlab", "models"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "mnist-fast" in done.stdout
+    import pstats
+
+    assert any(name == "main" for _, _, name in pstats.Stats(str(out)).stats)  # cnnlab.cli.main was profiled
+
+
 def test_the_entry_point_waits_for_a_running_thread():
     prelude = ("import threading, time\n"
                "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()")

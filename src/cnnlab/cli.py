@@ -573,10 +573,14 @@ def run() -> None:
     Python's own shutdown then tears down every module torch imported, one by one, and frees their objects: about
     0.4 s after the work is done, on every command (docs/speed.md). Once no other non-daemon thread is running, the
     exit handlers have run (atexit: logging, multiprocessing, ...) and the output is flushed, nothing is left to do,
-    so the process ends there with ``main``'s exit code. Otherwise Python exits as usual.
+    so the process ends there with ``main``'s exit code. Otherwise Python exits as usual: while another thread
+    runs, and under a profiler or tracer (``python -m cProfile -m cnnlab``, pdb, trace), which writes its results
+    after the script returns.
     """
     code = main()
-    if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+    watched = sys.getprofile() is not None or sys.gettrace() is not None
+    if watched or any(t.is_alive() and not t.daemon and t is not threading.main_thread()
+                      for t in threading.enumerate()):
         sys.exit(code)
     atexit._run_exitfuncs()  # what Python's own exit runs first (private, but in CPython since 3.0)
     for stream in (sys.stdout, sys.stderr):
