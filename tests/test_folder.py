@@ -669,3 +669,29 @@ def test_decode_tasks_cover_every_file_once_with_the_largest_first(tmp_path):
     assert order[:2] == [7, 31] and all(len(r) == 1 for r in runs[:2])  # the big ones first, each alone
     assert all(list(r) == list(range(r.start, r.stop)) for r in runs)  # runs of consecutive files
     assert [i for r in _runs(files, workers=1) for i in r] == list(range(len(files)))  # one thread: file order
+
+
+def test_a_relative_folder_is_recorded_absolute_so_the_run_works_from_anywhere(tmp_path, data_env, monkeypatch,
+                                                                                 capsys):
+    make_folder(tmp_path / "work" / "shapes", per_class=2, val=1)
+    monkeypatch.chdir(tmp_path / "work")
+    args = ["--dataset=folder:shapes?size=28", "--model=lenet5", "--steps=2", "--batch_size=4", "--no-report"]
+    assert main(["train", "--model-dir", "run", *args]) == 0
+    recorded = json.loads((tmp_path / "work" / "run" / "config.json").read_text())["config"]["dataset"]
+    assert recorded == f"folder:{tmp_path / 'work' / 'shapes'}?size=28"
+    assert main(["train", "--model-dir", "run", *args[:-2], "--steps=3", "--no-report"]) == 0  # resumes: same data
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "work" / "run")]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_absolute_folder_leaves_other_names_alone(tmp_path, monkeypatch):
+    from cnnlab.data.folder import absolute_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_folder("mnist") == "mnist"
+    assert absolute_folder("folder:imgs?size=28&val=0.2") == f"folder:{tmp_path / 'imgs'}?size=28&val=0.2"
+    assert absolute_folder("folder:/data/x") == "folder:/data/x"
+    assert absolute_folder("folder:") == "folder:"

@@ -193,6 +193,22 @@ def sized_for_model(name: str, input_size: tuple[int, int]) -> str:
     return f"{path}?{query + '&' if query else ''}size={input_size[0]}x{input_size[1]}"
 
 
+def absolute_folder(name: str) -> str:
+    """``name`` with a ``folder:`` dataset's path made absolute (``~`` expanded, resolved from the current
+    folder); other names unchanged.
+
+    A run records its dataset by name, so a relative path would only find the images again from the folder the
+    run was trained in; evaluate, predict and report may run from anywhere.
+    """
+    if not name.strip().lower().startswith("folder:"):
+        return name
+    prefix, _, rest = name.strip().partition(":")
+    path, sep, query = rest.partition("?")
+    if not path:  # no path: `parse_folder_name` says what is missing
+        return name
+    return f"{prefix}:{Path(path).expanduser().resolve()}{sep}{query}"
+
+
 def decode_size(input_size: tuple[int, int], resized_crop: bool) -> tuple[int, int]:
     """The (H, W) a folder is decoded at when its name gives no ``size=``, for a model taking ``input_size``.
 

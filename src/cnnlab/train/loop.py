@@ -28,7 +28,7 @@ from .. import rundir
 from ..config import TrainConfig
 from ..data import ArrayDataset, load_dataset, validation_split
 from ..data.augment import Augment
-from ..data.folder import decode_size, sized_for_model
+from ..data.folder import absolute_folder, decode_size, sized_for_model
 from ..data.loader import BatchSource
 from ..errors import CheckpointError, CnnlabError
 from ..infer import EvalResult, model_input, select_device
@@ -94,8 +94,10 @@ def sized_dataset(config: TrainConfig) -> TrainConfig:
     The size is the one the model takes when built without data: a fixed model's input, or for a
     flexible-size model (``timm:...``) its pretrained configuration's (224 for resnet18) unless
     ``img_size`` is given; larger when the run trains on random-resized crops (`decode_size`) and the model's
-    size does not follow the data's. The resolved name is what the run records, so evaluate and predict use it.
+    size does not follow the data's. The resolved name, with the folder's path made absolute, is what the run
+    records, so evaluate and predict use it from any folder.
     """
+    config = dataclasses.replace(config, dataset=absolute_folder(config.dataset))
     if sized_for_model(config.dataset, (1, 1)) == config.dataset:  # not a folder name, or it has a size
         return config
     args = {k: v for k, v in config.model_args.items() if k not in INIT_ONLY_ARGS}  # no weights needed for a size
@@ -145,7 +147,8 @@ def _check_same_run(meta: dict, model: torch.nn.Module, config: TrainConfig, whe
     if saved["name"] != model.meta.name or saved["args"] != model.meta.args:
         raise CheckpointError(f"{where} holds {saved['name']} {saved['args']}, not {model.meta.name} "
                               f"{model.meta.args}; use another --model-dir")
-    if meta["config"].get("dataset") != config.dataset:
+    # a run recorded before folder paths were made absolute names its folder relative to where it was trained
+    if absolute_folder(meta["config"].get("dataset") or "") != absolute_folder(config.dataset):
         raise CheckpointError(f"{where} was trained on {meta['config'].get('dataset')}, not {config.dataset}; "
                               "use another --model-dir")
 
