@@ -122,7 +122,10 @@ def test_a_profiler_of_the_cli_gets_to_write_its_results(tmp_path):
 
 
 def test_the_entry_point_waits_for_a_running_thread():
-    prelude = ("import threading, time\n"
-               "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()")
+    # the thread runs until the main thread reaches Python's own shutdown: alive whenever run() looks, however
+    # long the command takes, and it prints only if run() exits the usual way, which waits for it
+    prelude = ("import threading\n"
+               "threading.Thread(target=lambda: (threading.main_thread().join(), print('thread done', flush=True)))"
+               ".start()")
     done = _run_entry_point(prelude, ["models"])
     assert done.returncode == 0 and done.stdout.rstrip().endswith("thread done")

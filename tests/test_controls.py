@@ -56,13 +56,21 @@ def _evals(run: Path, split: str) -> list[dict]:
 
 def test_best_checkpoint_is_chosen_by_validation_and_used_by_evaluate(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    fit(_config(eval_every=2, keep_checkpoints=1), run, **_sets(), **QUIET)
+    result = fit(_config(eval_every=2, keep_checkpoints=1), run, **_sets(), **QUIET)
     evals = _evals(run, "val")
     assert [r["step"] for r in evals] == [2, 4, 6, 8, 10, 12]
     peak = max(evals, key=lambda r: r["accuracy"])  # first of the maxima
     results = json.loads((run / "results.json").read_text())
+    best_test = results["best"].pop("test")
     assert results["best"] == {"metric": "val_accuracy", "value": peak["accuracy"], "step": peak["step"]}
     assert peak["step"] < 12  # the set-up works: validation peaked before the end
+    # the run reports the test split's reading of the weights it serves, as `evaluate` gives it
+    assert main(["evaluate", str(run), "--json"]) == 0
+    served = json.loads(capsys.readouterr().out)
+    assert served["step"] == peak["step"] and result.best[0] == peak["step"]
+    assert best_test["accuracy"] == pytest.approx(served["accuracy"]) == pytest.approx(result.best[1].accuracy)
+    assert best_test["loss"] == pytest.approx(served["loss"], rel=1e-5)
+    assert results["test"]["loss"] != pytest.approx(best_test["loss"])  # the final weights' reading is another
 
     # Kept beside the newest checkpoint, untouched by keep_checkpoints=1, and not what training resumes from.
     assert [p.name for p in ck.list_checkpoints(run)] == ["ckpt-00000012.safetensors"]

@@ -114,14 +114,19 @@ def cmd_train(args, extra: list[str]) -> int:
     result = fit(config, model_dir, data_dir=args.data_dir, progress=args.progress, hooks=hooks, force=args.force)
     print(f"done: step {result.step}, test accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f}, "
           f"{result.seconds:.1f} s; model in {model_dir}")
+    # the best checkpoint is what evaluate, predict, export and serve load: say what it scores when it is not the last
+    evaluated = result.best or (result.step, result.test)
+    if evaluated[0] != result.step:
+        print(f"best checkpoint (step {evaluated[0]}, used by evaluate, predict, export and serve): test accuracy "
+              f"{evaluated[1].accuracy:.4f}, loss {evaluated[1].loss:.4f}")
     if args.report:
         try:  # the trained run is safe on disk whatever happens here: a failure is one warning line
             from .analysis import analyze, write_report
             from .infer import select_device
 
-            # the final test evaluation's logits stand in for a second pass when the report loads those weights
+            # training's test evaluation of the weights the report loads stands in for a second pass
             analysis = analyze(model_dir, data_dir=args.data_dir, device=select_device(config.device),
-                               evaluated=(result.step, result.test) if result.test is not None else None)
+                               evaluated=evaluated)
             print(f"report: {write_report(analysis)}")
         except Exception as e:  # noqa: BLE001  (whatever fails in the optional report is one warning)
             print(f"cnnlab: warning: report not written ({type(e).__name__}: {e}); "

@@ -19,6 +19,7 @@ Each control is off by default and is a small function or class here, so the loo
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -237,6 +238,24 @@ class Evaluator:
         if self.eval_every and not self.separate:
             self._select(test, step)
         return test, val
+
+    def best_on_test(self, model: torch.nn.Module, step: int, test: EvalResult,
+                     load_best: Callable[[torch.nn.Module], bool]) -> tuple[int, EvalResult] | None:
+        """(step, test result) of the weights in ``best.safetensors``, the ones evaluate, predict, export and
+        serve use; None when no evaluation picked a best.
+
+        The final weights' ``test`` when the best is the last step; otherwise a copy of ``model`` takes the best
+        weights (``load_best``) and is evaluated on the test split, so the run reports what it will serve.
+        """
+        best = self.selection.best_step
+        if not self.selection.enabled or self.selection.best_value is None:
+            return None
+        if best == step:
+            return best, test
+        twin = copy.deepcopy(model)
+        if not load_best(twin):
+            return None
+        return best, self._evaluate(twin, self.test_set)  # results.json holds it; the metrics log stays in step order
 
 
 # ------------------------------------------------------------------ class balance

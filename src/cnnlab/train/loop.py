@@ -53,6 +53,7 @@ class FitResult:
     test: EvalResult | None
     seconds: float
     model_dir: Path
+    best: tuple[int, EvalResult] | None = None  # (step, test result) of best.safetensors' weights, when kept
 
 
 @dataclass
@@ -349,29 +350,43 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
 
     all_hooks = _make_hooks(model_dir, total, state.step, dist, log, progress, hooks)
     try:
-        final, test, val = train_loop(
+        final, test, val, best = train_loop(
             state, config, train_set, test_set, total=total, dist=dist, t0=t0,
             emit=lambda rec: [h.on_record(rec) for h in all_hooks],
             save=lambda: dist.on_main(save_state, state, model_dir, config, data_meta),
             last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set, selection=selection, stop=stop,
             save_best=lambda: dist.on_main(controls.save_best, model_dir, state.model, state.ema, state.step,
-                                           config.to_dict(), data_meta, selection))
+                                           config.to_dict(), data_meta, selection),
+            load_best=lambda module: _load_best(model_dir, module, "ema" if state.ema is not None else "model"))
     finally:
         for h in all_hooks:
             h.close()
     if state.step < total:
         log(selection.stop_message(state.step))
     seconds = time.perf_counter() - t0
-    dist.on_main(write_results, model_dir, state.step, total, test, val, seconds, selection)
-    return FitResult(model=final, step=state.step, test=test, seconds=seconds, model_dir=model_dir)
+    dist.on_main(write_results, model_dir, state.step, total, test, val, seconds, selection, best)
+    return FitResult(model=final, step=state.step, test=test, seconds=seconds, model_dir=model_dir, best=best)
+
+
+def _load_best(model_dir: Path, module: torch.nn.Module, section: str) -> bool:
+    """Load ``best.safetensors``' weights (its ``section``: model or ema) into ``module``; False without one."""
+    path = Path(model_dir) / ck.BEST_NAME
+    if not path.is_file():
+        return False
+    tensors, _ = ck.load_checkpoint(path)
+    ck.load_state_strict(module, ck.section(tensors, section), str(path))
+    return True
 
 
 def write_results(model_dir: Path, step: int, total: int, test: EvalResult, val: EvalResult | None,
-                  seconds: float, selection: controls.Selection) -> None:
+                  seconds: float, selection: controls.Selection, best: tuple[int, EvalResult] | None = None) -> None:
     """Write results.json: the step reached, the test (and separate validation) results, the run's time and,
-    when it evaluated during training, the best evaluation and whether it stopped early."""
+    when it evaluated during training, the best evaluation, its weights' test results and whether it stopped
+    early."""
     result = {"step": step, "test": test.as_dict(), **({"val": val.as_dict()} if val is not None else {}),
               "seconds": round(seconds, 3), **controls.results_record(selection, step, total)}
+    if best is not None and "best" in result:
+        result["best"]["test"] = best[1].as_dict()
     ck.atomic_write_bytes(model_dir / "results.json", json.dumps(result, indent=2).encode())
 
 
@@ -472,7 +487,9 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
                save: Callable[[], None], last_good: Callable[[], Path | None], val_set: ArrayDataset | None = None,
                selection: controls.Selection | None = None,
                save_best: Callable[[], None] = lambda: None,
-               stop: rundir.StopRequest | None = None) -> tuple[torch.nn.Module, EvalResult, EvalResult | None]:
+               load_best: Callable[[torch.nn.Module], bool] = lambda module: False,
+               stop: rundir.StopRequest | None = None
+               ) -> tuple[torch.nn.Module, EvalResult, EvalResult | None, tuple[int, EvalResult] | None]:
     """Run the optimisation steps from ``state.step`` to ``total`` (or an early stop), then evaluate on the
     test split.
 
@@ -489,11 +506,13 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         val_set: Evaluated every ``eval_every`` steps (default: the test split).
         selection: Tracks the best evaluation and decides an early stop (default: from ``config``).
         save_best: Writes ``best.safetensors`` (called after an evaluation that improved).
+        load_best: Loads ``best.safetensors``' weights into a model (False when there is none).
         stop: Set by SIGTERM: the step is saved, then `rundir.Preempted` is raised.
 
     Returns:
-        The model to use (the EMA copy when EMA is on), its test-set result, and its result on a separate
-        validation split (None when the test split is the validation split).
+        The model to use (the EMA copy when EMA is on), its test-set result, its result on a separate
+        validation split (None when the test split is the validation split), and the step and test-set result
+        of the best checkpoint's weights (None when no evaluation picked one).
     """
     parts = step_parts(state, config, train_set, dist)
     selection = selection if selection is not None else controls.Selection.from_config(config)
@@ -525,4 +544,4 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         save()  # stopped early: keep the weights it stopped with, so a rerun stops there too
     final = state.ema or state.model
     test, val = evals.finish(final, state.step)
-    return final, test, val
+    return final, test, val, evals.best_on_test(final, state.step, test, load_best)
