@@ -96,6 +96,41 @@ def test_second_trainer_is_refused_and_sigterm_resumes_bit_identically(tiny_data
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_ctrl_c_during_training_saves_the_step_and_resumes_bit_identically(tiny_data, tmp_path):
+    env = {**os.environ, "CNNLAB_DATA": str(tiny_data)}
+    subprocess.run(_train_cmd(tmp_path / "ref"), env=env, check=True, capture_output=True)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run), env={**env, "CNNLAB_TEST_PAUSE_AT_STEP": "5"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = Path(f"{run}.paused-5")
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == rundir.INTERRUPTED_EXIT, err
+    assert "saving a checkpoint after this step" in err and "stopped by SIGINT at step 5" in err, err
+    assert "Traceback" not in err, err
+    assert [p.name for p in ck.list_checkpoints(run)] == ["ckpt-00000005.safetensors"]
+    rerun = subprocess.run(_train_cmd(run), env=env, capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0 and "resuming from ckpt-00000005" in rerun.stdout, rerun.stderr
+    want, got = _tensors(tmp_path / "ref"), _tensors(run)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_ctrl_c_outside_the_steps_or_twice_interrupts_at_once(tmp_path):
+    with rundir.on_stop_signals(tmp_path) as stop:
+        with pytest.raises(KeyboardInterrupt):  # not armed: loading data, the final evaluation...
+            signal.raise_signal(signal.SIGINT)
+        stop.armed = True
+        signal.raise_signal(signal.SIGINT)  # armed: a request for the end of the step
+        assert stop.requested and stop.signal_name == "SIGINT" and stop.check(1)
+        with pytest.raises(KeyboardInterrupt):  # the second one does not wait
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 def test_lock_held_in_this_process_is_named(run, capsys):
     with rundir.lock(run):
         one_line_error(capsys, main(["train", *TINY, "--steps=6", "--model-dir", str(run)]),

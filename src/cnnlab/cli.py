@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CnnlabError, ConfigError
-from .rundir import PREEMPTED_EXIT, Preempted
+from .rundir import Preempted
 from .runtime import tune_allocator
 
 if TYPE_CHECKING:  # annotations only: the commands import torch where they need it
@@ -553,9 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # reuse freed memory instead of page-faulting it back in each step (see runtime.py)
     try:
         return args.func(args, extra)
-    except Preempted as e:  # SIGTERM (e.g. a preempted cloud machine): the checkpoint is saved
+    except Preempted as e:  # SIGTERM (e.g. a preempted cloud machine) or Ctrl-C: the checkpoint is saved
         print(f"cnnlab: {e}", file=sys.stderr)
-        return PREEMPTED_EXIT
+        return e.exit_code
     except CnnlabError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2

@@ -9,8 +9,10 @@
   directory is refused unless ``force``.
 - **Temp files.** Atomic writes go through ``.NAME.cnnlab-tmp-PID`` (`temp_path`); only such names (and the
   ``.NAME.tmp-PID`` of older cnnlab versions, for the names cnnlab writes) are ever removed.
-- **Preemption.** `on_sigterm` turns SIGTERM into a request the loop honours at the end of a step: it saves a
-  checkpoint there and stops with `Preempted` (exit code 143 from the CLI), so the rerun resumes exactly.
+- **Preemption.** `on_stop_signals` turns SIGTERM, and a Ctrl-C (SIGINT) during the optimisation steps, into a
+  request the loop honours at the end of a step: it saves a checkpoint there and stops with `Preempted` (exit
+  code 143 or 130 from the CLI), so the rerun resumes exactly. A second Ctrl-C, or one outside the steps, stops
+  at once (KeyboardInterrupt), as before.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +35,7 @@ from .errors import CnnlabError
 LOCK_NAME = ".cnnlab-lock"
 TEMP_MARK = ".cnnlab-tmp-"
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+INTERRUPTED_EXIT = 130  # 128 + SIGINT
 CHECKPOINT = re.compile(r"ckpt-\d{8}\.safetensors")
 BEST_CHECKPOINT = "best.safetensors"  # train.controls.BEST_NAME: the best evaluation's weights
 # Names cnnlab writes at the top of a run directory (plus checkpoints, temps and the lock).
@@ -46,11 +50,14 @@ class RunDirError(CnnlabError):
 
 
 class Preempted(CnnlabError):
-    """Training stopped on SIGTERM after saving a checkpoint at the current step."""
+    """Training stopped on SIGTERM or Ctrl-C after saving a checkpoint at the current step."""
 
-    def __init__(self, step: int, checkpoint: str):
-        super().__init__(f"stopped by SIGTERM at step {step}; saved {checkpoint} (rerun the same command to resume)")
+    def __init__(self, step: int, checkpoint: str, signal_name: str = "SIGTERM"):
+        super().__init__(f"stopped by {signal_name} at step {step}; saved {checkpoint} "
+                         "(rerun the same command to resume)")
         self.step = step
+        # what a shell reports for a process the signal ended: 128 + the signal's number
+        self.exit_code = INTERRUPTED_EXIT if signal_name == "SIGINT" else PREEMPTED_EXIT
 
 
 # ---------------------------------------------------------------- temp files
@@ -291,15 +298,31 @@ def utf8_path(path: Path) -> Iterator[str]:
 # ---------------------------------------------------------------- preemption
 
 class StopRequest:
-    """Set by SIGTERM; the loop reads `requested` at the end of each step."""
+    """Set by SIGTERM, or by Ctrl-C while ``armed`` (the loop's optimisation steps); the loop reads `requested`
+    at the end of each step.
+
+    Attributes:
+        requested: A stop was asked for.
+        signal_name: The signal that asked (SIGTERM or SIGINT).
+        armed: Ctrl-C waits for the end of the step (the loop sets it around its steps); otherwise, and for a
+            second Ctrl-C, it interrupts at once.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.requested = False
+        self.signal_name = "SIGTERM"
+        self.armed = False
         self.run_dir = Path(run_dir)
         self._pause_at = _env_int("CNNLAB_TEST_PAUSE_AT_STEP")
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.requested or not self.armed:
+                raise KeyboardInterrupt
+            print("cnnlab: Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
 
     def check(self, step: int) -> bool:
         """Whether to stop after ``step``.
@@ -322,17 +345,19 @@ def _env_int(name: str) -> int | None:
 
 
 @contextlib.contextmanager
-def on_sigterm(run_dir: Path, enabled: bool = True) -> Iterator[StopRequest]:
-    """Turn SIGTERM into a `StopRequest` for the block (only in the main thread; elsewhere it stays unset)."""
+def on_stop_signals(run_dir: Path, enabled: bool = True) -> Iterator[StopRequest]:
+    """Turn SIGTERM and Ctrl-C into a `StopRequest` for the block (only in the main thread; elsewhere it stays
+    unset and the signals keep their handlers)."""
     stop = StopRequest(run_dir)
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = signal.signal(signal.SIGTERM, stop._on_signal)
+    previous = {sig: signal.signal(sig, stop._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def pause_before_rename(path: Path) -> None:

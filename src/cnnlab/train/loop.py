@@ -292,14 +292,15 @@ def fit(config: TrainConfig, model_dir: str | Path, *, data_dir: str | None = No
         force: Train in ``model_dir`` even if it holds files cnnlab did not write (see `rundir`).
 
     The run directory is locked for the whole call (a second trainer on it stops with `rundir.RunDirError`).
-    SIGTERM saves a checkpoint at the current step and raises `rundir.Preempted` (single process only).
+    SIGTERM, or Ctrl-C during the optimisation steps, saves a checkpoint at the current step and raises
+    `rundir.Preempted` (single process only).
 
     Under ``torchrun --nproc-per-node N`` the same call trains data-parallel (see `distributed`): the
     global batch ``config.batch_size`` is split over the N processes, and only rank 0 logs and writes.
     """
     with distributed.session(select_device(config.device)) as dist, \
             (rundir.claim(model_dir, force) if dist.is_main else contextlib.nullcontext()), \
-            rundir.on_sigterm(model_dir, dist.world_size == 1) as stop:  # ranks could see it at different steps
+            rundir.on_stop_signals(model_dir, dist.world_size == 1) as stop:  # ranks could see it at different steps
         dist.check_batch_size(config.batch_size)
         return _fit(config, model_dir, dist, data_dir=data_dir, train_set=train_set, test_set=test_set, val_set=val_set,
                     log=log if dist.is_main else (lambda *a: None), progress=progress, hooks=hooks, stop=stop)
@@ -507,7 +508,8 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
         selection: Tracks the best evaluation and decides an early stop (default: from ``config``).
         save_best: Writes ``best.safetensors`` (called after an evaluation that improved).
         load_best: Loads ``best.safetensors``' weights into a model (False when there is none).
-        stop: Set by SIGTERM: the step is saved, then `rundir.Preempted` is raised.
+        stop: Set by SIGTERM or Ctrl-C: the step is saved, then `rundir.Preempted` is raised. Ctrl-C waits for
+            the end of a step only while the steps run (``stop.armed``).
 
     Returns:
         The model to use (the EMA copy when EMA is on), its test-set result, its result on a separate
@@ -519,6 +521,8 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
     crop = run_preprocess(config, train_set.info, state.model.meta).crop  # the run's recorded centre crop
     evals = controls.Evaluator.for_run(config, crop, val_set or test_set, test_set, selection, dist, emit, save_best)
     rate = Throughput()
+    if stop is not None:  # a Ctrl-C from here on waits for the end of its step (an exception ends the handlers)
+        stop.armed = True
     while state.step < total and not evals.should_stop(state.step):
         idx, loss, logits = optimise_step(state, parts, config, total, dist)
         step = state.step
@@ -534,12 +538,14 @@ def train_loop(state: TrainState, config: TrainConfig, train_set: ArrayDataset, 
                                elapsed=now - t0, config=config, dist=dist))
         if is_ckpt:
             save()
-        if stop is not None and stop.check(step):  # SIGTERM: keep this step's work, then stop
+        if stop is not None and stop.check(step):  # SIGTERM or Ctrl-C: keep this step's work, then stop
             if not is_ckpt:
                 save()
-            raise rundir.Preempted(step, last_good().name)
+            raise rundir.Preempted(step, last_good().name, stop.signal_name)
         if evals.due(step, total):
             evals.validate(state.ema or state.model, step)
+    if stop is not None:  # the final evaluation: Ctrl-C interrupts at once, as outside training
+        stop.armed = False
     if state.step < total and not _saved_at(last_good(), state.step):
         save()  # stopped early: keep the weights it stopped with, so a rerun stops there too
     final = state.ema or state.model
