@@ -233,3 +233,14 @@ def test_huge_image_warning_is_not_printed(template, tmp_path):
                        text=True, check=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "image too large" in p.stderr, p.stderr
     assert "site-packages" not in p.stderr
+
+
+def test_a_failed_first_run_leaves_no_empty_directory_behind(tiny_data, tmp_path, capsys):
+    (tiny_data / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")  # the data cannot be read
+    fresh = tmp_path / "runs" / "new"
+    one_line_error(capsys, main(["train", *TINY, "--steps=2", "--model-dir", str(fresh)]), "train-images")
+    assert not fresh.exists() and (tmp_path / "runs").is_dir()  # the run's folder goes, its parent stays
+    mine = tmp_path / "mine"
+    mine.mkdir()  # a folder the user made is theirs: kept, with only the lock file in it
+    one_line_error(capsys, main(["train", *TINY, "--steps=2", "--model-dir", str(mine)]), "train-images")
+    assert mine.is_dir()

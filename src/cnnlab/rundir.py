@@ -256,10 +256,15 @@ def lock(model_dir: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def claim(model_dir: Path, force: bool = False) -> Iterator[None]:
-    """Create ``model_dir`` if needed, lock it, and check it holds only cnnlab's files (unless ``force``)."""
+    """Create ``model_dir`` if needed, lock it, and check it holds only cnnlab's files (unless ``force``).
+
+    When the block fails in a directory this call created, and nothing but the lock and empty files came of it
+    (e.g. the data could not be read), the directory is removed again instead of being left as litter.
+    """
     model_dir = Path(model_dir)
     if not force:
         check_owned(model_dir)  # first without the lock, so a refused directory gets no lock file either
+    created = not model_dir.exists()
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -267,7 +272,27 @@ def claim(model_dir: Path, force: bool = False) -> Iterator[None]:
     with lock(model_dir):
         if not force:
             check_owned(model_dir)  # again: it may have changed before the lock was ours
-        yield
+        try:
+            yield
+        except BaseException:
+            if created:
+                _remove_if_unused(model_dir)
+            raise
+
+
+def _remove_if_unused(model_dir: Path) -> None:
+    """Remove ``model_dir`` if it holds only files (the lock, empty logs), all empty but the lock; else keep it."""
+    try:
+        entries = list(model_dir.iterdir())
+        if all(e.is_file() and not e.is_symlink() and (e.name == LOCK_NAME or e.stat().st_size == 0)
+               for e in entries):
+            for e in entries:  # the lock last: it is held until the directory is gone
+                if e.name != LOCK_NAME:
+                    e.unlink()
+            (model_dir / LOCK_NAME).unlink(missing_ok=True)
+            model_dir.rmdir()
+    except OSError:  # best effort: the failure being reported matters more than the litter
+        pass
 
 
 # ---------------------------------------------------------------- paths
