@@ -475,3 +475,16 @@ def test_train_report_reuses_the_final_test_evaluation(tiny_data, tmp_path, monk
     recorded = json.loads((run / "results.json").read_text())["test"]["accuracy"]
     assert analyze(run).metrics.accuracy == pytest.approx(recorded)
     assert 32 in calls  # a later analysis has no training evaluation to reuse
+
+
+def test_a_plot_file_holds_the_format_its_name_says(tmp_path):
+    from cnnlab.analysis.plots import save_figure
+    from cnnlab.errors import ConfigError
+
+    fig = plot_filters(create_model("lenet5"), 0, 0)
+    heads = {".png": b"\x89PNG", ".svg": b"<?xml", ".pdf": b"%PDF", ".jpg": b"\xff\xd8\xff", "": b"\x89PNG"}
+    for suffix, head in heads.items():
+        assert save_figure(fig, tmp_path / f"f{suffix}").read_bytes().startswith(head), suffix
+    with pytest.raises(ConfigError, match=r"'\.txt'.*\.png, \.svg, \.pdf or \.jpg"):
+        save_figure(fig, tmp_path / "f.txt")
+    assert not (tmp_path / "f.txt").exists()

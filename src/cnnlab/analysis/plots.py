@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..data.augment import Augment, fit_to_size
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .layers import filter_weights, layer_output
 
 DPI = 100  # pixels per inch of every figure: a figure of (w, h) inches is (100 w) x (100 h) pixels
@@ -33,11 +33,22 @@ def _figure(size: tuple[float, float]) -> Figure:
     return fig
 
 
+FIGURE_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG of exactly its size (no tight cropping); creates the parent folder."""
+    """Write ``fig`` at exactly its size (no tight cropping) in the format its suffix names (PNG without one);
+    creates the parent folder.
+
+    Raises:
+        ConfigError: A suffix of another format (the file would hold bytes its name does not promise).
+    """
     path = Path(path)
+    fmt = FIGURE_FORMATS.get(path.suffix.lower(), "png" if not path.suffix else None)
+    if fmt is None:
+        raise ConfigError(f"cannot write a plot as {path.suffix!r}: name the file .png, .svg, .pdf or .jpg")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    fig.savefig(path, dpi=DPI, format=fmt)
     return path
 
 
