@@ -129,3 +129,54 @@ def test_the_entry_point_waits_for_a_running_thread():
                ".start()")
     done = _run_entry_point(prelude, ["models"])
     assert done.returncode == 0 and done.stdout.rstrip().endswith("thread done")
+
+
+def _digit(tmp_path) -> str:
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.new("L", (28, 28)).save(path)
+    return str(path)
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.robust
+def test_predict_without_images_says_so(tiny_run, capsys):
+    for argv in (["predict", str(tiny_run.path)], ["predict", "--model-dir", str(tiny_run.path)]):
+        err = _usage_error(argv, capsys)
+        assert "no images given" in err and f"cnnlab predict {tiny_run.path} digit.png" in err, err
+
+
+def test_predict_json_is_a_format_and_goes_to_out(tiny_run, tmp_path, capsys):
+    image, out = _digit(tmp_path), tmp_path / "o.json"
+    assert main(["predict", str(tiny_run.path), image, "--json", "--out", str(out)]) == 0
+    assert capsys.readouterr().out == ""
+    doc = json.loads(out.read_text())
+    assert [p["file"] for p in doc] == [image] and "probabilities" not in doc[0]
+    assert main(["predict", str(tiny_run.path), image, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == doc
+    for fmt in ("csv", "jsonl", "text"):
+        err = _usage_error(["predict", str(tiny_run.path), image, "--json", "--format", fmt], capsys)
+        assert f"--json and --format {fmt} disagree" in err, err
+
+
+def test_all_probs_adds_every_class_probability_in_every_format(tiny_run, tmp_path, capsys):
+    image, run = _digit(tmp_path), str(tiny_run.path)
+    assert main(["predict", run, image, "--json", "--all-probs"]) == 0
+    probs = json.loads(capsys.readouterr().out)[0]["probabilities"]
+    assert len(probs) == 10
+    assert main(["predict", run, image, "--format", "jsonl", "--all-probs"]) == 0
+    assert json.loads(capsys.readouterr().out)["probabilities"] == [round(p, 6) for p in probs]
+    assert main(["predict", run, image, "--format", "csv", "--all-probs"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split(",")[4:] == [f"prob_{c}" for c in range(10)]
+    assert row.split(",")[4:] == [f"{p:.6f}" for p in probs]
+    assert main(["predict", run, image, "--all-probs"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("all: " + ", ".join(f"{c} {p:.3f}" for c, p in enumerate(probs)))

@@ -193,6 +193,55 @@ def test_export_never_writes_over_a_checkpoint_or_record(run, capsys):
         assert target.read_bytes() == before
 
 
+
+def _files(*dirs: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for d in dirs for p in d.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+def test_predict_report_and_plot_never_write_over_a_checkpoint_a_record_or_an_input(run, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    image = images / "digit.png"
+    Image.new("L", (28, 28), 255).save(image)
+    assert main(["report", str(run)]) == 0  # its own file: the default output stays allowed
+    capsys.readouterr()
+    ckpt = ck.latest_checkpoint(run)
+    records = [ckpt, run / "config.json", run / "metrics.jsonl", run / "results.json", run / "report.html"]
+    mine = tmp_path / "mine.safetensors"  # a checkpoint named by path, outside a run
+    shutil.copy(ckpt, mine)
+    link = tmp_path / "link.png"
+    link.symlink_to(image)
+    cases = [(["predict", str(run), str(image), "--format", "csv"], [*records, image, link]),
+             (["predict", str(run), str(images), "--json"], [image]),  # an image found in a folder
+             (["predict", str(mine), str(image)], [mine]),
+             (["predict", str(run), str(image), "--checkpoint", str(mine)], [mine]),
+             (["report", str(run)], records[:4]),
+             (["plot", str(run), "samples"], records),
+             (["plot", str(run), "activations", "--image", str(image)], [image, link])]
+    before = _files(run, tmp_path)
+    for argv, targets in cases:
+        for target in targets:
+            one_line_error(capsys, main([*argv, "--out", str(target)]), f"refusing to write over {target}")
+    assert _files(run, tmp_path) == before  # byte-identical, and nothing new written anywhere
+
+
+def test_a_failed_predict_leaves_an_existing_out_file_as_it_was(run, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    out.write_text("yesterday's predictions\n")
+    one_line_error(capsys, main(["predict", str(run), str(tmp_path / "missing.png"), "--out", str(out)]),
+                   "image not found")
+    assert out.read_text() == "yesterday's predictions\n"
+
+
+def test_report_of_a_split_the_dataset_lacks_is_one_line_and_keeps_the_report(run, capsys):
+    assert main(["report", str(run)]) == 0
+    capsys.readouterr()
+    before = (run / "report.html").read_bytes()
+    for command in ("report", "evaluate"):  # the same error for both
+        one_line_error(capsys, main([command, str(run), "--split", "val"]), "unknown split 'val' for mnist")
+    assert (run / "report.html").read_bytes() == before
+
+
 # --- odd paths, full disks, foreign records ------------------------------------------------------------------
 
 def test_non_utf8_run_directory_trains_and_loads(tiny_data, tmp_path):

@@ -90,6 +90,37 @@ def _resolve_run(args, parser: argparse.ArgumentParser) -> None:
     args.run_dir = flag
 
 
+def _settle_predict(args, parser: argparse.ArgumentParser) -> None:
+    """Check predict's images and output flags; a usage error when none are given or two disagree."""
+    if not args.images:  # one positional: the run without images, or images without a run
+        run = Path(args.run_dir)
+        if not (run.is_dir() or run.suffix == ".safetensors"):
+            parser.error(f"a run is required: give RUN or --model-dir RUN, then the images ({args.run_dir} is not "
+                         "a run directory or checkpoint)")
+        parser.error(f"no images given: list image files or folders after the run, e.g. "
+                     f"`cnnlab predict {args.run_dir} digit.png photos/`")
+    if args.json and args.format not in (None, "json"):
+        parser.error(f"--json and --format {args.format} disagree: --json is --format json (one JSON document); "
+                     "give one of them")
+    args.format = "json" if args.json else (args.format or "text")
+
+
+def _check_out(args, out: str | Path, reads: list[Path] | tuple = (), own: tuple[str, ...] = ()) -> None:
+    """Refuse an ``--out`` that is a checkpoint or a record of a run, or a file the command reads.
+
+    Called before the command opens or writes anything. Besides ``reads``, the checkpoint the command loads counts
+    as read when it was named by path (a checkpoint file as RUN, or ``--checkpoint PATH``).
+    """
+    from .rundir import check_not_protected
+
+    inputs = list(reads)
+    if args.run_dir and Path(args.run_dir).is_file():
+        inputs.append(Path(args.run_dir))
+    if getattr(args, "checkpoint", "auto") not in ("auto", "latest", "best"):
+        inputs.append(Path(args.checkpoint))
+    check_not_protected(Path(out), reads=inputs, own=own)
+
+
 def _add_common_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="first place to look for dataset files (then $CNNLAB_DATA, ~/.cache/cnnlab)")
 
@@ -148,25 +179,17 @@ def cmd_evaluate(args, extra: list[str]) -> int:
 
 
 def cmd_predict(args, extra: list[str]) -> int:
-    from .predict_files import PredictionWriter, image_files, predictions
+    from .predict_files import image_files, predictions, write_predictions
     from .train.classifier import Classifier
 
-    clf = Classifier(model_dir=args.run_dir, checkpoint=args.checkpoint)
     files = image_files(args.images)
+    if args.out:  # before the checkpoint is read or anything is opened: never over a run's files or an input
+        _check_out(args, args.out, reads=files)
+    clf = Classifier(model_dir=args.run_dir, checkpoint=args.checkpoint)
+    classes = clf.trained.classes if args.all_probs else None  # loads the run now: its errors come first
     results = predictions(lambda batch: clf.predict(batch, top_k=args.top_k, invert=args.invert, centre=args.centre),
                           files, args.batch_size)
-    if args.json:  # one JSON document (kept for scripts written against it); --format jsonl streams instead
-        print(json.dumps([{"file": str(path), **{k: v for k, v in p.items() if k != "probabilities" or args.all_probs}}
-                          for path, p in results], indent=2))
-        return 0
-    out = open(args.out, "w", encoding="utf-8", newline="") if args.out else sys.stdout  # noqa: SIM115
-    try:
-        writer = PredictionWriter(args.format, out)
-        for path, p in results:
-            writer.write(path, p)
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    write_predictions(results, args.format, args.out, classes=classes)
     return 0
 
 
@@ -223,6 +246,8 @@ def _folder_help() -> str:
 def cmd_report(args, extra: list[str]) -> int:
     from .analysis import analyze, write_report
 
+    if args.out:  # the default, RUN/report.html, is the report's own file
+        _check_out(args, args.out, own=("report.html",))
     a = analyze(args.run_dir, args.split, data_dir=args.data_dir, require_data=False, checkpoint=args.checkpoint)
     if a.data_error:
         print(f"cnnlab: warning: no {args.split} metrics in the report: {a.data_error}", file=sys.stderr)
@@ -252,6 +277,8 @@ def cmd_plot(args, extra: list[str]) -> int:
         return 0
     if args.kind not in PLOT_KINDS:
         raise CnnlabError(f"unknown plot kind {args.kind!r}; choose from {', '.join(PLOT_KINDS)}, layers")
+    if args.out:  # the default is RUN/plots/KIND.png
+        _check_out(args, args.out, reads=[Path(args.image)] if args.image else [])
     needs_data = args.kind not in DATA_FREE_KINDS and args.image is None
     a = analyze(args.run_dir, args.split, data_dir=args.data_dir, require_data=needs_data,
                 limit=None if args.kind in ("confusion", "misclassified") else max(args.n, args.index + 1))
@@ -396,10 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", allow_abbrev=False, help="classify image files (PNG/JPG) and folders of them")
     _add_run(p)
-    p.add_argument("images", nargs="+", help="image files, or folders searched recursively")
-    p.add_argument("--format", choices=["text", "csv", "jsonl"], default="text",
-                   help="one line per file: text, CSV (file,label,probability,top_k) or JSON lines")
-    p.add_argument("--out", help="write the lines to this file instead of stdout")
+    p.add_argument("images", nargs="*", help="image files, or folders searched recursively (at least one)")
+    p.add_argument("--format", choices=["text", "csv", "jsonl", "json"], default=None,
+                   help="text (default; one line per file), csv (file,label,probability,top_k), jsonl (one JSON "
+                        "object per line) or json (one JSON document, the same as --json)")
+    p.add_argument("--out", help="write the output (any format, --json too) to this file instead of stdout, "
+                                 "opened once the first prediction is ready; never a checkpoint, a run's records "
+                                 "or one of the images")
     p.add_argument("--batch-size", type=POSITIVE, default=64, help="images predicted at once")
     p.add_argument("--top-k", type=POSITIVE, default=3)
     p.add_argument("--invert", choices=["auto", "yes", "no"], default=None,
@@ -408,8 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centre", "--center", action="store_true",
                    help="grayscale: frame the digit as MNIST does (ink box scaled to 20x20, centre of mass "
                         "mid-image), for digits photographed or drawn small or off-centre")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--all-probs", action="store_true", help="with --json: include every class probability")
+    p.add_argument("--json", action="store_true", help="one JSON document (a list), the same as --format json")
+    p.add_argument("--all-probs", action="store_true",
+                   help="also every class probability, in class order, in any format: a probabilities list "
+                        "(json, jsonl), a prob_CLASS column per class (csv), an 'all:' list (text)")
     _add_checkpoint_choice(p)
     p.set_defaults(func=cmd_predict)
 
@@ -453,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p)
     p.add_argument("kind", help="samples, predictions, misclassified, confusion, curves, filters, activations, "
                                 "augment, probs, or layers")
-    p.add_argument("--out", help="output PNG file")
+    p.add_argument("--out", help="output file: .png (default), .svg, .pdf or .jpg")
     p.add_argument("--layer", type=NON_NEGATIVE, default=0,
                    help="filters: conv layer index; activations: feature module index (see `layers`)")
     p.add_argument("--channel", type=NON_NEGATIVE, default=0, help="filters: input channel")
@@ -544,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     if hasattr(args, "run_dir"):
         _resolve_run(args, _subparser(parser, args.command))
+    if args.command == "predict":
+        _settle_predict(args, _subparser(parser, args.command))
     _show_library_log()
     # Pillow warns (three lines, with its own file path) above ~89 megapixels; cnnlab's own pixel limits are
     # lower and refuse such an image in one line, so the warning only adds noise.

@@ -9,6 +9,10 @@ class DataError(CnnlabError):
     """A dataset is missing, corrupt, or not in the expected format."""
 
 
+class UnknownSplitError(DataError):
+    """A split name the dataset does not have (e.g. 'val' for MNIST): a wrong request, not missing files."""
+
+
 class ConfigError(CnnlabError):
     """A recipe or command-line setting is unknown or has a bad value."""
 

@@ -174,7 +174,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, *, tolerance: fl
     if out is None:
         out = trained.path.with_suffix(".onnx") if Path(run).is_file() else Path(run) / "model.onnx"
     out = Path(out)
-    check_not_protected(out)  # never write ONNX over a checkpoint or a run's records
+    check_not_protected(out, own=("*.onnx",))  # never write ONNX over a checkpoint or a run's records
     if out.exists() and out.resolve() == trained.path.resolve():
         raise CnnlabError(f"refusing to write over {out}: it is the checkpoint being exported; choose another --out")
     if not out.parent.is_dir():

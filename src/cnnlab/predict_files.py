@@ -7,11 +7,13 @@ that cannot be read is reported on stderr and skipped instead of stopping the ru
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -19,7 +21,7 @@ from .data.folder import EXTENSIONS
 from .errors import CnnlabError, DataError
 from .labels import printable  # names from a checkpoint must not break or reorder lines
 
-FORMATS = ("text", "csv", "jsonl")
+FORMATS = ("text", "csv", "jsonl", "json")
 
 
 def image_files(inputs: Iterable[str | Path]) -> list[Path]:
@@ -88,23 +90,90 @@ def _one(predict_batch, path: Path) -> tuple[Path, dict | None, str | None]:
 
 
 class PredictionWriter:
-    """Writes one line per prediction as text, CSV (file,label,probability,top_k) or JSON lines."""
+    """Writes one line per prediction as text, CSV (file,label,probability,top_k) or JSON lines.
 
-    def __init__(self, fmt: str, stream):
-        self.fmt, self.stream = fmt, stream
+    Args:
+        fmt: ``text``, ``csv`` or ``jsonl``.
+        stream: Where the lines go.
+        classes: The run's class names to add every class probability (in class order) to each line: a
+            ``probabilities`` list (JSON lines), a ``prob_CLASS`` column per class (CSV), an ``all:`` list
+            (text). None: the top-k only.
+    """
+
+    def __init__(self, fmt: str, stream: TextIO, classes: list[str] | None = None):
+        self.fmt, self.stream, self.classes = fmt, stream, classes
         if fmt == "csv":
             self.csv = csv.writer(stream, lineterminator="\n")
-            self.csv.writerow(["file", "label", "probability", "top_k"])
+            self.csv.writerow(["file", "label", "probability", "top_k", *(f"prob_{c}" for c in classes or ())])
 
     def write(self, path: Path, p: dict) -> None:
         top = [{"label": t["label"], "probability": round(t["probability"], 6)} for t in p["top_k"]]
+        every = p["probabilities"] if self.classes is not None else None
         if self.fmt == "jsonl":
-            self.stream.write(json.dumps({"file": str(path), "label": p["label"],
-                                          "probability": round(p["probability"], 6), "top_k": top}) + "\n")
+            line = {"file": str(path), "label": p["label"], "probability": round(p["probability"], 6), "top_k": top}
+            if every is not None:
+                line["probabilities"] = [round(v, 6) for v in every]
+            self.stream.write(json.dumps(line) + "\n")
         elif self.fmt == "csv":
             self.csv.writerow([str(path), p["label"], f"{p['probability']:.6f}",
-                               ";".join(f"{t['label']}:{t['probability']:.6f}" for t in top)])
+                               ";".join(f"{t['label']}:{t['probability']:.6f}" for t in top),
+                               *(f"{v:.6f}" for v in every or ())])
         else:
             text = ", ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in top)
+            rest = "" if every is None else "   all: " + ", ".join(
+                f"{printable(c)} {v:.3f}" for c, v in zip(self.classes, every))
             self.stream.write(f"{printable(str(path))}: {printable(p['label'])} ({p['probability']:.3f})   "
-                              f"top-{len(top)}: {text}\n")
+                              f"top-{len(top)}: {text}{rest}\n")
+
+
+def _open(out: str | Path | None) -> TextIO:
+    """Standard output, or the file ``out`` opened for writing (in place: a FIFO or ``/dev/stdout`` works too)."""
+    if out is None:
+        return sys.stdout
+    try:
+        return open(out, "w", encoding="utf-8", newline="")  # noqa: SIM115  (closed by the caller)
+    except OSError as e:
+        raise CnnlabError(f"cannot write {out}: {e.strerror or e}") from None
+
+
+def write_predictions(results: Iterable[tuple[Path, dict]], fmt: str, out: str | Path | None = None,
+                      classes: list[str] | None = None) -> None:
+    """Write (file, prediction) pairs in ``fmt`` to ``out`` (None: standard output).
+
+    The output is opened only when the first prediction is ready (for ``json``, when all are), so a run that
+    fails before that (an unreadable checkpoint, no readable image) leaves an existing ``out`` as it was.
+
+    Args:
+        results: What `predictions` yields.
+        fmt: ``text``, ``csv``, ``jsonl`` (one line per file, streamed) or ``json`` (one document, a list).
+        out: Output file.
+        classes: The run's class names to include every class probability (see `PredictionWriter`).
+
+    Raises:
+        CnnlabError: ``out`` cannot be written (a folder, a missing parent folder, no permission, a full disk).
+    """
+    stream = None
+    try:
+        if fmt == "json":  # one JSON document (kept for scripts written against it); jsonl streams instead
+            doc = [{"file": str(path), **{k: v for k, v in p.items() if k != "probabilities" or classes is not None}}
+                   for path, p in results]
+            stream = _open(out)
+            stream.write(json.dumps(doc, indent=2) + "\n")
+        else:
+            writer = None
+            for path, p in results:
+                if writer is None:
+                    stream = _open(out)
+                    writer = PredictionWriter(fmt, stream, classes)
+                writer.write(path, p)
+        if stream is not None and stream is not sys.stdout:
+            stream, f = None, stream
+            f.close()
+    except OSError as e:  # images are read through cnnlab's readers (their errors are CnnlabError): a write failed
+        if out is None:  # standard output's own failures (a closed pipe) are the CLI's to handle
+            raise
+        raise CnnlabError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        if stream is not None and stream is not sys.stdout:
+            with contextlib.suppress(OSError):  # already failing: the first error is the one to report
+                stream.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import re
@@ -27,7 +28,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import CnnlabError
@@ -205,20 +206,48 @@ def check_owned(model_dir: Path) -> None:
                           "or --force to train there anyway (cnnlab's files in it may then be overwritten)")
 
 
-def check_not_protected(out: Path) -> None:
-    """Refuse an output path that is a checkpoint, or a record of the run directory it is in.
+def check_not_protected(out: Path, *, reads: Iterable[str | Path] = (), own: Iterable[str] = ()) -> None:
+    """Refuse an output path that is a checkpoint, a record of the run directory it is in, or an input.
+
+    Every command that writes a file a user names (``--out``) calls this before it opens, reads or writes
+    anything, so a mistyped ``--out`` never costs a trained run or the files being read.
+
+    Args:
+        out: The file the command is about to write.
+        reads: Files the command reads (images, a checkpoint given by path): an existing ``out`` that is one of
+            them (the same file, also through a link) is refused.
+        own: Shell-style patterns of the run-directory names this command itself writes and may replace
+            (``report.html`` for ``cnnlab report``, ``*.onnx`` for ``cnnlab export``).
 
     Raises:
-        RunDirError: ``out`` is named like a checkpoint, the lock or a temp file, or it is a file training
-            or reporting writes (``config.json``, ``metrics.jsonl``, ...) inside a run directory.
+        RunDirError: ``out`` is named like a checkpoint, the lock or a temp file; or it is a file training,
+            reporting or exporting writes (``config.json``, ``metrics.jsonl``, ``report.html``, ``*.onnx``,
+            ...) inside a run directory and not one of ``own``; or it is one of ``reads``.
     """
     out = Path(out)
     name = out.name
-    in_run = out.parent.is_dir() and any(CHECKPOINT.fullmatch(p.name) for p in out.parent.iterdir())
-    if CHECKPOINT.fullmatch(name) or name in (BEST_CHECKPOINT, LOCK_NAME) or is_own_temp(name) or (
-            in_run and (name in _WRITTEN or name in OWNED_DIRS) and not name.endswith(".onnx")):
+    if CHECKPOINT.fullmatch(name) or name in (BEST_CHECKPOINT, LOCK_NAME) or is_own_temp(name):
         raise RunDirError(f"refusing to write over {out}: cnnlab keeps a file of the training run there; "
                           "choose another --out")
+    in_run = out.parent.is_dir() and any(CHECKPOINT.fullmatch(p.name) or p.name == BEST_CHECKPOINT
+                                         for p in out.parent.iterdir())
+    record = name in _WRITTEN or name in OWNED_DIRS or name.endswith(".onnx")
+    if in_run and record and not any(fnmatch.fnmatchcase(name, pattern) for pattern in own):
+        raise RunDirError(f"refusing to write over {out}: cnnlab keeps a file of the training run there; "
+                          "choose another --out")
+    try:
+        target = out.stat()
+    except OSError:  # nothing there (or unreachable): it cannot be one of the inputs
+        return
+    for path in reads:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            same = f" (the same file as {path})" if Path(path) != out else ""
+            raise RunDirError(f"refusing to write over {out}: it is an input of this command{same}; "
+                              "choose another --out")
 
 
 # ---------------------------------------------------------------- lock

@@ -15,7 +15,7 @@ import torch
 
 from ..config import resolve_config
 from ..data.augment import Augment
-from ..errors import CnnlabError, DataError
+from ..errors import CnnlabError, DataError, UnknownSplitError
 from ..infer import EvalResult, TrainedModel, load_trained
 from ..io import read_jsonl
 from ..rundir import read_record
@@ -101,8 +101,9 @@ def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = 
         data_dir: First place to look for the dataset files.
         device: Where to run the model.
         limit: Evaluate only the first ``limit`` images (None: all).
-        require_data: When False, a dataset that cannot be loaded leaves the evaluation empty (with
-            ``data_error`` set) instead of raising, so plots that need no data still work.
+        require_data: When False, a dataset that cannot be loaded (e.g. its files are not on this machine)
+            leaves the evaluation empty (with ``data_error`` set) instead of raising, so plots that need no data
+            still work. A split the dataset does not have is an error either way.
         checkpoint: Which of the run's checkpoints: auto (the best when kept, else the newest), latest, best
             or a file.
         evaluated: (step, result) of an evaluation of the whole split that training just did with the run's
@@ -120,7 +121,7 @@ def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = 
     try:
         ds = trained.load_split(split, data_dir)
     except CnnlabError as e:
-        if require_data:
+        if require_data or isinstance(e, UnknownSplitError):  # a wrong request, not data missing here
             raise
         result.data_error = str(e)
         return result

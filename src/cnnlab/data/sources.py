@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, UnknownSplitError
 from . import download as dl
 from .formats import read_cifar_batch, read_cifar_meta, read_idx_pair
 
@@ -244,7 +244,8 @@ def load_dataset(
     """
     spec = _resolve(name)
     if split not in spec.splits:
-        raise DataError(f"unknown split '{split}' for {spec.info.name}; expected one of: {', '.join(spec.splits)}")
+        raise UnknownSplitError(f"unknown split '{split}' for {spec.info.name}; "
+                                f"expected one of: {', '.join(spec.splits)}")
     root = Path(data_dir).expanduser() if data_dir is not None else None
     images, labels = spec.load(split, root, download)
     return ArrayDataset(images=_as_tensor(images), labels=_as_tensor(labels), info=spec.info, split=split)
