@@ -180,3 +180,14 @@ def test_all_probs_adds_every_class_probability_in_every_format(tiny_run, tmp_pa
     assert row.split(",")[4:] == [f"{p:.6f}" for p in probs]
     assert main(["predict", run, image, "--all-probs"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("all: " + ", ".join(f"{c} {p:.3f}" for c, p in enumerate(probs)))
+
+
+def test_bare_command_prints_help_and_version_is_known(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: cnnlab") and "train" in out and "serve" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    from cnnlab import __version__
+
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"cnnlab {__version__}"

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import __version__
 from .errors import CnnlabError, ConfigError
 from .rundir import Preempted
 from .runtime import tune_allocator
@@ -394,6 +395,7 @@ def _serve_worker_threads(workers: int, device: torch.device) -> int | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnlab", allow_abbrev=False,
                      description="Train, evaluate, inspect, export and serve CNN image classifiers.")
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", allow_abbrev=False, help="train (resumes from the newest checkpoint in --model-dir)",
@@ -571,6 +573,9 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # bare `cnnlab`: what it can do, not a usage error
+        parser.print_help()
+        return 0
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):
         _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
