@@ -6,7 +6,7 @@ Tests get it through the ``tiny_run`` / ``tiny_run_copy`` fixtures (conftest.py)
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,12 +30,13 @@ class TinyRun(NamedTuple):
     data: Path
 
 
-def train_tiny_run(root: Path, steps: int = 4, ckpt_every: int = 4) -> Path:
-    """Write tiny MNIST under ``root/data`` and train lenet5 on it into ``root/run``; returns the run directory."""
+def train_tiny_run(root: Path, steps: int = 4, ckpt_every: int = 4, extra: Sequence[str] = ()) -> Path:
+    """Write tiny MNIST under ``root/data`` and train lenet5 on it into ``root/run``; returns the run directory.
+    ``extra``: more ``--key=value`` overrides (e.g. ``["--tta=flip"]``)."""
     write_mnist(root / "data")
     run = root / "run"
     rc = main(["train", "--recipe", "lenet5-mnist", "--model-dir", str(run), "--data-dir", str(root / "data"),
-               f"--steps={steps}", f"--ckpt_every={ckpt_every}", *TINY_TRAIN])
+               f"--steps={steps}", f"--ckpt_every={ckpt_every}", *TINY_TRAIN, *extra])
     assert rc == 0
     return run
 

@@ -38,7 +38,8 @@ from .preprocess import Preprocess, check_input, flexible_size
 from .rundir import read_record
 
 __all__ = ["EvalResult", "TrainedModel", "autocast", "describe_predictions", "eval_mode", "evaluate",
-           "find_checkpoint", "load_trained", "model_input", "predict_logits", "select_device", "to_input"]
+           "find_checkpoint", "load_trained", "model_input", "predict_logits", "select_device", "to_input",
+           "tta_logits"]
 
 
 def select_device(spec: str = "auto") -> torch.device:
@@ -131,8 +132,10 @@ def _bounded_batch(batch_size: int, images_u8: torch.Tensor) -> int:
     return max(1, min(batch_size, EVAL_INPUT_BYTES // per_image))
 
 
-def _tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
-    """fp32 logits of ``x``, averaged over the TTA views (one view: the model's own output, no averaging ops)."""
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """fp32 logits of float inputs ``x`` [N,C,H,W], averaged over the TTA views (one view: the model's own output,
+    no averaging ops). What `predict_logits` computes after `model_input`; ONNX export traces it too, so the
+    exported graph averages the same views in the same order."""
     if tta == "none":
         return model(x).float()
     views = _tta_views(x, tta)
@@ -168,7 +171,7 @@ def predict_logits(model: nn.Module, images_u8: torch.Tensor, *, batch_size: int
             if mapped:
                 drop_pages(images_u8[i:i + batch_size])
             with autocast(device, precision):
-                out.append(_tta_logits(model, x, tta).cpu())
+                out.append(tta_logits(model, x, tta).cpu())
     if mapped:  # the kernel maps a few pages around each one read: those the per-batch drops missed
         drop_pages(images_u8)
     if len(out) == 1:  # one batch (every request a server batches): its logits are already a tensor of their own
