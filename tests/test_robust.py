@@ -103,6 +103,16 @@ def test_predict_bad_files(trained, tmp_path, capsys):
         assert_one_line_error(code, err, name)
 
 
+def test_a_skipped_file_is_named_once(trained, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "good.png")
+    (folder / "empty.png").write_bytes(b"")
+    code, out, err = run_cli(capsys, "predict", str(trained), str(folder))
+    skip = [line for line in err.splitlines() if line.startswith("cnnlab: skipped ")]
+    assert "good.png" in out and len(skip) == 1 and skip[0].count("empty.png") == 1, err
+
+
 @pytest.mark.parametrize("mode,size", [("RGBA", (60, 40)), ("P", (28, 28)), ("I;16", (28, 28)), ("CMYK", (100, 100)),
                                        ("1", (300, 200)), ("LA", (5, 5))])
 def test_predict_converts_odd_modes_and_sizes(trained, tmp_path, capsys, mode, size):

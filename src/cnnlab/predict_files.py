@@ -85,8 +85,8 @@ def predictions(predict_batch: Callable[[list[Path]], list[dict]], files: list[P
 def _one(predict_batch, path: Path) -> tuple[Path, dict | None, str | None]:
     try:
         return path, predict_batch([path])[0], None
-    except CnnlabError as e:
-        return path, None, str(e)
+    except CnnlabError as e:  # the image errors start with the file's name, which the skip line already gives
+        return path, None, str(e).removeprefix(f"{path}: ")
 
 
 class PredictionWriter:
