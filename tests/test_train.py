@@ -55,6 +55,7 @@ def test_cli_train_resume_evaluate_predict(tiny_data, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "resuming from ckpt-00000006.safetensors (step 6)" in out and "step 10/10" in out and "step 2/" not in out
+    assert "settings changed since that checkpoint: steps 6 -> 10\n" in out  # the one setting that differs
 
     assert main(["evaluate", str(run), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -172,7 +172,18 @@ def resume(state: TrainState, model_dir: Path, config: TrainConfig, dist: distri
         controls.restore_scaler(state.scaler, meta)
         state.step = meta["step"]
         log(f"resuming from {last.name} (step {state.step})")
+        changed = changed_settings(meta.get("config", {}), config.to_dict())
+        if changed:  # allowed (e.g. more steps), but config.json is rewritten: say what differs
+            log("settings changed since that checkpoint: " + ", ".join(changed))
     dist.check_same(state.step, "step to resume from")
+
+
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """``"key old -> new"`` for each setting that differs between two config dicts (the dataset, checked
+    separately, and keys only one side knows are left out)."""
+    before, now = json.loads(json.dumps(before)), json.loads(json.dumps(now))  # tuples and lists alike
+    return [f"{key} {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now.keys())
+            if key != "dataset" and before[key] != now[key]]
 
 
 def data_record(config: TrainConfig, info, model_meta) -> dict:
