@@ -270,6 +270,7 @@ def test_layers_listing_gives_conv_and_module_indices(runs, capsys):
     assert len(rows) == 6  # LeNet-5's features: conv, tanh, pool, conv, relu, pool
     assert rows[0].split()[:4] == ["0", "0", "0", "Conv2d"] and rows[3].split()[:4] == ["3", "1", "3", "Conv2d"]
     assert "(16, 10, 10)" in rows[4]
+    assert len({row.index("(") for row in rows}) == 1  # the shapes line up, whatever the type names' lengths
 
 
 @pytest.mark.parametrize("name", list_models())

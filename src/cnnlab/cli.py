@@ -271,10 +271,12 @@ def cmd_plot(args, extra: list[str]) -> int:
     if args.kind == "layers":  # a listing, not a picture: the indices --layer takes
         from .infer import load_trained
 
-        print(f"{'module':>6}  {'conv':>4}  {'name':<10} {'type':<14} output (C, H, W)")
-        for r in describe_layers(load_trained(args.run_dir).model):
+        rows = describe_layers(load_trained(args.run_dir).model)
+        wn, wt = (max([len(head), *(len(r[key]) for r in rows)]) for key, head in (("name", "name"), ("type", "type")))
+        print(f"{'module':>6}  {'conv':>4}  {'name':<{wn}}  {'type':<{wt}}  output (C, H, W)")
+        for r in rows:
             conv = "" if r["conv"] is None else str(r["conv"])
-            print(f"{r['index']:>6}  {conv:>4}  {r['name']:<10} {r['type']:<14} {r['shape']}")
+            print(f"{r['index']:>6}  {conv:>4}  {r['name']:<{wn}}  {r['type']:<{wt}}  {r['shape']}")
         return 0
     if args.kind not in PLOT_KINDS:
         raise CnnlabError(f"unknown plot kind {args.kind!r}; choose from {', '.join(PLOT_KINDS)}, layers")
