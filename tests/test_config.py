@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from cnnlab.config import TrainConfig, list_recipes, load_recipe, make_config, parse_overrides, resolve_config
 from cnnlab.errors import ConfigError
@@ -49,10 +50,64 @@ def test_overrides_convert_types():
     (["--optimizer=rmsprop"], "optimizer must be one of"),
     (["--steps=1.5"], "bad value for steps"),
     (["--flip=maybe"], "bad value for flip"),
+    # Seeds past a 64-bit integer overflowed torch's generator at the first batch.
+    (["--seed=99999999999999999999"], r"^seed must be in \[0, 2\*\*63 - 1\], got 99999999999999999999$"),
+    (["--seed=-1"], r"^seed must be in \[0, 2\*\*63 - 1\], got -1$"),
+    # Infinite values were accepted (and trained into NaN); NaN was refused by each range check.
+    (["--lr=inf"], "^lr must be finite, got inf$"),
+    (["--lr=nan"], "^lr must be finite, got nan$"),
+    (["--optimizer=muon", "--muon_lr=inf"], "^muon_lr must be finite, got inf$"),
+    (["--data_memory_gb=inf"], "^data_memory_gb must be finite, got inf$"),
+    (["--contrast=0.5,inf"], "^contrast must be finite, got 0.5,inf$"),
+    # Finite, but past what the optimiser's float32 scalars hold: an overflow at the first step.
+    (["--lr=1e308"], r"^lr is 1e\+308, more than a float32 holds"),
+    (["--lr=1e38", "--norm_lr_mult=64"], r"^lr x norm_lr_mult is 6\.4e\+39, more than a float32 holds"),
+    (["--optimizer=muon", "--muon_lr=1e39"], r"^muon_lr is 1e\+39, more than a float32 holds"),
+    (["--weight_decay=1e300"], r"^weight_decay is 1e\+300, more than a float32 holds"),
+    # Each message names only the offending key and its value.
+    (["--threads=-1"], "^threads must be >= 0, got -1$"),
+    (["--log_probs=-2"], "^log_probs must be >= 0, got -2$"),
+    (["--cutout=-1"], "^cutout must be >= 0, got -1$"),
+    (["--translate=-3"], "^translate must be >= 0, got -3$"),
+    (["--ckpt_every=0"], "^ckpt_every must be > 0, got 0$"),
+    (["--eval_batch_size=0"], "^eval_batch_size must be > 0, got 0$"),
+    (["--min_delta=-0.5"], r"^min_delta must be >= 0, got -0\.5$"),
+    (["--cutmix=-1"], r"^cutmix must be >= 0, got -1\.0$"),
+    (["--freeze_epochs=-1"], r"^freeze_epochs must be >= 0, got -1\.0$"),
 ])
 def test_bad_overrides_are_one_clear_error(args, msg):
     with pytest.raises(ConfigError, match=msg):
         resolve_config("lenet5-mnist", parse_overrides(args))
+
+
+def test_largest_values_that_fit_are_accepted():
+    c = resolve_config("lenet5-mnist", parse_overrides(["--seed=9223372036854775807", "--lr=3e38"]))
+    assert c.seed == 2**63 - 1 and c.lr == 3e38
+
+
+def test_a_seed_near_the_limit_seeds_every_stream():
+    """The step's generators reduce the seed to 64 bits; seeds that fitted before draw exactly as before."""
+    from cnnlab.train.steps import AUGMENT, BATCH_ORDER, seeded_generator
+
+    for stream in (AUGMENT, BATCH_ORDER):
+        seeded_generator(2**63 - 1, 10**6, stream)  # overflowed torch's 64-bit seed before
+    mult, offset = AUGMENT
+    before = torch.Generator().manual_seed((7 * 1_000_003 + 3) * mult + offset)
+    assert torch.equal(torch.rand(5, generator=seeded_generator(7, 3, AUGMENT)), torch.rand(5, generator=before))
+
+
+def test_epochs_too_many_to_count_is_a_config_error():
+    c = make_config({"epochs": 1e308})
+    with pytest.raises(ConfigError, match="epochs=1e\\+308 of 60000 images is too many steps"):
+        c.total_steps(60000)
+    assert make_config({"epochs": 2.0, "batch_size": 100}).total_steps(60000) == 1200
+
+
+def test_an_integer_too_large_for_a_float_is_a_config_error(tmp_path):
+    recipe = tmp_path / "big.toml"
+    recipe.write_text("lr = 1" + "0" * 400 + "\n")
+    with pytest.raises(ConfigError, match="bad value for lr: an integer too large for a float"):
+        load_recipe(str(recipe))
 
 
 def test_unknown_recipe_and_bad_recipe_file(tmp_path):
@@ -66,6 +121,10 @@ def test_unknown_recipe_and_bad_recipe_file(tmp_path):
     broken.write_text("model = \n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_recipe(str(broken))
+    not_utf8 = tmp_path / "bom16.toml"
+    not_utf8.write_bytes(b"\xff\xfe")  # a UTF-16 byte-order mark: not the UTF-8 TOML requires
+    with pytest.raises(ConfigError, match=r"^recipe .*bom16\.toml: not UTF-8 text \(byte 0xff at offset 0\)"):
+        load_recipe(str(not_utf8))
 
 
 def test_config_is_frozen_and_round_trips():

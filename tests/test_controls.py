@@ -410,7 +410,7 @@ def test_balanced_sampler_resume_is_bit_identical(tiny_data, tmp_path, monkeypat
     ("select_metric", "val_f1", "select_metric must be one of"),
     ("accumulate", 17, "accumulate must be in"),
     ("clip_grad_norm", -1.0, "clip_grad_norm must be >= 0"),
-    ("mixup", -0.1, "mixup and cutmix must be >= 0"),
+    ("mixup", -0.1, "mixup must be >= 0, got -0.1"),
     ("sampler", "weighted", "sampler must be one of"),
     ("precision", "fp8", "precision must be one of"),
 ])

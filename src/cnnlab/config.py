@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -26,6 +27,10 @@ SELECT_METRICS = ("val_accuracy", "val_loss")
 CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("shuffle", "balanced")
 TTA_MODES = ("none", "flip", "translate", "flip-translate")
+MAX_SEED = 2**63 - 1  # a signed 64-bit integer: what every seed consumer (torch, numpy, JSON readers) takes
+# The largest finite float32: the optimisers hold learning rates and weight decay as float32 scalars, and a
+# larger value stops the first step with an overflow.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def opt(default, help: str):
@@ -122,7 +127,11 @@ class TrainConfig:
     def total_steps(self, num_train: int) -> int:
         """Number of optimisation steps, from ``epochs`` when set, else ``steps``."""
         if self.epochs > 0:
-            return max(1, -(-int(self.epochs * num_train) // self.batch_size))
+            samples = self.epochs * num_train
+            if not math.isfinite(samples):
+                raise ConfigError(f"epochs={self.epochs:g} of {num_train} images is too many steps to count; "
+                                  "use a smaller epochs")
+            return max(1, -(-int(samples) // self.batch_size))
         return self.steps
 
     def to_dict(self) -> dict:
@@ -150,8 +159,44 @@ def describe_fields() -> list[tuple[str, str, str, str]]:
     return out
 
 
+def _non_finite(c: TrainConfig) -> str | None:
+    """The message for the first float value (or float in a pair) that is NaN or infinite, else None."""
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            return f"{f.name} must be finite, got {_show_default(value)}"
+    return None
+
+
+def _too_large_for_float32(c: TrainConfig) -> str | None:
+    """The message for the first learning rate (as a parameter group gets it) or weight decay past float32."""
+    rates = {"lr": c.lr, "lr x norm_lr_mult": c.lr * c.norm_lr_mult, "lr x backbone_lr_mult": c.lr * c.backbone_lr_mult,
+             "lr x norm_lr_mult x backbone_lr_mult": c.lr * c.norm_lr_mult * c.backbone_lr_mult,
+             "weight_decay": c.weight_decay}
+    if c.optimizer == "muon":
+        rates.update({"muon_lr": c.muon_lr, "muon_lr x backbone_lr_mult": c.muon_lr * c.backbone_lr_mult})
+    for what, v in rates.items():
+        if v > FLOAT32_MAX:
+            return f"{what} is {v:g}, more than a float32 holds ({FLOAT32_MAX:.4g}); use a smaller value"
+    return None
+
+
+def _non_negative(c: TrainConfig, *keys: str) -> list[tuple[bool, str]]:
+    """One check per key, ``value >= 0``, each message naming only its own key and value."""
+    return [(getattr(c, k) >= 0, f"{k} must be >= 0, got {getattr(c, k)}") for k in keys]
+
+
+def _positive(c: TrainConfig, *keys: str) -> list[tuple[bool, str]]:
+    """One check per key, ``value > 0``, each message naming only its own key and value."""
+    return [(getattr(c, k) > 0, f"{k} must be > 0, got {getattr(c, k)}") for k in keys]
+
+
 def _validate(c: TrainConfig) -> None:
     """Check value ranges; raise ConfigError on the first bad one."""
+    non_finite = _non_finite(c)  # first: NaN fails every range check below with a less direct message
+    if non_finite:
+        raise ConfigError(non_finite)
     checks = [
         (c.lr > 0, f"lr must be > 0, got {c.lr}"),
         (c.batch_size > 0, f"batch_size must be > 0, got {c.batch_size}"),
@@ -169,7 +214,7 @@ def _validate(c: TrainConfig) -> None:
         (0 <= c.warmup < 1, f"warmup must be in [0, 1), got {c.warmup}"),
         (0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}"),
         (0 <= c.ema < 1, f"ema must be in [0, 1), got {c.ema}"),
-        (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
+        *_non_negative(c, "translate", "cutout"),
         (c.flip or not c.alternate_flip, "alternate_flip needs flip = true"),
         (0 <= c.hue <= 0.5, f"hue must be in [0, 0.5], got {c.hue}"),
         (c.random_resized_crop == (0.0, 0.0) or 0 < c.random_resized_crop[0] <= c.random_resized_crop[1] <= 1,
@@ -181,13 +226,15 @@ def _validate(c: TrainConfig) -> None:
          f"contrast must be (lower, upper) with 0 <= lower <= upper, got {c.contrast}"),
         (0 <= c.saturation[0] <= c.saturation[1],
          f"saturation must be (lower, upper) with 0 <= lower <= upper, got {c.saturation}"),
-        (c.log_every > 0 and c.ckpt_every > 0, "log_every and ckpt_every must be > 0"),
+        *_positive(c, "log_every", "ckpt_every"),
         (c.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {c.keep_checkpoints}"),
-        (c.eval_every >= 0 and c.eval_batch_size > 0, "eval_every must be >= 0 and eval_batch_size > 0"),
-        (c.log_probs >= 0 and c.threads >= 0 and c.seed >= 0, "log_probs, threads and seed must be >= 0"),
+        *_non_negative(c, "eval_every"),
+        *_positive(c, "eval_batch_size"),
+        *_non_negative(c, "log_probs", "threads"),
+        (0 <= c.seed <= MAX_SEED, f"seed must be in [0, 2**63 - 1], got {c.seed}"),
         (c.select_metric in SELECT_METRICS,
          f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {c.select_metric!r}"),
-        (c.patience >= 0 and c.min_delta >= 0, "patience and min_delta must be >= 0"),
+        *_non_negative(c, "patience", "min_delta"),
         (c.patience == 0 or c.eval_every > 0, "patience needs eval_every > 0 (early stopping counts evaluations)"),
         (c.class_weights in CLASS_WEIGHTS,
          f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {c.class_weights!r}"),
@@ -197,8 +244,7 @@ def _validate(c: TrainConfig) -> None:
         (c.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0, got {c.clip_grad_norm}"),
         (1 <= c.accumulate <= c.batch_size,
          f"accumulate must be in [1, batch_size={c.batch_size}], got {c.accumulate}"),
-        (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix must be >= 0"),
-        (c.freeze_steps >= 0 and c.freeze_epochs >= 0, "freeze_steps and freeze_epochs must be >= 0"),
+        *_non_negative(c, "mixup", "cutmix", "freeze_steps", "freeze_epochs"),
         (not (c.freeze_steps and c.freeze_epochs), "set freeze_steps or freeze_epochs, not both"),
         (c.backbone_lr_mult > 0, f"backbone_lr_mult must be > 0, got {c.backbone_lr_mult}"),
         (c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
@@ -207,6 +253,9 @@ def _validate(c: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    too_large = _too_large_for_float32(c)
+    if too_large:
+        raise ConfigError(too_large)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -234,7 +283,10 @@ def _coerce(key: str, value, hint):
                 pass
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer past float's range (a TOML 1 followed by 400 zeros)
+                raise ConfigError(f"bad value for {key}: an integer too large for a float") from None
         if isinstance(value, str):
             try:
                 return float(value)
@@ -334,7 +386,13 @@ def load_recipe(name_or_path: str) -> Recipe:
     if name_or_path.endswith(".toml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {name_or_path}")
-        text, name = path.read_text(encoding="utf-8"), path.stem
+        try:
+            text, name = path.read_text(encoding="utf-8"), path.stem
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"recipe {name_or_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                              f"{e.start}); TOML files are UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read recipe {name_or_path}: {e.strerror or e}") from None
     else:
         res = _recipe_dir() / f"{name_or_path}.toml"
         if not res.is_file():

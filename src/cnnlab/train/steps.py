@@ -110,7 +110,9 @@ def seeded_generator(seed: int, index: int, stream: tuple[int, int]) -> torch.Ge
     """A CPU generator that is a function of (seed, index) only: the draws of epoch or step ``index`` in
     ``stream`` (`BATCH_ORDER`, `AUGMENT` or `BALANCED_SAMPLER`)."""
     mult, offset = stream
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) * mult + offset)
+    # Reduced to the 64 bits a generator's seed holds (a large config seed would overflow it). Every value that
+    # fitted before is unchanged, so runs seeded before this reduction draw the same numbers.
+    return torch.Generator().manual_seed(((seed * 1_000_003 + index) * mult + offset) % 2**64)
 
 
 class EpochSampler:
