@@ -818,3 +818,19 @@ def test_idx_header_helper_matches_spec() -> None:
     """Guards fakedata itself: magic 00 00 08 <ndim>, then big-endian uint32 dims."""
     blob = idx_bytes(np.zeros((2, 3), np.uint8))
     assert blob[:4] == b"\x00\x00\x08\x02" and struct.unpack(">2I", blob[4:12]) == (2, 3) and len(blob) == 18
+
+
+@robust
+def test_translate_too_large_for_the_input_is_a_config_error():
+    """Reflect padding mirrors at most side - 1 pixels: a larger translate used to fail at the first step."""
+    from cnnlab.data.augment import Augment
+    from cnnlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^translate=1000 is too large for the model's 28x28 input: at most 27 "
+                                          r"pixels$"):
+        Augment(size=(28, 28), translate=1000)
+    with pytest.raises(ConfigError, match="translate=12 is too large for the model's 12x20 input: at most 11"):
+        Augment(size=(12, 20), translate=12)
+    largest = Augment(size=(12, 20), translate=11)
+    x = torch.rand(3, 1, 12, 20)
+    assert largest(x, torch.Generator().manual_seed(0)).shape == x.shape

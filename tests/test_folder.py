@@ -143,6 +143,14 @@ def test_train_on_folder_then_predict_its_files(folder, tmp_path, capsys):
     assert right >= 0.9 * len(files), [(Path(p["file"]).parent.name, p["label"]) for p in preds]
 
 
+def one_class_folder(root: Path) -> None:
+    """root/train/red/* and root/test/red/*: images of one class only (a classifier of it is always right)."""
+    for split in ("train", "test"):
+        (root / split / "red").mkdir(parents=True)
+        for i in range(3):
+            draw("red", i, (32, 32)).save(root / split / "red" / f"red{i}.png")
+
+
 @pytest.mark.robust
 @pytest.mark.parametrize("setup,option,needle", [
     (lambda r: None, "", "image folder not found"),
@@ -160,6 +168,7 @@ def test_train_on_folder_then_predict_its_files(folder, tmp_path, capsys):
     (lambda r: (make_folder(r, 2, 1), (r / "train" / "red" / "huge.png").write_bytes(png_header_only(20000, 20000))),
      "", "huge.png: image too large"),
     (lambda r: (make_folder(r, 2, 1), (r / "test" / "red").mkdir(parents=True)), "", "test: no images"),
+    (lambda r: one_class_folder(r), "", "only one class folder ('red'); need at least 2 classes"),
 ])
 def test_bad_folders_fail_with_one_line(tmp_path, data_env, capsys, setup, option, needle):
     root = tmp_path / "ds"

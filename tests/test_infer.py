@@ -146,6 +146,12 @@ def test_no_silent_crop_or_pad():
             for_training(SimpleNamespace(name="x", shape=(1, 20, 20)), model, False, resized_crop=True)
     with pytest.raises(ModelError, match="img_size=32"):
         to_input(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), (1, 28, 28))
+    # Non-square images: img_size is one side, so the advice is a square size, never img_size=<height>.
+    with pytest.raises(ModelError, match=r"images are 20x30 but lenet5 takes 28x28 .*; lenet5 takes square inputs "
+                                         r"only: decode the images at its size \(folder:PATH\?size=28\) or at a "
+                                         r"square size N with img_size=N$") as e:
+        for_training(SimpleNamespace(name="x", shape=(1, 20, 30)), meta, random_crop=False)
+    assert "img_size=20" not in str(e.value)
     assert to_input(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), (1, 28, 28), crop=(28, 28)).shape == (1, 1, 28, 28)
 
 

@@ -279,3 +279,62 @@ def test_fashion_recipe_builds_its_deeper_mnist_fast():
     model = create_model(config.model, **config.model_args)
     assert sum(isinstance(m, nn.Conv2d) for m in model.features) == 6
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_arguments_the_data_sets_are_refused_for_training():
+    """A training config's model_args cannot set what the dataset decides; the message says which and why."""
+    from cnnlab.models.registry import check_model_args, create_model_for_data
+
+    with pytest.raises(ModelError, match=r"^model_args\.num_classes is set by the dataset \(10 classes\); remove it$"):
+        create_model_for_data("lenet5", 10, (1, 28, 28), num_classes=5)
+    with pytest.raises(ModelError, match=r"^model_args\.in_chans is set by the dataset \(1 channel\); remove it$"):
+        create_model_for_data("lenet5", 10, (1, 28, 28), in_chans=3)
+    with pytest.raises(ModelError, match=r"^model_args\.in_chans is set by the dataset; remove it$"):
+        check_model_args("lenet5", {"in_chans": 3})  # before the data is loaded: no count to give
+    # An unknown argument lists what a training config may set: not the two the data sets.
+    with pytest.raises(ModelError, match=r"takes no argument\(s\) foo; it takes img_size$"):
+        create_model_for_data("lenet5", 10, (1, 28, 28), foo=1)
+    with pytest.raises(ModelError, match=r"it takes img_size, dropout$"):
+        check_model_args("tf-estimator-cnn", {"width": 3})
+    # Outside training they are ordinary arguments, and listed as such.
+    with pytest.raises(ModelError, match="it takes num_classes, in_chans, img_size$"):
+        create_model("lenet5", foo=1)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "tf2-convnet", "mnist-fast", "airbench"])
+@pytest.mark.parametrize("side", [1, 4])
+def test_an_input_too_small_for_the_model_names_the_smallest_it_takes(name, side):
+    """One line naming the model, the size and the smallest size; that size builds and runs, one less does not."""
+    message = rf"^model '{name}' takes inputs of at least (\d+)x\1, not {side}x{side};"
+    with pytest.raises(ModelError, match=message) as e:
+        create_model(name, img_size=side)
+    smallest = int(str(e.value).split("at least ")[1].split("x")[0])
+    model = create_model(name, img_size=smallest).eval()
+    assert model(torch.zeros(2, *model.meta.input_size)).shape == (2, 10)
+    if smallest - 1 > side:
+        with pytest.raises(ModelError, match=f"at least {smallest}x{smallest}, not {smallest - 1}x{smallest - 1}"):
+            create_model(name, img_size=smallest - 1)
+
+
+def test_an_input_too_small_is_refused_when_a_checkpoint_header_builds_on_the_meta_device():
+    with torch.device("meta"), pytest.raises(ModelError, match="^model 'mnist-fast' takes inputs of at least"):
+        create_model("mnist-fast", img_size=4)
+
+
+def test_the_size_probe_leaves_weights_and_random_draws_as_they_were():
+    """The build's dry forward pass draws nothing: the same seed gives the same weights and next draw."""
+    torch.manual_seed(3)
+    a = create_model("mnist-fast")
+    after_a = torch.rand(3)
+    torch.manual_seed(3)
+    b = create_model("mnist-fast")
+    assert torch.equal(torch.rand(3), after_a)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert a.training and all(m.training for m in a.modules())  # handed back in train mode
+
+
+@pytest.mark.parametrize("value", ["2,3", 2.5, True, [2, 3], 0, -4])
+def test_img_size_must_be_one_whole_side(value):
+    with pytest.raises(ModelError, match=r"^model 'mnist-fast': img_size must be a whole number >= 1 \(the side of "
+                                         r"its square input\), got "):
+        create_model("mnist-fast", img_size=value)

@@ -69,6 +69,24 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     (["--recipe", "lenet5-mnist", "--batch_size=0"], ["batch_size must be > 0"]),
     (["--recipe", "lenet5-mnist", "--steps=ten"], ["bad value for steps"]),
     (["--recipe", "lenet5-mnist", "--model_args.width=3"], ["takes no argument"]),
+    # Set by the data: a clash of arguments (TypeError) before; the accepted-argument list no longer offers them.
+    (["--recipe", "lenet5-mnist", "--model_args.num_classes=5"],
+     ["model_args.num_classes is set by the dataset (10 classes); remove it"]),
+    (["--recipe", "lenet5-mnist", "--model_args.in_chans=3"],
+     ["model_args.in_chans is set by the dataset (1 channel); remove it"]),
+    (["--recipe", "lenet5-mnist", "--model_args.foo=3"], ["takes no argument(s) foo; it takes img_size"]),
+    # Inputs too small for the architecture failed in the first forward pass (RuntimeError).
+    (["--recipe", "lenet5-mnist", "--model_args.img_size=4"], ["model 'lenet5' takes inputs of at least", "not 4x4"]),
+    (["--recipe", "lenet5-mnist", "--model=mnist-fast", "--model_args.img_size=1"],
+     ["model 'mnist-fast' takes inputs of at least", "not 1x1"]),
+    (["--recipe", "lenet5-mnist", "--model=mnist-fast", "--model_args.img_size=2,3"],
+     ["img_size must be a whole number >= 1", "got '2,3'"]),
+    (["--recipe", "lenet5-mnist", "--translate=1000"], ["translate=1000 is too large for the model's 28x28 input"]),
+    (["--recipe", "lenet5-mnist", "--seed=99999999999999999999"], ["seed must be in [0, 2**63 - 1]"]),
+    (["--recipe", "lenet5-mnist", "--lr=1e308"], ["lr is 1e+308, more than a float32 holds"]),
+    (["--recipe", "lenet5-mnist", "--lr=inf"], ["lr must be finite, got inf"]),
+    (["--recipe", "lenet5-mnist", "--optimizer=muon", "--muon_lr=inf"], ["muon_lr must be finite, got inf"]),
+    (["--recipe", "lenet5-mnist", "--threads=-1"], ["threads must be >= 0, got -1"]),
 ])
 def test_bad_names_and_values(tiny_data, tmp_path, capsys, argv, needles):
     code, _, err = run_cli(capsys, "train", "--model-dir", str(tmp_path / "r"), *argv)
@@ -81,6 +99,57 @@ def test_bad_recipe_file(tmp_path, capsys):
     f.write_text("model = 'lenet5'\nlr = 'fast'\n")
     code, _, err = run_cli(capsys, "train", "--recipe", str(f))
     assert_one_line_error(code, err, "bad value for lr")
+    f.write_bytes(b"\xff\xfe")  # UTF-16's byte-order mark: a UnicodeDecodeError before
+    code, _, err = run_cli(capsys, "train", "--recipe", str(f))
+    assert_one_line_error(code, err, f"recipe {f}: not UTF-8 text")
+
+
+def test_a_folder_with_one_class_is_refused(tiny_data, tmp_path, capsys):
+    """A one-class classifier is right every time: it trained and reported accuracy 1.0."""
+    for split in ("train", "test"):
+        (tmp_path / "one" / split / "cat").mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (28, 28), 40 * i).save(tmp_path / "one" / split / "cat" / f"{i}.png")
+    code, _, err = run_cli(capsys, "train", "--model-dir", str(tmp_path / "r"), "--model=lenet5",
+                           f"--dataset=folder:{tmp_path / 'one'}", "--steps=2", *TINY)
+    assert_one_line_error(code, err, "only one class folder ('cat'); need at least 2 classes")
+    assert not list((tmp_path / "r").glob("ckpt-*"))
+
+
+# --- damaged run records --------------------------------------------------------------------------------------
+
+def test_report_and_plot_skip_damaged_metrics_lines_with_one_warning(trained, capsys):
+    log = trained / "metrics.jsonl"
+    good = log.read_bytes()
+    log.write_bytes(good + b"\xff\xfe not text\n" + b"[1, 2]\n" + b'{"kind": "train", "step": "x"}\n')
+    n = len(good.splitlines())
+    code, out, err = run_cli(capsys, "report", str(trained))
+    assert code == 0, err
+    assert err.splitlines() == [f"cnnlab: warning: {log}: skipped 3 damaged or unknown lines "
+                                f"{n + 1}, {n + 2}, {n + 3}"], err
+    assert (trained / "report.html").is_file() and "training curves" in (trained / "report.html").read_text()
+    code, out, err = run_cli(capsys, "plot", str(trained), "curves")
+    assert code == 0 and (trained / "plots" / "curves.png").is_file() and err.count("cnnlab: warning:") == 1, err
+
+
+def test_report_is_written_without_an_unreadable_results_json(trained, capsys):
+    results = trained / "results.json"
+    results.write_text("[1,2\n")
+    code, out, err = run_cli(capsys, "report", str(trained))
+    assert code == 0, err
+    assert err.splitlines() == [f"cnnlab: warning: {results} is unreadable (JSONDecodeError); the report leaves "
+                                "out what it records"]
+    assert "test accuracy" in out and (trained / "report.html").is_file()
+    assert results.read_text() == "[1,2\n"  # the user's file is left as it was
+
+
+def test_resume_with_force_drops_damaged_metrics_lines(trained, capsys):
+    log = trained / "metrics.jsonl"
+    log.write_bytes(log.read_bytes() + b"\xff\n")
+    code, _, err = run_cli(capsys, "train", "--recipe", "lenet5-mnist", "--model-dir", str(trained), "--steps=6",
+                           "--force", *TINY)
+    assert code == 0, err
+    assert b"\xff" not in log.read_bytes() and max(json.loads(x)["step"] for x in log.read_text().splitlines()) == 6
 
 
 # --- files to predict ----------------------------------------------------------------------------------------

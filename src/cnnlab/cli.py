@@ -244,12 +244,19 @@ def _folder_help() -> str:
     return "\n".join(lines)
 
 
+def _warn(lines: list[str]) -> None:
+    """Print each line as a one-line warning on stderr (damaged optional records a command did without)."""
+    for line in lines:
+        print(f"cnnlab: warning: {line}", file=sys.stderr)
+
+
 def cmd_report(args, extra: list[str]) -> int:
     from .analysis import analyze, write_report
 
     if args.out:  # the default, RUN/report.html, is the report's own file
         _check_out(args, args.out, own=("report.html",))
     a = analyze(args.run_dir, args.split, data_dir=args.data_dir, require_data=False, checkpoint=args.checkpoint)
+    _warn(a.warnings)
     if a.data_error:
         print(f"cnnlab: warning: no {args.split} metrics in the report: {a.data_error}", file=sys.stderr)
     else:
@@ -285,6 +292,7 @@ def cmd_plot(args, extra: list[str]) -> int:
     needs_data = args.kind not in DATA_FREE_KINDS and args.image is None
     a = analyze(args.run_dir, args.split, data_dir=args.data_dir, require_data=needs_data,
                 limit=None if args.kind in ("confusion", "misclassified") else max(args.n, args.index + 1))
+    _warn(a.warnings)
     opts = PlotOptions(layer=args.layer, channel=args.channel, index=args.index, image=args.image, n=args.n)
     fig, lines = PLOT_KINDS[args.kind](a, opts)
     for line in lines:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from . import rundir
@@ -80,12 +81,36 @@ def atomic_write_json(path: str | Path, obj, error: type[CnnlabError] = CnnlabEr
     return atomic_write_text(path, json.dumps(obj, indent=2), error)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a JSON-lines file such as ``metrics.jsonl`` (a line cut by a crash is skipped)."""
+def read_jsonl(path: str | Path, skipped: list[int] | None = None,
+               keep: Callable[[dict], bool] | None = None) -> list[dict]:
+    """All records (JSON objects, one a line) of a JSON-lines file such as ``metrics.jsonl``.
+
+    A line that is not a JSON object in UTF-8 is skipped: the last line may be cut by a crash, and a line
+    damaged by anything else should not cost the rest of the file.
+
+    Args:
+        path: The file.
+        skipped: If given, the 1-based numbers of the skipped lines are appended to it, except a cut last line
+            (the expected trace of a crash while appending, not damage).
+        keep: If given, only the records it accepts are returned; the others count as skipped.
+
+    Raises:
+        OSError: The file cannot be read.
+    """
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    lines = Path(path).read_bytes().splitlines()
+    for number, line in enumerate(lines, 1):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            record, parsed = json.loads(line.decode("utf-8")), True
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            record, parsed = None, False
+        if isinstance(record, dict) and (keep is None or keep(record)):
+            out.append(record)
+        elif skipped is not None and line.strip() and (parsed or number < len(lines) or not _cut_record(line)):
+            skipped.append(number)
     return out
+
+
+def _cut_record(line: bytes) -> bool:
+    """Whether ``line`` looks like the start of a JSON object cut short (ASCII, as ``json.dumps`` writes it)."""
+    return line.lstrip().startswith(b"{") and line.isascii()

@@ -137,8 +137,12 @@ def check_input(shape: tuple[int, int, int], input_size: tuple[int, int, int], *
     if c != mc:
         raise ModelError(f"images have {c} channel(s), {name} takes {mc}")
     if (h, w) != (mh, mw) and not flexible:
-        raise ModelError(f"images are {h}x{w} but {name} takes {mh}x{mw} and no crop to that size is "
-                         f"recorded; build the model for the data (img_size={h}) or resize the dataset")
+        # img_size is one side: a fixed-size model is built for square inputs only
+        fix = (f"build the model for the data (img_size={h}) or resize the dataset" if h == w else
+               f"{name} takes square inputs only: decode the images at its size (folder:PATH?size="
+               f"{mh if mh == mw else f'{mh}x{mw}'}) or "
+               f"at a square size N with img_size=N")
+        raise ModelError(f"images are {h}x{w} but {name} takes {mh}x{mw} and no crop to that size is recorded; {fix}")
 
 
 def for_training(info, model_meta, random_crop: bool, resized_crop: bool = False) -> Preprocess:

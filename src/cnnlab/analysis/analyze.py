@@ -7,8 +7,10 @@ from those results. The CLI's ``plot`` and ``report`` use it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 
 import torch
@@ -38,6 +40,8 @@ class Analysis:
         logits: float [N, K] of the model on ``images`` (None likewise).
         metrics: Metrics of ``logits`` (None likewise).
         data_error: Why the split could not be loaded, when it could not.
+        results: The run's ``results.json`` (empty when missing or unreadable).
+        warnings: One line per damaged optional record that was skipped (metrics lines, results.json).
     """
 
     run_dir: Path
@@ -50,6 +54,8 @@ class Analysis:
     logits: torch.Tensor | None = None
     metrics: Metrics | None = None
     data_error: str | None = None
+    results: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
@@ -90,6 +96,60 @@ class Analysis:
         return self.trained.logits(image[None]).softmax(1)[0]
 
 
+# The fields the plots read from each kind of metrics record; a record without them is skipped.
+_RECORD_FIELDS = {"train": ("loss", "acc", "lr"), "eval": ("loss", "accuracy")}
+
+
+def _usable(record: dict) -> bool:
+    """A train or eval record with an integer step and the numbers the plots draw."""
+    fields = _RECORD_FIELDS.get(record.get("kind"))
+    step = record.get("step")
+    return fields is not None and isinstance(step, int) and not isinstance(step, bool) and all(
+        isinstance(record.get(k), Real) and not isinstance(record.get(k), bool) for k in fields)
+
+
+def _lines(numbers: list[int]) -> str:
+    """'line 5' or 'lines 2, 5, 9, ...' (the first three)."""
+    shown = ", ".join(map(str, numbers[:3]))
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}{', ...' if len(numbers) > 3 else ''}"
+
+
+def read_metrics(path: Path, warnings: list[str]) -> list[dict]:
+    """The usable records of a run's ``metrics.jsonl`` (none when it is missing).
+
+    The log is optional to a report, so damaged lines (not UTF-8, not JSON, not a record the plots can draw)
+    are skipped, with one line in ``warnings`` naming the file and the first of them; a last line cut by a
+    crash is skipped silently.
+    """
+    if not path.is_file():
+        return []
+    skipped: list[int] = []
+    try:
+        records = read_jsonl(path, skipped, keep=_usable)
+    except OSError as e:
+        warnings.append(f"{path} not read ({e.strerror or e}); no training curves")
+        return []
+    if skipped:
+        warnings.append(f"{path}: skipped {len(skipped)} damaged or unknown {_lines(skipped)}")
+    return records
+
+
+def read_results(path: Path, warnings: list[str]) -> dict:
+    """A run's ``results.json`` (empty when missing); one line in ``warnings`` when it is unreadable."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        warnings.append(f"{path} is unreadable ({reason}); the report leaves out what it records")
+        return {}
+    if not isinstance(value, dict):
+        warnings.append(f"{path} is not a JSON object; the report leaves out what it records")
+        return {}
+    return value
+
+
 def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = None,
             device: str | torch.device = "cpu", limit: int | None = None, require_data: bool = True,
             checkpoint: str = "auto", evaluated: tuple[int, EvalResult] | None = None) -> Analysis:
@@ -115,9 +175,10 @@ def analyze(run_dir: str | Path, split: str = "test", *, data_dir: str | None = 
     run_dir = Path(run_dir) if Path(run_dir).is_dir() else trained.path.parent
     config_file = run_dir / "config.json"
     run = read_record(config_file)
-    metrics_file = run_dir / "metrics.jsonl"
-    records = read_jsonl(metrics_file) if metrics_file.is_file() else []
-    result = Analysis(run_dir=run_dir, trained=trained, run=run, records=records, split=split)
+    warnings: list[str] = []
+    records = read_metrics(run_dir / "metrics.jsonl", warnings)
+    result = Analysis(run_dir=run_dir, trained=trained, run=run, records=records, split=split,
+                      results=read_results(run_dir / "results.json", warnings), warnings=warnings)
     try:
         ds = trained.load_split(split, data_dir)
     except CnnlabError as e:

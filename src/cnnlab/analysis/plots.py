@@ -234,7 +234,7 @@ def demo_augment(channels: int, size: tuple[int, int]) -> Augment:
     if channels == 3:
         return Augment(size=size, random_crop=True, flip=True, hue=0.05, contrast=(0.3, 1.0), brightness=0.2,
                        saturation=(0.0, 2.0))
-    return Augment(size=size, translate=3, contrast=(0.3, 1.0), brightness=0.2)
+    return Augment(size=size, translate=min(3, min(size) - 1), contrast=(0.3, 1.0), brightness=0.2)
 
 
 def plot_augmentations(image: torch.Tensor, augment: Augment, label: str = "", seed: int = 0,

@@ -82,12 +82,9 @@ def _run(a: Analysis) -> str:
              ("classes", ", ".join(t.classes)), ("step", f"{t.step} of {run.get('total_steps', '?')}"),
              ("checkpoint", t.path.name)]
     facts += [(k, run[k]) for k in ("code_version", "torch", "device", "cpu", "threads", "seed") if k in run]
-    results = a.run_dir / "results.json"
-    if results.is_file():
-        import json
-
-        r = json.loads(results.read_text(encoding="utf-8"))
-        facts.append(("training time", f"{r.get('seconds', float('nan')):.1f} s"))
+    seconds = a.results.get("seconds")
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+        facts.append(("training time", f"{seconds:.1f} s"))
     out = _table(None, [[_e(k), _e(v)] for k, v in facts])
     config = t.config or run.get("config", {})
     out += "<details><summary>Full training config</summary>" + _table(

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 
 def fit_to_size(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Centre-crop or zero-pad [N, C, H, W] to ``size`` (H, W), as tf.image.resize_image_with_crop_or_pad."""
@@ -152,6 +154,14 @@ class Augment:
     saturation: tuple[float, float] = (1.0, 1.0)
     cutout: int = 0
     resized_crop: tuple[float, float] = (0.0, 0.0)  # RandomResizedCrop's area range; (0, 0): off
+
+    def __post_init__(self) -> None:
+        # Shifts reflect the image across its border, and a reflection is at most one pixel less than the side
+        # it mirrors: a larger translate would fail at the first step.
+        h, w = self.size
+        if self.translate > min(h, w) - 1:
+            raise ConfigError(f"translate={self.translate} is too large for the model's {h}x{w} input: "
+                              f"at most {min(h, w) - 1} pixels")
 
     @classmethod
     def from_config(cls, config, size: tuple[int, int]) -> Augment:

@@ -328,6 +328,9 @@ def scan_folder(opts: FolderOptions) -> FolderScan:
         if not found:
             raise DataError(f"{train_dir / name}: no images ({', '.join(EXTENSIONS)}) in class folder {name!r}")
         train += [(p, label) for p in found]
+    if len(classes) == 1:  # a one-class classifier is right every time and learns nothing
+        raise DataError(f"{train_dir}: only one class folder ({classes[0]!r}); need at least 2 classes "
+                        f"(one folder of images per class: {train_dir}/<class>/*.png|jpg)")
     test = _labelled_split(test_dir, classes, train_dir) if test_dir else None
     reason = {}
     if val_dir is not None:

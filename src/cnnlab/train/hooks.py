@@ -92,10 +92,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:  # a line cut by a crash
+            text = line.decode("utf-8")
+            record = json.loads(text)
+        except (ValueError, RecursionError):  # a line cut by a crash, or damaged (not UTF-8, not JSON): dropped
             continue
+        at = record.get("step", 0) if isinstance(record, dict) else None
+        if isinstance(at, (int, float)) and at <= step:
+            kept.append(text)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

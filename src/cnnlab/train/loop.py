@@ -33,7 +33,7 @@ from ..data.loader import BatchSource
 from ..errors import CheckpointError, CnnlabError
 from ..infer import EvalResult, model_input, select_device
 from ..models.layers import pool_before_relu, use_onednn_linear
-from ..models.registry import INIT_ONLY_ARGS, create_model, create_model_for_data
+from ..models.registry import INIT_ONLY_ARGS, check_model_args, create_model, create_model_for_data
 from ..preprocess import Preprocess, flexible_size, for_training
 from ..runinfo import run_info
 from ..runtime import linear_backend, resolve_precision
@@ -101,6 +101,7 @@ def sized_dataset(config: TrainConfig) -> TrainConfig:
     config = dataclasses.replace(config, dataset=absolute_folder(config.dataset))
     if sized_for_model(config.dataset, (1, 1)) == config.dataset:  # not a folder name, or it has a size
         return config
+    check_model_args(config.model, config.model_args)  # before building: the data sets num_classes and in_chans
     args = {k: v for k, v in config.model_args.items() if k not in INIT_ONLY_ARGS}  # no weights needed for a size
     meta = create_model(config.model, **args).meta
     # A flexible model without img_size is built at the data's size, so decoding larger would only make it larger.
@@ -132,6 +133,7 @@ def prepare_model(config: TrainConfig, train_set: ArrayDataset, device: torch.de
     torch.manual_seed(config.seed)  # weights and dropout draws start from the seed
     model = build_model(config, train_set.info, resuming).to(device)
     crop = run_preprocess(config, train_set.info, model.meta).crop  # a size mismatch fails here
+    Augment.from_config(config, tuple(model.meta.input_size[1:]))  # so does a translate too large for the input
     pool_before_relu(model)  # same function and gradients, less work; state-dict keys unchanged
     # fp32 dense layers through oneDNN where torch's BLAS is slow (runtime.py); compile and CUDA keep nn.Linear
     fp32_linear = linear_backend() if device.type == "cpu" and not config.compile else "torch"
