@@ -126,7 +126,7 @@ def test_report_and_plot_skip_damaged_metrics_lines_with_one_warning(trained, ca
     code, out, err = run_cli(capsys, "report", str(trained))
     assert code == 0, err
     assert err.splitlines() == [f"cnnlab: warning: {log}: skipped 3 damaged or unknown lines "
-                                f"{n + 1}, {n + 2}, {n + 3}"], err
+                                f"(lines {n + 1}, {n + 2}, {n + 3})"], err
     assert (trained / "report.html").is_file() and "training curves" in (trained / "report.html").read_text()
     code, out, err = run_cli(capsys, "plot", str(trained), "curves")
     assert code == 0 and (trained / "plots" / "curves.png").is_file() and err.count("cnnlab: warning:") == 1, err

@@ -130,7 +130,8 @@ def read_metrics(path: Path, warnings: list[str]) -> list[dict]:
         warnings.append(f"{path} not read ({e.strerror or e}); no training curves")
         return []
     if skipped:
-        warnings.append(f"{path}: skipped {len(skipped)} damaged or unknown {_lines(skipped)}")
+        plural = "s" if len(skipped) > 1 else ""
+        warnings.append(f"{path}: skipped {len(skipped)} damaged or unknown line{plural} ({_lines(skipped)})")
     return records
 
 
