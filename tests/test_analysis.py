@@ -478,6 +478,7 @@ def test_train_report_reuses_the_final_test_evaluation(tiny_data, tmp_path, monk
     assert 32 in calls  # a later analysis has no training evaluation to reuse
 
 
+@pytest.mark.robust
 def test_a_plot_file_holds_the_format_its_name_says(tmp_path):
     from cnnlab.analysis.plots import save_figure
     from cnnlab.errors import ConfigError
