@@ -72,6 +72,7 @@ def predictions(predict_batch: Callable[[list[Path]], list[dict]], files: list[P
             raise DataError(why)  # a single file: its error is the command's one line
         if p is None:
             skipped += 1
+            why = why.removeprefix(f"{path}: ")  # an image's error starts with its name, which the line gives
             print(f"cnnlab: skipped {printable(str(path))}: {why}", file=sys.stderr)
             continue
         done += 1
@@ -85,8 +86,8 @@ def predictions(predict_batch: Callable[[list[Path]], list[dict]], files: list[P
 def _one(predict_batch, path: Path) -> tuple[Path, dict | None, str | None]:
     try:
         return path, predict_batch([path])[0], None
-    except CnnlabError as e:  # the image errors start with the file's name, which the skip line already gives
-        return path, None, str(e).removeprefix(f"{path}: ")
+    except CnnlabError as e:
+        return path, None, str(e)
 
 
 class PredictionWriter:

@@ -98,7 +98,8 @@ def sized_dataset(config: TrainConfig) -> TrainConfig:
     size does not follow the data's. The resolved name, with the folder's path made absolute, is what the run
     records, so evaluate and predict use it from any folder.
     """
-    config = dataclasses.replace(config, dataset=absolute_folder(config.dataset))
+    if absolute_folder(config.dataset) != config.dataset:
+        config = dataclasses.replace(config, dataset=absolute_folder(config.dataset))
     if sized_for_model(config.dataset, (1, 1)) == config.dataset:  # not a folder name, or it has a size
         return config
     check_model_args(config.model, config.model_args)  # before building: the data sets num_classes and in_chans
