@@ -615,6 +615,14 @@ def test_cli_serve_port_in_use_is_one_line(served, capsys):
     assert err.startswith(f"cnnlab: error: cannot listen on 127.0.0.1:{port}") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.robust
+def test_cli_serve_on_an_address_that_does_not_resolve_is_one_line_without_the_warning(served, capsys):
+    _, _, run, _ = served
+    assert main(["serve", str(run), "--host", "999.1.1.1", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnnlab: error: cannot listen on 999.1.1.1:0") and len(err.strip().splitlines()) == 1
+
+
 def test_page_for_a_colour_model_hides_the_canvas_and_escapes_class_names(tmp_path):
     from cnnlab import create_model
     from cnnlab.infer import TrainedModel

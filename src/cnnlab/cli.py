@@ -10,6 +10,7 @@ import atexit
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import warnings
@@ -373,6 +374,10 @@ def cmd_serve(args, extra: list[str]) -> int:
                      limits=limits, read_timeout=args.body_timeout, trained=trained,
                      workers=args.workers, forward_threads=threads)
     t = app.state.trained
+    try:  # an address that does not resolve fails here, before the warning below would name it
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}") from None
     if not is_loopback(args.host):
         print(f"cnnlab serve: warning: listening on {args.host}, reachable from other machines", file=sys.stderr)
     workers = f", {args.workers} worker processes" if args.workers > 1 else ""

@@ -315,7 +315,8 @@ def scan_folder(opts: FolderOptions) -> FolderScan:
     """Find classes and files, decide the splits, channels and size. Reads headers (once; cached), not pixels."""
     root = opts.path
     if not root.is_dir():
-        raise DataError(f"image folder not found: {root} (expected {root}/train/<class>/*.png|jpg)")
+        raise DataError(f"image folder not found: {root} (expected {root}/train/<class>/*.png|jpg, or "
+                        f"{root}/<class>/*.png|jpg)")
     nested = (root / "train").is_dir()
     train_dir = root / "train" if nested else root
     val_dir, test_dir = ((root / n if nested and (root / n).is_dir() else None) for n in ("val", "test"))
