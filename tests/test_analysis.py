@@ -490,3 +490,12 @@ def test_a_plot_file_holds_the_format_its_name_says(tmp_path):
     with pytest.raises(ConfigError, match=r"'\.txt'.*\.png, \.svg, \.pdf or \.jpg"):
         save_figure(fig, tmp_path / "f.txt")
     assert not (tmp_path / "f.txt").exists()
+
+
+@pytest.mark.robust
+def test_plot_refuses_a_bad_suffix_before_evaluating(runs, monkeypatch, capsys):
+    import cnnlab.analysis
+
+    monkeypatch.setattr(cnnlab.analysis, "analyze", lambda *a, **kw: pytest.fail("evaluated before the check"))
+    assert main(["plot", str(runs["mnist"]), "confusion", "--out", str(runs["root"] / "c.gif")]) == 2
+    assert "cannot write a plot as '.gif'" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -152,6 +153,19 @@ def test_predict_without_images_says_so(tiny_run, capsys):
     for argv in (["predict", str(tiny_run.path)], ["predict", "--model-dir", str(tiny_run.path)]):
         err = _usage_error(argv, capsys)
         assert "no images given" in err and f"cnnlab predict {tiny_run.path} digit.png" in err, err
+
+
+def test_predict_model_dir_then_a_folder_of_images(tiny_run, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image = Path(_digit(photos))
+    assert main(["predict", "--model-dir", str(tiny_run.path), str(photos), "--json"]) == 0
+    assert [p["file"] for p in json.loads(capsys.readouterr().out)] == [str(image)]
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    err = _usage_error(["predict", "--model-dir", str(tiny_run.path), str(other), str(image)], capsys)
+    assert "two runs given" in err
 
 
 def test_predict_json_is_a_format_and_goes_to_out(tiny_run, tmp_path, capsys):

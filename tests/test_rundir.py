@@ -129,6 +129,15 @@ def test_ctrl_c_outside_the_steps_or_twice_interrupts_at_once(tmp_path):
         with pytest.raises(KeyboardInterrupt):  # the second one does not wait
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a script ignores Ctrl-C
+    try:
+        with rundir.on_stop_signals(tmp_path) as stop:
+            stop.armed = True
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # and keeps ignoring it
+            signal.raise_signal(signal.SIGINT)
+            assert not stop.requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_lock_held_in_this_process_is_named(run, capsys):

@@ -623,6 +623,15 @@ def test_cli_serve_on_an_address_that_does_not_resolve_is_one_line_without_the_w
     assert err.startswith("cnnlab: error: cannot listen on 999.1.1.1:0") and len(err.strip().splitlines()) == 1
 
 
+def test_cli_serve_on_every_interface_gets_past_the_address_check(tiny_run, monkeypatch, capsys):
+    import cnnlab.serve
+
+    started = []
+    monkeypatch.setattr(cnnlab.serve, "serve_forever", lambda app, host, port, **kw: started.append(host) or 0)
+    assert main(["serve", str(tiny_run.path), "--host", "", "--port", "0"]) == 0  # '' is INADDR_ANY
+    assert started == [""] and "reachable from other machines" in capsys.readouterr().err
+
+
 def test_page_for_a_colour_model_hides_the_canvas_and_escapes_class_names(tmp_path):
     from cnnlab import create_model
     from cnnlab.infer import TrainedModel

@@ -85,11 +85,18 @@ def _resolve_run(args, parser: argparse.ArgumentParser) -> None:
             parser.error("a run is required: give RUN or --model-dir RUN")
         return
     if given is not None and Path(given) != Path(flag):
-        if hasattr(args, "images") and not Path(given).is_dir():
-            args.images = [given, *args.images]  # `predict --model-dir RUN a.png b.png`
+        if hasattr(args, "images") and not _looks_like_run(Path(given)):
+            args.images = [given, *args.images]  # `predict --model-dir RUN a.png photos/`
         else:
             parser.error(f"two runs given: {given} and --model-dir {flag}; give one")
     args.run_dir = flag
+
+
+def _looks_like_run(path: Path) -> bool:
+    """A checkpoint file, or a folder holding a run's record or checkpoints (a folder of images is not)."""
+    if path.suffix == ".safetensors":
+        return True
+    return path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.safetensors")))
 
 
 def _settle_predict(args, parser: argparse.ArgumentParser) -> None:
@@ -289,6 +296,9 @@ def cmd_plot(args, extra: list[str]) -> int:
     if args.kind not in PLOT_KINDS:
         raise CnnlabError(f"unknown plot kind {args.kind!r}; choose from {', '.join(PLOT_KINDS)}, layers")
     if args.out:  # the default is RUN/plots/KIND.png
+        from .analysis.plots import figure_format
+
+        figure_format(args.out)  # a suffix of no image format fails before the split is evaluated
         _check_out(args, args.out, reads=[Path(args.image)] if args.image else [])
     needs_data = args.kind not in DATA_FREE_KINDS and args.image is None
     a = analyze(args.run_dir, args.split, data_dir=args.data_dir, require_data=needs_data,
@@ -375,7 +385,7 @@ def cmd_serve(args, extra: list[str]) -> int:
                      workers=args.workers, forward_threads=threads)
     t = app.state.trained
     try:  # an address that does not resolve fails here, before the warning below would name it
-        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+        socket.getaddrinfo(args.host or None, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)  # '': all
     except (socket.gaierror, UnicodeError) as e:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}") from None
     if not is_loopback(args.host):

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -310,7 +309,11 @@ def claim(model_dir: Path, force: bool = False) -> Iterator[None]:
 
 
 def _remove_if_unused(model_dir: Path) -> None:
-    """Remove ``model_dir`` if it holds only files (the lock, empty logs), all empty but the lock; else keep it."""
+    """Remove ``model_dir`` if it holds only files (the lock, empty logs), all empty but the lock; else keep it.
+
+    A second trainer that opened the lock file just before it goes would lock a removed file and then fail on
+    its first write into the removed directory (one line), so a narrow race costs an error, not a shared run.
+    """
     try:
         entries = list(model_dir.iterdir())
         if all(e.is_file() and not e.is_symlink() and (e.name == LOCK_NAME or e.stat().st_size == 0)
@@ -373,8 +376,8 @@ class StopRequest:
         if signum == signal.SIGINT:
             if self.requested or not self.armed:
                 raise KeyboardInterrupt
-            print("cnnlab: Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)",
-                  file=sys.stderr, flush=True)
+            # os.write, not print: the main thread may be inside a write to stderr (the progress bar)
+            os.write(2, b"\ncnnlab: Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)\n")
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
@@ -406,7 +409,11 @@ def on_stop_signals(run_dir: Path, enabled: bool = True) -> Iterator[StopRequest
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = {sig: signal.signal(sig, stop._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # SIGINT only where it would interrupt: a job started with it ignored (`cmd &` in a script) or a caller's
+    # own handler keeps it
+    signals = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                                  else [])
+    previous = {sig: signal.signal(sig, stop._on_signal) for sig in signals}
     try:
         yield stop
     finally:

@@ -36,6 +36,15 @@ def _figure(size: tuple[float, float]) -> Figure:
 FIGURE_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpeg", ".jpeg": "jpeg"}
 
 
+def figure_format(path: str | Path) -> str:
+    """The format a plot file's suffix names (PNG without one); ConfigError for a suffix of another format."""
+    suffix = Path(path).suffix
+    fmt = FIGURE_FORMATS.get(suffix.lower(), "png" if not suffix else None)
+    if fmt is None:
+        raise ConfigError(f"cannot write a plot as {suffix!r}: name the file .png, .svg, .pdf or .jpg")
+    return fmt
+
+
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` at exactly its size (no tight cropping) in the format its suffix names (PNG without one);
     creates the parent folder.
@@ -44,9 +53,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
         ConfigError: A suffix of another format (the file would hold bytes its name does not promise).
     """
     path = Path(path)
-    fmt = FIGURE_FORMATS.get(path.suffix.lower(), "png" if not path.suffix else None)
-    if fmt is None:
-        raise ConfigError(f"cannot write a plot as {path.suffix!r}: name the file .png, .svg, .pdf or .jpg")
+    fmt = figure_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format=fmt)
     return path
