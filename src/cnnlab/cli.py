@@ -298,8 +298,8 @@ def cmd_plot(args, extra: list[str]) -> int:
     if args.out:  # the default is RUN/plots/KIND.png
         from .analysis.plots import figure_format
 
-        figure_format(args.out)  # a suffix of no image format fails before the split is evaluated
         _check_out(args, args.out, reads=[Path(args.image)] if args.image else [])
+        figure_format(args.out)  # a suffix of no image format fails before the split is evaluated
     needs_data = args.kind not in DATA_FREE_KINDS and args.image is None
     a = analyze(args.run_dir, args.split, data_dir=args.data_dir, require_data=needs_data,
                 limit=None if args.kind in ("confusion", "misclassified") else max(args.n, args.index + 1))
