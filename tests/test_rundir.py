@@ -70,17 +70,31 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if k.startswith(("model/", "optim/"))}
 
 
-def test_second_trainer_is_refused_and_sigterm_resumes_bit_identically(tiny_data, tmp_path, capsys):
-    env = {**os.environ, "CNNLAB_DATA": str(tiny_data)}
-    subprocess.run(_train_cmd(tmp_path / "ref"), env=env, check=True, capture_output=True)
-    run = tmp_path / "run"
+def _trainer_paused_at_step_5(run: Path, env: dict) -> subprocess.Popen:
+    """A `cnnlab train` of ``_train_cmd(run)`` that has finished step 5 and waits for a signal (stderr piped)."""
     proc = subprocess.Popen(_train_cmd(run), env={**env, "CNNLAB_TEST_PAUSE_AT_STEP": "5"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     marker = Path(f"{run}.paused-5")
     deadline = time.monotonic() + 300
-    while not marker.exists():  # the trainer has finished step 5 and waits for a signal
+    while not marker.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.05)
+    return proc
+
+
+def _resumes_to_the_reference(run: Path, ref: Path, env: dict) -> None:
+    """Rerunning the command resumes ``run`` from step 5 and ends with the uninterrupted ``ref``'s tensors."""
+    rerun = subprocess.run(_train_cmd(run), env=env, capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0 and "resuming from ckpt-00000005" in rerun.stdout, rerun.stderr
+    want, got = _tensors(ref), _tensors(run)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_second_trainer_is_refused_and_sigterm_resumes_bit_identically(tiny_data, tmp_path, capsys):
+    env = {**os.environ, "CNNLAB_DATA": str(tiny_data)}
+    subprocess.run(_train_cmd(tmp_path / "ref"), env=env, check=True, capture_output=True)
+    run = tmp_path / "run"
+    proc = _trainer_paused_at_step_5(run, env)
     # A second trainer on the same directory stops at once, naming the first one.
     one_line_error(capsys, main(["train", *TINY, "--steps=12", "--model-dir", str(run)]),
                    f"in use by another cnnlab train (pid {proc.pid})")
@@ -90,33 +104,21 @@ def test_second_trainer_is_refused_and_sigterm_resumes_bit_identically(tiny_data
     assert "stopped by SIGTERM at step 5" in err and "Traceback" not in err, err
     assert [p.name for p in ck.list_checkpoints(run)] == ["ckpt-00000005.safetensors"]
     assert not (run / "results.json").exists()
-    rerun = subprocess.run(_train_cmd(run), env=env, capture_output=True, text=True, check=False)
-    assert rerun.returncode == 0 and "resuming from ckpt-00000005" in rerun.stdout, rerun.stderr
-    want, got = _tensors(tmp_path / "ref"), _tensors(run)
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    _resumes_to_the_reference(run, tmp_path / "ref", env)
 
 
 def test_ctrl_c_during_training_saves_the_step_and_resumes_bit_identically(tiny_data, tmp_path):
     env = {**os.environ, "CNNLAB_DATA": str(tiny_data)}
     subprocess.run(_train_cmd(tmp_path / "ref"), env=env, check=True, capture_output=True)
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run), env={**env, "CNNLAB_TEST_PAUSE_AT_STEP": "5"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    marker = Path(f"{run}.paused-5")
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
-        time.sleep(0.05)
+    proc = _trainer_paused_at_step_5(run, env)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == rundir.INTERRUPTED_EXIT, err
     assert "saving a checkpoint after this step" in err and "stopped by SIGINT at step 5" in err, err
     assert "Traceback" not in err, err
     assert [p.name for p in ck.list_checkpoints(run)] == ["ckpt-00000005.safetensors"]
-    rerun = subprocess.run(_train_cmd(run), env=env, capture_output=True, text=True, check=False)
-    assert rerun.returncode == 0 and "resuming from ckpt-00000005" in rerun.stdout, rerun.stderr
-    want, got = _tensors(tmp_path / "ref"), _tensors(run)
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    _resumes_to_the_reference(run, tmp_path / "ref", env)
 
 
 def test_ctrl_c_outside_the_steps_or_twice_interrupts_at_once(tmp_path):

@@ -151,6 +151,12 @@ def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
 
 
+def served_weights(tensors: dict[str, torch.Tensor], prefer_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint serves: its moving average (EMA) when it kept one and ``prefer_ema``, else its
+    model's state_dict."""
+    return (section(tensors, "ema") if prefer_ema else {}) or section(tensors, "model")
+
+
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Load a state_dict, refusing missing or unexpected keys and shape mismatches with one clear line."""
     own = module.state_dict()

@@ -436,8 +436,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", prefer_em
         raise CheckpointError(f"{file}: checkpoint header lacks {e}") from None
     except CnnlabError as e:
         raise CheckpointError(f"{file}: cannot rebuild its model: {e}") from None
-    state = ck.section(tensors, "ema") if prefer_ema else {}
-    ck.load_state_strict(model, state or ck.section(tensors, "model"), str(file))
+    ck.load_state_strict(model, ck.served_weights(tensors, prefer_ema), str(file))
     apply_cpu_rewrites(model, recorded_linear_backend(file), device)
     data, config = meta.get("data", {}), meta.get("config", {})
     if config.get("channels_last"):

@@ -120,7 +120,7 @@ def _read_source(source: str) -> tuple[dict[str, torch.Tensor], list[str] | None
     elif not path.is_file():
         raise CheckpointError(f"init_from {source}: no such run directory or checkpoint file")
     tensors, meta = ck.load_checkpoint(path)
-    state = ck.section(tensors, "ema") or ck.section(tensors, "model")
+    state = ck.served_weights(tensors)
     if not state:
         raise CheckpointError(f"init_from {source}: no model weights in {path.name}")
     classes = (meta.get("data") or {}).get("classes")

@@ -98,8 +98,9 @@ def sized_dataset(config: TrainConfig) -> TrainConfig:
     size does not follow the data's. The resolved name, with the folder's path made absolute, is what the run
     records, so evaluate and predict use it from any folder.
     """
-    if absolute_folder(config.dataset) != config.dataset:
-        config = dataclasses.replace(config, dataset=absolute_folder(config.dataset))
+    dataset = absolute_folder(config.dataset)
+    if dataset != config.dataset:
+        config = dataclasses.replace(config, dataset=dataset)
     if sized_for_model(config.dataset, (1, 1)) == config.dataset:  # not a folder name, or it has a size
         return config
     check_model_args(config.model, config.model_args)  # before building: the data sets num_classes and in_chans
@@ -372,7 +373,7 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
             last_good=lambda: ck.latest_checkpoint(model_dir), val_set=val_set, selection=selection, stop=stop,
             save_best=lambda: dist.on_main(controls.save_best, model_dir, state.model, state.ema, state.step,
                                            config.to_dict(), data_meta, selection),
-            load_best=lambda module: _load_best(model_dir, module, "ema" if state.ema is not None else "model"))
+            load_best=lambda module: _load_best(model_dir, module))
     finally:
         for h in all_hooks:
             h.close()
@@ -383,13 +384,14 @@ def _fit(config: TrainConfig, model_dir: str | Path, dist: distributed.DistConte
     return FitResult(model=final, step=state.step, test=test, seconds=seconds, model_dir=model_dir, best=best)
 
 
-def _load_best(model_dir: Path, module: torch.nn.Module, section: str) -> bool:
-    """Load ``best.safetensors``' weights (its ``section``: model or ema) into ``module``; False without one."""
+def _load_best(model_dir: Path, module: torch.nn.Module) -> bool:
+    """Load into ``module`` the weights of ``best.safetensors`` that evaluate and serve load (`ck.served_weights`);
+    False without the file."""
     path = Path(model_dir) / ck.BEST_NAME
     if not path.is_file():
         return False
     tensors, _ = ck.load_checkpoint(path)
-    ck.load_state_strict(module, ck.section(tensors, section), str(path))
+    ck.load_state_strict(module, ck.served_weights(tensors), str(path))
     return True
 
 
