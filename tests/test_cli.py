@@ -3,17 +3,24 @@ folder:PATH in `cnnlab datasets`."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import errno
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
 from cnnlab.cli import main
 from cnnlab.config import TrainConfig, describe_fields
 from cnnlab.data import folder
+from cnnlab.errors import CnnlabError
+from cnnlab.predict_files import write_predictions
 
 
 def test_train_help_lists_every_config_key_with_type_default_and_description(capsys):
@@ -155,6 +162,16 @@ def test_predict_without_images_says_so(tiny_run, capsys):
         assert "no images given" in err and f"cnnlab predict {tiny_run.path} digit.png" in err, err
 
 
+@pytest.mark.robust
+def test_predict_with_only_a_folder_of_images_asks_for_the_run(tmp_path, capsys):
+    """Any folder counted as a run here, so a folder of images was told to add images."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _digit(photos)
+    err = _usage_error(["predict", str(photos)], capsys)
+    assert f"a run is required: give RUN or --model-dir RUN, then the images ({photos} is not a run" in err, err
+
+
 def test_predict_model_dir_then_a_folder_of_images(tiny_run, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -194,6 +211,47 @@ def test_all_probs_adds_every_class_probability_in_every_format(tiny_run, tmp_pa
     assert row.split(",")[4:] == [f"{p:.6f}" for p in probs]
     assert main(["predict", run, image, "--all-probs"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("all: " + ", ".join(f"{c} {p:.3f}" for c, p in enumerate(probs)))
+
+
+@pytest.mark.robust
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "text"])
+def test_predict_out_is_replaced_whole_or_not_at_all(tmp_path, fmt):
+    """A full disk or Ctrl-C halfway through left a partial file in place of the earlier one."""
+    pred = {"label": "3", "probability": 0.9, "top_k": [{"label": "3", "probability": 0.9}]}
+
+    def failing(exc):
+        yield Path("a.png"), pred  # the first line is written: the output is open
+        raise exc
+
+    out = tmp_path / "preds.out"
+    out.write_text("earlier predictions\n")
+    for exc in (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()):
+        with pytest.raises((CnnlabError, KeyboardInterrupt)) as e:
+            write_predictions(failing(exc), fmt, out)
+        assert isinstance(exc, KeyboardInterrupt) or str(e.value) == f"cannot write {out}: No space left on device"
+        assert out.read_text() == "earlier predictions\n" and sorted(tmp_path.iterdir()) == [out]
+    write_predictions([(Path("a.png"), pred), (Path("b.png"), pred)], fmt, out)
+    assert out.read_text().count("b.png") == 1 and sorted(tmp_path.iterdir()) == [out]
+    fifo = tmp_path / "fifo"  # what exists and is not a regular file is written in place
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    write_predictions([(Path("c.png"), pred)], fmt, fifo)
+    reader.join(10)
+    assert "c.png" in got[0] and fifo.is_fifo()
+
+
+def test_csv_top_k_escapes_its_separators_in_class_names(tmp_path):
+    """A class called 'a:b;c' made the top_k cell split into the wrong pairs."""
+    names = ["a:b;c", "50%", "plain"]
+    top = [{"label": n, "probability": p} for n, p in zip(names, (0.5, 0.3, 0.2))]
+    out = tmp_path / "p.csv"
+    write_predictions([(Path("x.png"), {"label": names[0], "probability": 0.5, "top_k": top})], "csv", out)
+    (row,) = csv.DictReader(out.open())
+    pairs = [item.rsplit(":", 1) for item in row["top_k"].split(";")]
+    assert row["label"] == "a:b;c" and [(unquote(n), float(p)) for n, p in pairs] == [(n, t["probability"])
+                                                                                   for n, t in zip(names, top)]
 
 
 def test_bare_command_prints_help_and_version_is_known(capsys):

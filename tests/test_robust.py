@@ -94,6 +94,21 @@ def test_bad_names_and_values(tiny_data, tmp_path, capsys, argv, needles):
     assert not list((tmp_path / "r").glob("ckpt-*")) if (tmp_path / "r").exists() else True
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["--model=resnet9000"], "unknown model 'resnet9000'"),
+    (["--device=cuda:0"], "no CUDA GPU is available"),
+    (["--precision=fp16", "--device=cpu"], "fp16 needs a CUDA device"),
+])
+def test_train_refuses_model_device_and_precision_before_printing_its_config(tiny_data, tmp_path, capsys, argv,
+                                                                              needle):
+    """The error was the last line under the whole printed config; now it is the command's only output."""
+    if "cuda" in argv[0] and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code, out, err = run_cli(capsys, "train", "--recipe", "lenet5-mnist", "--model-dir", str(tmp_path / "r"), *argv)
+    assert_one_line_error(code, err, needle)
+    assert out == "" and not (tmp_path / "r").exists()
+
+
 def test_bad_recipe_file(tmp_path, capsys):
     f = tmp_path / "r.toml"
     f.write_text("model = 'lenet5'\nlr = 'fast'\n")
@@ -235,7 +250,11 @@ def test_corrupt_checkpoint_is_refused(trained, capsys, damage):
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(2000), "zero": b""}[damage])
     code, _, err = run_cli(capsys, "evaluate", str(trained))
-    assert_one_line_error(code, err, path.name)
+    # the run's older checkpoint was left unmentioned; the hint names it and the way to use it, which works
+    older = ck.list_checkpoints(trained)[-2]
+    assert_one_line_error(code, err, path.name, f"older checkpoint(s), the newest {older.name}: give it with "
+                          "--checkpoint, or move the damaged file away")
+    assert run_cli(capsys, "evaluate", str(trained), "--checkpoint", str(older))[0] == 0
 
 
 class _Evil:

@@ -128,15 +128,27 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             header = (f.metadata() or {}).get("cnnlab")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a valid cnnlab checkpoint ({str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path} is not a valid cnnlab checkpoint ({str(e).splitlines()[0][:120]})"
+                              f"{_older_hint(path)}") from None
     if header is None:
-        raise CheckpointError(f"{path} is a safetensors file but not a cnnlab checkpoint (no cnnlab header)")
+        raise CheckpointError(f"{path} is a safetensors file but not a cnnlab checkpoint (no cnnlab header)"
+                              f"{_older_hint(path)}")
     try:
         meta = json.loads(header)
     except (json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested thousands of levels deep
-        raise CheckpointError(f"{path}: corrupt checkpoint header") from None
+        raise CheckpointError(f"{path}: corrupt checkpoint header{_older_hint(path)}") from None
     validate_checkpoint(meta, tensors, str(path))  # before any model is built from the header
     return tensors, meta
+
+
+def _older_hint(damaged: Path) -> str:
+    """For a damaged checkpoint of a run: where the run's older checkpoints are and how to use them, else ''."""
+    m = _NAME.match(damaged.name)
+    older = [p for p in list_checkpoints(damaged.parent) if m and int(_NAME.match(p.name).group(1)) < int(m.group(1))]
+    if not older:
+        return ""
+    return (f"; the run has {len(older)} older checkpoint(s), the newest {older[-1].name}: give it with --checkpoint, "
+            "or move the damaged file away to resume training from it")
 
 
 def latest_checkpoint(model_dir: Path) -> Path | None:

@@ -103,7 +103,7 @@ def _settle_predict(args, parser: argparse.ArgumentParser) -> None:
     """Check predict's images and output flags; a usage error when none are given or two disagree."""
     if not args.images:  # one positional: the run without images, or images without a run
         run = Path(args.run_dir)
-        if not (run.is_dir() or run.suffix == ".safetensors"):
+        if not _looks_like_run(run):  # `cnnlab predict photos/`: images without a run
             parser.error(f"a run is required: give RUN or --model-dir RUN, then the images ({args.run_dir} is not "
                          "a run directory or checkpoint)")
         parser.error(f"no images given: list image files or folders after the run, e.g. "
@@ -140,6 +140,7 @@ def cmd_train(args, extra: list[str]) -> int:
     from .train.loop import fit
 
     config = resolve_config(args.recipe, parse_overrides(extra))
+    _preflight(config)
     model_dir = Path(args.model_dir or Path("runs") / (args.recipe or config.model))
     if not is_main_process():  # a torchrun worker of rank > 0: rank 0 alone prints, logs and reports
         args.tensorboard, args.report = None, False
@@ -172,6 +173,22 @@ def cmd_train(args, extra: list[str]) -> int:
             print(f"cnnlab: warning: report not written ({type(e).__name__}: {e}); "
                   f"try `cnnlab report {model_dir}`", file=sys.stderr)
     return 0
+
+
+def _preflight(config) -> None:
+    """Refuse an unknown model, a missing device or a precision the device cannot run before anything is printed.
+
+    `fit` checks the same again; these cost microseconds, so the error is the command's only line instead of
+    following the whole printed config.
+    """
+    from .infer import select_device
+    from .models.registry import model_entry
+    from .runtime import resolve_precision
+    from .train.controls import check_precision
+
+    model_entry(config.model)
+    device = select_device(config.device)
+    check_precision(resolve_precision(config.precision, device.type), device)
 
 
 def cmd_evaluate(args, extra: list[str]) -> int:

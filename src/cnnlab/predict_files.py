@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from . import io, rundir
 from .data.folder import EXTENSIONS
 from .errors import CnnlabError, DataError
 from .labels import printable  # names from a checkpoint must not break or reorder lines
@@ -93,6 +95,9 @@ def _one(predict_batch, path: Path) -> tuple[Path, dict | None, str | None]:
 class PredictionWriter:
     """Writes one line per prediction as text, CSV (file,label,probability,top_k) or JSON lines.
 
+    The CSV's ``top_k`` cell is ``label:probability`` pairs joined by ``;``, with ``%``, ``:`` and ``;`` in a class
+    name URL-escaped (see `_cell_label`); the ``label`` column and the ``prob_CLASS`` headers hold names as they are.
+
     Args:
         fmt: ``text``, ``csv`` or ``jsonl``.
         stream: Where the lines go.
@@ -117,7 +122,7 @@ class PredictionWriter:
             self.stream.write(json.dumps(line) + "\n")
         elif self.fmt == "csv":
             self.csv.writerow([str(path), p["label"], f"{p['probability']:.6f}",
-                               ";".join(f"{t['label']}:{t['probability']:.6f}" for t in top),
+                               ";".join(f"{_cell_label(t['label'])}:{t['probability']:.6f}" for t in top),
                                *(f"{v:.6f}" for v in every or ())])
         else:
             text = ", ".join(f"{printable(t['label'])} {t['probability']:.3f}" for t in top)
@@ -127,12 +132,26 @@ class PredictionWriter:
                               f"top-{len(top)}: {text}{rest}\n")
 
 
-def _open(out: str | Path | None) -> TextIO:
-    """Standard output, or the file ``out`` opened for writing (in place: a FIFO or ``/dev/stdout`` works too)."""
+def _cell_label(label: str) -> str:
+    """A class name inside the CSV's ``top_k`` cell (``label:probability;...``): its own ``%``, ``:`` and ``;`` as
+    ``%25``, ``%3A``, ``%3B`` (URL escapes, undone by ``urllib.parse.unquote``), so the cell splits unambiguously."""
+    return label.replace("%", "%25").replace(":", "%3A").replace(";", "%3B")
+
+
+def _open(out: str | Path | None) -> tuple[TextIO, Path | None]:
+    """The stream predictions are written to, and the temp file behind it when ``out`` is replaced at the end.
+
+    Standard output, or for ``out``: a regular or new file is written to a temp file beside it (see
+    `rundir.temp_path`) that `write_predictions` renames over ``out`` once everything is written, so a failure
+    halfway (a full disk, Ctrl-C) leaves the earlier file as it was and no partial one. Anything else that
+    exists (a FIFO, ``/dev/stdout``, a symlink) is written in place.
+    """
     if out is None:
-        return sys.stdout
+        return sys.stdout, None
+    path = Path(out)
+    tmp = None if path.is_symlink() or (path.exists() and not path.is_file()) else rundir.temp_path(path)
     try:
-        return open(out, "w", encoding="utf-8", newline="")  # noqa: SIM115  (closed by the caller)
+        return open(tmp or path, "w", encoding="utf-8", newline=""), tmp  # noqa: SIM115  (closed by the caller)
     except OSError as e:
         raise CnnlabError(f"cannot write {out}: {e.strerror or e}") from None
 
@@ -141,8 +160,8 @@ def write_predictions(results: Iterable[tuple[Path, dict]], fmt: str, out: str |
                       classes: list[str] | None = None) -> None:
     """Write (file, prediction) pairs in ``fmt`` to ``out`` (None: standard output).
 
-    The output is opened only when the first prediction is ready (for ``json``, when all are), so a run that
-    fails before that (an unreadable checkpoint, no readable image) leaves an existing ``out`` as it was.
+    A file ``out`` gets its new content whole or not at all (see `_open`): a run that fails at any point (an
+    unreadable checkpoint, no readable image, a full disk, Ctrl-C) leaves an existing ``out`` as it was.
 
     Args:
         results: What `predictions` yields.
@@ -153,23 +172,29 @@ def write_predictions(results: Iterable[tuple[Path, dict]], fmt: str, out: str |
     Raises:
         CnnlabError: ``out`` cannot be written (a folder, a missing parent folder, no permission, a full disk).
     """
-    stream = None
+    stream, tmp = None, None
     try:
         if fmt == "json":  # one JSON document (kept for scripts written against it); jsonl streams instead
             doc = [{"file": str(path), **{k: v for k, v in p.items() if k != "probabilities" or classes is not None}}
                    for path, p in results]
-            stream = _open(out)
+            stream, tmp = _open(out)
             stream.write(json.dumps(doc, indent=2) + "\n")
         else:
             writer = None
             for path, p in results:
-                if writer is None:
-                    stream = _open(out)
+                if writer is None:  # opened at the first prediction: nothing is created when none can be made
+                    stream, tmp = _open(out)
                     writer = PredictionWriter(fmt, stream, classes)
                 writer.write(path, p)
         if stream is not None and stream is not sys.stdout:
             stream, f = None, stream
+            if tmp is not None:  # on disk before the rename, as every atomic write of cnnlab's
+                f.flush()
+                os.fsync(f.fileno())
             f.close()
+            if tmp is not None:
+                io.replace_durably(tmp, out)
+                tmp = None
     except OSError as e:  # images are read through cnnlab's readers (their errors are CnnlabError): a write failed
         if out is None:  # standard output's own failures (a closed pipe) are the CLI's to handle
             raise
@@ -178,3 +203,5 @@ def write_predictions(results: Iterable[tuple[Path, dict]], fmt: str, out: str |
         if stream is not None and stream is not sys.stdout:
             with contextlib.suppress(OSError):  # already failing: the first error is the one to report
                 stream.close()
+        if tmp is not None:  # failed or interrupted: the partial file goes, an earlier ``out`` stays
+            tmp.unlink(missing_ok=True)
