@@ -81,6 +81,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
      ["model 'mnist-fast' takes inputs of at least", "not 1x1"]),
     (["--recipe", "lenet5-mnist", "--model=mnist-fast", "--model_args.img_size=2,3"],
      ["img_size must be a whole number >= 1", "got '2,3'"]),
+    # A side no checkpoint can record: trained (at great cost) into checkpoints that cnnlab then refused to read.
+    (["--recipe", "lenet5-mnist", "--model_args.img_size=5000"],
+     ["model 'lenet5': img_size 5000 is larger than cnnlab's limit of 4096 pixels a side"]),
     (["--recipe", "lenet5-mnist", "--translate=1000"], ["translate=1000 is too large for the model's 28x28 input"]),
     (["--recipe", "lenet5-mnist", "--seed=99999999999999999999"], ["seed must be in [0, 2**63 - 1]"]),
     (["--recipe", "lenet5-mnist", "--lr=1e308"], ["lr is 1e+308, more than a float32 holds"]),

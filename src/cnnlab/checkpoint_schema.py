@@ -18,9 +18,8 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, CnnlabError
-from .models.registry import INIT_ONLY_ARGS
+from .models.registry import INIT_ONLY_ARGS, MAX_SIDE
 
-MAX_SIDE = 4096  # pixels, per side of the model input and of the recorded image shape
 MAX_CHANNELS = 64  # image channels (1 grey, 3 RGB, 4 RGBA; more for unusual sensors)
 MAX_CLASSES = 100_000
 MAX_NAME_CHARS = 4096  # model names (an inline spec can be long), dataset names

@@ -18,6 +18,8 @@ from torch import nn
 from ..errors import CnnlabError, ModelError
 from ..modes import eval_mode
 
+MAX_SIDE = 4096  # pixels, per side of a model's input (and of an image shape a checkpoint records)
+
 
 @dataclass(frozen=True)
 class ModelMeta:
@@ -168,6 +170,9 @@ def _is_side(v) -> bool:
 def _check_img_size(name: str, entry: _Entry, kwargs: dict) -> None:
     """``img_size`` is a positive int (the side of a square input) or, for a flexible-size model, [height, width]."""
     v = kwargs.get("img_size")
+    sides = v if isinstance(v, (list, tuple)) else [v]
+    if any(_is_side(x) and x > MAX_SIDE for x in sides):  # a checkpoint of it could not be read back
+        raise ModelError(f"model {name!r}: img_size {v!r} is larger than cnnlab's limit of {MAX_SIDE} pixels a side")
     if v is None or _is_side(v):
         return
     if entry.flexible_size:
