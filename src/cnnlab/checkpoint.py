@@ -143,8 +143,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _older_hint(damaged: Path) -> str:
     """For a damaged checkpoint of a run: where the run's older checkpoints are and how to use them, else ''."""
-    m = _NAME.match(damaged.name)
-    older = [p for p in list_checkpoints(damaged.parent) if m and int(_NAME.match(p.name).group(1)) < int(m.group(1))]
+    found = list_checkpoints(damaged.parent)
+    older = found[:found.index(damaged)] if damaged in found else []
     if not older:
         return ""
     return (f"; the run has {len(older)} older checkpoint(s), the newest {older[-1].name}: give it with --checkpoint, "

@@ -178,8 +178,8 @@ def cmd_train(args, extra: list[str]) -> int:
 def _preflight(config) -> None:
     """Refuse an unknown model, a missing device or a precision the device cannot run before anything is printed.
 
-    `fit` checks the same again; these cost microseconds, so the error is the command's only line instead of
-    following the whole printed config.
+    `fit` checks the same again. These checks are cheap (a ``timm:`` name imports timm, which the build needs
+    anyway), and the error becomes the command's only line instead of following the whole printed config.
     """
     from .infer import select_device
     from .models.registry import model_entry

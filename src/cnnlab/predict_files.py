@@ -187,10 +187,10 @@ def write_predictions(results: Iterable[tuple[Path, dict]], fmt: str, out: str |
                     writer = PredictionWriter(fmt, stream, classes)
                 writer.write(path, p)
         if stream is not None and stream is not sys.stdout:
+            if tmp is not None:  # on disk before the rename, as cnnlab's atomic writes (on failure: closed below)
+                stream.flush()
+                os.fsync(stream.fileno())
             stream, f = None, stream
-            if tmp is not None:  # on disk before the rename, as every atomic write of cnnlab's
-                f.flush()
-                os.fsync(f.fileno())
             f.close()
             if tmp is not None:
                 io.replace_durably(tmp, out)
