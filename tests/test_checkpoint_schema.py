@@ -194,3 +194,35 @@ def test_random_header_text_is_a_clean_error(tmp_path_factory, text):
     save_file({"model/x": torch.zeros(1)}, str(file), metadata={"cnnlab": text})
     with pytest.raises(CheckpointError):
         ck.load_checkpoint(file)
+
+
+
+@pytest.fixture(scope="module")
+def bn_run(tmp_path_factory) -> Path:
+    """A tiny trained mnist-fast run: batch norms, and a head that takes any input size."""
+    return train_tiny_run(tmp_path_factory.mktemp("bn"), steps=2, ckpt_every=2, extra=["--model=mnist-fast"])
+
+
+def test_the_shape_check_runs_no_forward_pass_on_the_meta_device(bn_run):
+    """Checking a checkpoint's weights against its header builds the model on the meta device only: a forward
+    pass there (the size probe of a real build) would import torch's compiler stack, over a second of every
+    `cnnlab predict`, `report` and `serve` start. Fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cnnlab import checkpoint as ck; ck.load_checkpoint(ck.latest_checkpoint(sys.argv[1])); "
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    out = subprocess.run([sys.executable, "-c", code, str(bn_run)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_header_with_an_input_too_small_for_its_net_is_refused_in_one_line(bn_run, tmp_path, capsys):
+    """mnist-fast's weights fit any input size, so the shape check passes; the real build's probe refuses it."""
+    tensors, header = ck.load_checkpoint(ck.latest_checkpoint(bn_run))
+    bad = _set(_set(header, "model.args.img_size", 4), "model.input_size", [1, 4, 4])
+    file = tmp_path / "ckpt-00000002.safetensors"
+    save_file(tensors, str(file), metadata={"cnnlab": json.dumps(bad)})
+    code = main(["evaluate", str(file)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "model 'mnist-fast' takes inputs of at least 8x8, not 4x4" in err
