@@ -242,6 +242,29 @@ def test_predict_out_is_replaced_whole_or_not_at_all(tmp_path, fmt):
     assert "c.png" in got[0] and fifo.is_fifo()
 
 
+@pytest.mark.robust
+def test_predict_out_removes_what_a_killed_earlier_run_left(tmp_path):
+    """SIGKILL during `predict --out FILE` left .FILE.cnnlab-tmp-PID beside FILE for good (outside run directories
+    nothing swept it). The next write of FILE removes its own dead writers' temp files, nothing else."""
+    pred = {"label": "3", "probability": 0.9, "top_k": [{"label": "3", "probability": 0.9}]}
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "preds.csv"
+        left = tmp_path / f".preds.csv.cnnlab-tmp-{dead.pid}"
+        kept = [tmp_path / f".preds.csv.cnnlab-tmp-{alive.pid}",  # a predict writing FILE now
+                tmp_path / ".preds.csv.cnnlab-tmp-mine",  # not a pid: not cnnlab's
+                tmp_path / f".other.csv.cnnlab-tmp-{dead.pid}"]  # another file's
+        for p in (left, *kept):
+            p.write_text("partial\n")
+        write_predictions([(Path("a.png"), pred)], "csv", out)
+        assert sorted(tmp_path.iterdir()) == sorted([out, *kept]) and "a.png" in out.read_text()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_csv_top_k_escapes_its_separators_in_class_names(tmp_path):
     """A class called 'a:b;c' made the top_k cell split into the wrong pairs."""
     names = ["a:b;c", "50%", "plain"]
@@ -263,3 +286,25 @@ def test_bare_command_prints_help_and_version_is_known(capsys):
     from cnnlab import __version__
 
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"cnnlab {__version__}"
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["train", "--help"], []])
+def test_help_and_version_do_not_import_torch(argv):
+    """`import cnnlab` loads the library's API on first use, so the help answers at once (torch takes a second)."""
+    code = ("import sys\nfrom cnnlab.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() and out.stderr.strip() == "False"
+
+
+def test_the_library_api_resolves_on_first_use():
+    import cnnlab
+
+    code = ("import cnnlab\nprint([n for n in cnnlab.__all__ if getattr(cnnlab, n) is None])\n"
+            "print(cnnlab.models.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "cnnlab.models"]
+    assert {"fit", "create_model", "load_trained", "Classifier", "CnnlabError"} <= set(dir(cnnlab))
+    assert sorted(cnnlab.__all__) == sorted(cnnlab._API)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_thing'"):
+        cnnlab.no_such_thing  # noqa: B018

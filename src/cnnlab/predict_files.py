@@ -144,12 +144,15 @@ def _open(out: str | Path | None) -> tuple[TextIO, Path | None]:
     Standard output, or for ``out``: a regular or new file is written to a temp file beside it (see
     `rundir.temp_path`) that `write_predictions` renames over ``out`` once everything is written, so a failure
     halfway (a full disk, Ctrl-C) leaves the earlier file as it was and no partial one. Anything else that
-    exists (a FIFO, ``/dev/stdout``, a symlink) is written in place.
+    exists (a FIFO, ``/dev/stdout``, a symlink) is written in place. Temp files of ``out`` that an earlier, killed
+    run left (SIGKILL gives no chance to clean up) are removed first.
     """
     if out is None:
         return sys.stdout, None
     path = Path(out)
     tmp = None if path.is_symlink() or (path.exists() and not path.is_file()) else rundir.temp_path(path)
+    if tmp is not None:
+        rundir.remove_stale_temps_of(path)
     try:
         return open(tmp or path, "w", encoding="utf-8", newline=""), tmp  # noqa: SIM115  (closed by the caller)
     except OSError as e:

@@ -94,6 +94,23 @@ def _writer_alive(name: str) -> bool:
     return True
 
 
+def remove_stale_temps_of(path: Path) -> list[Path]:
+    """Delete the partial files a killed cnnlab write of ``path`` left beside it (``.NAME.cnnlab-tmp-PID`` whose
+    writer is gone, e.g. a `predict --out` killed with SIGKILL); return what was removed. Outside run directories,
+    where `remove_stale_temps` does not look, only ``path``'s own temp files are touched."""
+    path = Path(path)
+    prefix = f".{path.name}{TEMP_MARK}"
+    try:
+        names = [e.name for e in os.scandir(path.parent)
+                 if e.name.startswith(prefix) and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
+    stale = [path.parent / n for n in names if n[len(prefix):].isdigit() and not _writer_alive(n)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def remove_stale_temps(model_dir: Path) -> list[Path]:
     """Delete partial files of cnnlab's own killed writes in ``model_dir``; return what was removed.
 
