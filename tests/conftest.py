@@ -15,6 +15,7 @@ Fixtures:
 from __future__ import annotations
 
 import dataclasses
+import signal
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,12 @@ from runs import TinyRun, copy_run, train_tiny_run
 # draws fresh random examples to look for new failures; each one it finds becomes a fixed regression test.
 settings.register_profile("repeatable", derandomize=True)
 settings.register_profile("explore", derandomize=False)
+
+# A suite started as a background job of a script (`make test &`) inherits an ignored SIGINT, and so would every
+# `cnnlab train` it starts: cnnlab then rightly leaves Ctrl-C ignored. The Ctrl-C tests need it as a terminal gives
+# it, so the suite starts from Python's default; the ignored case has its own test (test_rundir.py).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
