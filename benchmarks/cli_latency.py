@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, print_table, run_cli_train, value_range
+from common import ensure_trained_run, hardware_line, print_table, value_range
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,12 +58,8 @@ def main() -> int:
         if not (t / "src" / "cnnlab" / "__init__.py").is_file():
             ap.error(f"--tree {t}: no src/cnnlab in it")
     args.out.mkdir(parents=True, exist_ok=True)
-    run = Path(args.run) if args.run else args.out / "mnist-fast-short"
-    if not args.run and not (run / "results.json").is_file():
-        print(f"training a short mnist-fast run in {run} ...", flush=True)
-        run.mkdir(parents=True, exist_ok=True)
-        res = run_cli_train("mnist-fast", run, ["--epochs=0.2", "--no-report"], log_file=args.out / "train.log")
-        print(f"trained: test accuracy {res['test']['accuracy']:.4f}", flush=True)
+    run = ensure_trained_run(args.run, args.out, "mnist-fast-short", ["--epochs=0.2", "--no-report"],
+                             recipe="mnist-fast")
     image = args.out / "digit.png"
     if not image.exists():
         import numpy as np

@@ -52,8 +52,9 @@ def run_cli_train(recipe: str, model_dir: Path, overrides: list[str], log_file: 
     return result
 
 
-def ensure_lenet5_run(run_dir: str | None, out: Path, name: str, overrides: list[str]) -> Path:
-    """``run_dir`` when given, else ``out/name``: a lenet5-mnist run with ``overrides``, trained once (a later call
+def ensure_trained_run(run_dir: str | None, out: Path, name: str, overrides: list[str],
+                       recipe: str = "lenet5-mnist") -> Path:
+    """``run_dir`` when given, else ``out/name``: a ``recipe`` run with ``overrides``, trained once (a later call
     reuses it once it holds a checkpoint)."""
     from cnnlab.errors import CnnlabError
     from cnnlab.infer import find_checkpoint
@@ -66,9 +67,9 @@ def ensure_lenet5_run(run_dir: str | None, out: Path, name: str, overrides: list
         return run
     except CnnlabError:
         pass
-    print(f"training a lenet5 run in {run} ...", flush=True)
+    print(f"training a {recipe} run in {run} ...", flush=True)
     run.mkdir(parents=True, exist_ok=True)
-    res = run_cli_train("lenet5-mnist", run, overrides, log_file=out / "train.log")
+    res = run_cli_train(recipe, run, overrides, log_file=out / "train.log")
     print(f"trained: test accuracy {res['test']['accuracy']:.4f} in {res['wall']:.0f} s", flush=True)
     return run
 

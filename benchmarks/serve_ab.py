@@ -40,7 +40,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ensure_lenet5_run, hardware_line, print_json, print_table
+from common import ensure_trained_run, hardware_line, print_json, print_table
 
 from cnnlab.errors import CnnlabError
 from cnnlab.serve.server import httptools_available, serve_subprocess
@@ -48,7 +48,7 @@ from cnnlab.serve.server import httptools_available, serve_subprocess
 
 def ensure_run(run_dir: str | None, out: Path) -> Path:
     """The given run, or a small lenet5 run trained once under ``out`` (as benchmarks/serve_load.py trains it)."""
-    return ensure_lenet5_run(run_dir, out, "lenet5-run", ["--steps=600", "--optimizer=adam", "--lr=0.002",
+    return ensure_trained_run(run_dir, out, "lenet5-run", ["--steps=600", "--optimizer=adam", "--lr=0.002",
                                                           "--batch_size=64", "--ckpt_every=600", "--log_every=200"])
 
 

@@ -38,7 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ensure_lenet5_run, hardware_line
+from common import ensure_trained_run, hardware_line
 
 from cnnlab.serve.server import serve_process
 
@@ -47,7 +47,7 @@ HOST = "127.0.0.1"  # loopback only
 
 def ensure_run(run_dir: str | None, out: Path) -> Path:
     """The given run, or a tiny lenet5 run (20 steps: accuracy does not matter here) trained once under ``out``."""
-    return ensure_lenet5_run(run_dir, out, "lenet5-tiny", ["--steps=20", "--ckpt_every=20", "--log_every=10"])
+    return ensure_trained_run(run_dir, out, "lenet5-tiny", ["--steps=20", "--ckpt_every=20", "--log_every=10"])
 
 
 def rss_mb(pid: int) -> float:

@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ensure_lenet5_run, hardware_line
+from common import ensure_trained_run, hardware_line
 
 from cnnlab.errors import CnnlabError
 from cnnlab.serve.server import serve_subprocess
@@ -37,7 +37,7 @@ HOST = "127.0.0.1"  # loopback only: a load test never targets another machine
 
 def ensure_run(run_dir: str | None, out: Path) -> Path:
     """The given run, or a small lenet5 run trained once under ``out`` (Adam, 600 steps; ~98% on MNIST)."""
-    return ensure_lenet5_run(run_dir, out, "lenet5-run", ["--steps=600", "--optimizer=adam", "--lr=0.002",
+    return ensure_trained_run(run_dir, out, "lenet5-run", ["--steps=600", "--optimizer=adam", "--lr=0.002",
                                                           "--batch_size=64", "--ckpt_every=600", "--log_every=200"])
 
 

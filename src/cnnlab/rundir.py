@@ -94,21 +94,25 @@ def _writer_alive(name: str) -> bool:
     return True
 
 
+def _remove_if_writer_gone(paths: list[Path]) -> list[Path]:
+    """Delete the temp files among ``paths`` whose writer process is gone; return them."""
+    stale = [p for p in paths if not _writer_alive(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def remove_stale_temps_of(path: Path) -> list[Path]:
     """Delete the partial files a killed cnnlab write of ``path`` left beside it (``.NAME.cnnlab-tmp-PID`` whose
     writer is gone, e.g. a `predict --out` killed with SIGKILL); return what was removed. Outside run directories,
     where `remove_stale_temps` does not look, only ``path``'s own temp files are touched."""
     path = Path(path)
-    prefix = f".{path.name}{TEMP_MARK}"
     try:
-        names = [e.name for e in os.scandir(path.parent)
-                 if e.name.startswith(prefix) and e.is_file(follow_symlinks=False)]
+        names = [e.name for e in os.scandir(path.parent) if (m := _OWN_TEMP.fullmatch(e.name))
+                 and m["target"] == path.name and e.is_file(follow_symlinks=False)]
     except OSError:
         return []
-    stale = [path.parent / n for n in names if n[len(prefix):].isdigit() and not _writer_alive(n)]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    return _remove_if_writer_gone([path.parent / n for n in names])
 
 
 def remove_stale_temps(model_dir: Path) -> list[Path]:
@@ -117,11 +121,8 @@ def remove_stale_temps(model_dir: Path) -> list[Path]:
     Only names `is_own_temp` accepts are touched: a user's ``notes.tmp-1`` stays.
     """
     d = Path(model_dir)
-    stale = [p for p in d.iterdir() if is_own_temp(p.name) and p.is_file() and not _writer_alive(p.name)] \
-        if d.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    own = [p for p in d.iterdir() if is_own_temp(p.name) and p.is_file()] if d.is_dir() else []
+    return _remove_if_writer_gone(own)
 
 
 # ---------------------------------------------------------------- ownership
