@@ -73,6 +73,45 @@ def test_an_orthogonal_group_steps_along_the_orthogonalised_update_with_decouple
     assert torch.allclose(w, previous * (1 - 0.2 * 0.01) - 0.2 * orthogonalize(w.grad + 0.6 * buf), atol=1e-6)
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_a_normalized_orthogonal_group_rescales_the_weight_to_norm_sqrt_rows_and_takes_no_decay(decay):
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 5
+    before = w.clone()
+    opt = Muon([{"params": [w], "orthogonal": True, "normalize": True}], lr=0.2, momentum=0.6,
+               weight_decay=decay)
+    w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    expected = before * (8 ** 0.5 / before.norm()) - 0.2 * orthogonalize(1.6 * w.grad)
+    assert torch.allclose(w, expected, atol=1e-6)
+    assert before.norm() > 30 and w.norm() < 4  # 5x the scale before, about sqrt(8) after
+
+
+def test_muon_norm_reaches_the_filter_groups_only_and_needs_muon():
+    model = create_model("mnist-fast", c1=8, c2=8, c3=8)
+    opt = make_optimizer(make_config({"optimizer": "muon", "lr": 0.05, "muon_norm": True}), model)
+    assert [g["normalize"] for g in opt.param_groups] == [g["orthogonal"] for g in opt.param_groups]
+    assert any(g["normalize"] for g in opt.param_groups)
+    plain = make_optimizer(make_config({"optimizer": "muon", "lr": 0.05}), model)
+    assert not any(g["normalize"] for g in plain.param_groups)
+    with pytest.raises(ConfigError, match="muon_norm needs optimizer = muon"):
+        make_config({"optimizer": "nesterov", "muon_norm": True})
+
+
+def test_an_optimiser_state_saved_before_muon_norm_still_steps():
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    opt = Muon([{"params": [w], "orthogonal": True}], lr=0.2, momentum=0.6, weight_decay=0.01)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        del group["normalize"]  # as a checkpoint written before the option holds it
+    again = Muon([{"params": [w], "orthogonal": True}], lr=0.2, momentum=0.6, weight_decay=0.01)
+    again.load_state_dict(state)
+    before = w.clone()
+    again.step()
+    assert not torch.equal(w, before) and torch.isfinite(w).all()
+
+
 def test_make_optimizer_puts_the_filters_in_orthogonal_groups_at_the_muon_rate():
     model = create_model("mnist-fast", c1=8, c2=8, c3=8, convs=2)
     config = make_config({"optimizer": "muon", "lr": 0.05, "momentum": 0.9, "muon_lr": 0.3, "muon_momentum": 0.5,

@@ -61,6 +61,9 @@ class TrainConfig:
                                    "its batch norms' shifts 64x faster than its weights")
     muon_lr: float = opt(0.24, "muon: peak learning rate of the convolution filters (the schedule scales it as lr)")
     muon_momentum: float = opt(0.6, "muon: momentum of the convolution filters")
+    muon_norm: bool = opt(False, "muon: before each step rescale each filter bank to norm sqrt(out channels) instead "
+                                 "of decaying it (airbench94_muon; the filters feed batch norms, so only their "
+                                 "direction counts)")
     adam_eps: float = opt(1e-8, "Adam epsilon (tf.train.AdamOptimizer's default; Keras uses 1e-7)")
     batch_size: int = opt(100, "global batch size (split over processes under torchrun)")
     steps: int = opt(1000, "optimisation steps (ignored when epochs > 0)")
@@ -207,6 +210,7 @@ def _validate(c: TrainConfig) -> None:
         (0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}"),
         *_positive(c, "norm_lr_mult", "muon_lr"),
         (0 <= c.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {c.muon_momentum}"),
+        (c.optimizer == "muon" or not c.muon_norm, "muon_norm needs optimizer = muon"),
         *_non_negative(c, "weight_decay"),
         (0 <= c.warmup < 1, f"warmup must be in [0, 1), got {c.warmup}"),
         (0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}"),

@@ -45,11 +45,15 @@ class Muon(torch.optim.Optimizer):
     orthogonal group's weight decay is decoupled (the weights shrink by ``lr * weight_decay``), as in
     ``torch.optim.Muon``, since its step no longer scales with the gradient. Its momentum buffer is SGD's sum of
     past gradients; ``torch.optim.Muon`` keeps their average, which orthogonalisation makes the same step.
+
+    An orthogonal group with ``normalize=True`` instead rescales each weight to Frobenius norm sqrt(rows) before
+    its step and takes no weight decay (airbench94_muon): the step then turns a filter bank by about the same
+    angle all through training, which only makes sense for weights whose scale a norm layer removes.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, ns_steps: int = 5):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                                  "orthogonal": False, "ns_steps": ns_steps})
+                                  "orthogonal": False, "normalize": False, "ns_steps": ns_steps})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -75,7 +79,9 @@ class Muon(torch.optim.Optimizer):
         update = grad.add(buf, alpha=momentum)
         if group["orthogonal"]:
             update = orthogonalize(update, group["ns_steps"])
-            if decay:
+            if group.get("normalize"):  # .get: optimiser states saved before this option lack the key
+                p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
+            elif decay:
                 p.mul_(1 - group["lr"] * decay)
         p.add_(update, alpha=-group["lr"])
 
@@ -95,5 +101,5 @@ def muon_groups(groups: list[dict], config: TrainConfig) -> list[dict]:
         if filters:
             mult = group["lr_mult"] * config.muon_lr / config.lr
             out.append({**group, "params": filters, "orthogonal": True, "lr_mult": mult,
-                        "lr": config.lr * mult, "momentum": config.muon_momentum})
+                        "lr": config.lr * mult, "momentum": config.muon_momentum, "normalize": config.muon_norm})
     return out
