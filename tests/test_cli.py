@@ -72,6 +72,39 @@ def test_evaluate_with_model_dir_matches_positional(tiny_run, capsys):
     assert json.loads(capsys.readouterr().out) == by_flag
 
 
+def test_evaluate_tta_overrides_the_recorded_views_for_that_evaluation_only(tiny_run, capsys):
+    from cnnlab.infer import eval_result, load_trained, predict_logits
+
+    data = ["--data-dir", str(tiny_run.data)]
+    assert main(["evaluate", str(tiny_run.path), "--json", *data]) == 0
+    recorded = json.loads(capsys.readouterr().out)
+    assert recorded["tta"] == "none"  # the tiny run's own
+    assert main(["evaluate", str(tiny_run.path), "--json", "--tta", "flip-translate", *data]) == 0
+    views = json.loads(capsys.readouterr().out)
+    assert views["tta"] == "flip-translate" and views["loss"] != recorded["loss"]
+    # the same figures as the run's own evaluation code computes with those views
+    trained = load_trained(tiny_run.path)
+    ds = trained.load_split("test", str(tiny_run.data))
+    kw = {**trained.inference_kw(), "tta": "flip-translate"}
+    expected = eval_result(predict_logits(trained.model, ds.images, **kw), ds.labels)
+    assert views["loss"] == pytest.approx(expected.loss, rel=1e-5) and views["accuracy"] == expected.accuracy
+    assert main(["evaluate", str(tiny_run.path), "--tta", "flip", *data]) == 0
+    assert "test-time views flip" in capsys.readouterr().out
+    assert main(["evaluate", str(tiny_run.path), "--json", *data]) == 0  # nothing recorded changed
+    assert json.loads(capsys.readouterr().out) == recorded
+
+
+def test_evaluate_refuses_an_unknown_tta(tiny_run, capsys):
+    from cnnlab.errors import ConfigError
+    from cnnlab.train.classifier import Classifier
+
+    assert main(["evaluate", str(tiny_run.path), "--tta", "rotate", "--data-dir", str(tiny_run.data)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "cnnlab: error: tta must be one of none, flip, translate, flip-translate, got 'rotate'"
+    with pytest.raises(ConfigError, match="tta must be one of none, flip, translate, flip-translate"):
+        Classifier(model_dir=str(tiny_run.path), data_dir=str(tiny_run.data)).evaluate(tta="rotate")
+
+
 def test_predict_with_model_dir_takes_every_positional_as_an_image(tiny_run, tmp_path, capsys):
     from PIL import Image
 

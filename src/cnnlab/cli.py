@@ -195,12 +195,13 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     from .train.classifier import Classifier
 
     clf = Classifier(model_dir=args.run_dir, data_dir=args.data_dir, checkpoint=args.checkpoint)
-    res = clf.evaluate(args.split)
+    res = clf.evaluate(args.split, tta=args.tta)
     if args.json:
         print(json.dumps(res))
     else:
+        views = f", test-time views {res['tta']}" if args.tta else ""
         print(f"{args.run_dir} step {res['step']}: {args.split} accuracy {res['accuracy']:.4f}  "
-              f"loss {res['loss']:.4f}  ({res['n']} images)")
+              f"loss {res['loss']:.4f}  ({res['n']} images{views})")
     return 0
 
 
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", allow_abbrev=False, help="accuracy and loss of a trained run")
     _add_run(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--tta", default=None,  # checked by Classifier.evaluate: config's modes, not imported here
+                   help="test-time augmentation for this evaluation instead of the run's own (config tta), to see "
+                        "what it adds: none, flip (the mirror), translate (1-pixel shifts) or flip-translate")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_checkpoint_choice(p)
     _add_common_data(p)

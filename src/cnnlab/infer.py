@@ -256,18 +256,22 @@ class TrainedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def inference_kw(self, batch_size: int | None = None) -> dict:
-        """The `predict_logits` keywords of this run: its TTA, precision, layout, crop and eval batch size."""
-        return {"batch_size": batch_size or int(self.config.get("eval_batch_size") or 1000), "tta": self.tta,
-                "precision": self.precision, "channels_last": self.channels_last, "crop": self.preprocess.crop}
+    def inference_kw(self, batch_size: int | None = None, tta: str | None = None) -> dict:
+        """The `predict_logits` keywords of this run: its TTA (``tta`` overrides it), precision, layout, crop and
+        eval batch size."""
+        return {"batch_size": batch_size or int(self.config.get("eval_batch_size") or 1000),
+                "tta": self.tta if tta is None else tta, "precision": self.precision,
+                "channels_last": self.channels_last, "crop": self.preprocess.crop}
 
-    def logits(self, images_u8: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Logits [N, K] on CPU of uint8 images [N,C,H,W] at the recorded size, computed as the run evaluates."""
-        return predict_logits(self.model, images_u8, **self.inference_kw(batch_size))
+    def logits(self, images_u8: torch.Tensor, batch_size: int | None = None, tta: str | None = None) -> torch.Tensor:
+        """Logits [N, K] on CPU of uint8 images [N,C,H,W] at the recorded size, computed as the run evaluates
+        (``tta``: other test-time views than the recorded ones, one of `config.TTA_MODES`)."""
+        return predict_logits(self.model, images_u8, **self.inference_kw(batch_size, tta))
 
-    def evaluate(self, images_u8: torch.Tensor, labels: torch.Tensor) -> EvalResult:
-        """Accuracy and loss on labelled uint8 images, computed exactly as the training loop's evaluation."""
-        return eval_result(self.logits(images_u8), labels)
+    def evaluate(self, images_u8: torch.Tensor, labels: torch.Tensor, tta: str | None = None) -> EvalResult:
+        """Accuracy and loss on labelled uint8 images, computed exactly as the training loop's evaluation
+        (``tta`` as in `logits`)."""
+        return eval_result(self.logits(images_u8, tta=tta), labels)
 
     def load_split(self, split: str = "test", data_dir: str | None = None, download: bool = True) -> ArrayDataset:
         """A split of the run's own dataset; DataError if it cannot be found or its classes do not match."""
@@ -279,10 +283,10 @@ class TrainedModel:
             raise DataError(f"{ds.info.name} has {len(ds.info.class_names)} classes, the model {len(self.classes)}")
         return ds
 
-    def evaluate_split(self, split: str = "test", data_dir: str | None = None) -> EvalResult:
+    def evaluate_split(self, split: str = "test", data_dir: str | None = None, tta: str | None = None) -> EvalResult:
         """`evaluate` on a split of the run's dataset."""
         ds = self.load_split(split, data_dir)
-        return self.evaluate(ds.images, ds.labels)
+        return self.evaluate(ds.images, ds.labels, tta)
 
     def prepare(self, images, invert: str | None = None, centre: bool = False) -> torch.Tensor:
         """Paths, PIL images, arrays or a tensor -> uint8 [N,C,H,W] as the run prepares images.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import resolve_config
+from ..config import TTA_MODES, resolve_config
 from ..errors import ConfigError
 from ..infer import TrainedModel, load_trained, select_device
 from ..rundir import read_record
@@ -66,11 +66,18 @@ class Classifier:
             self._trained = load_trained(self.model_dir, select_device(self.config.device), checkpoint=self.checkpoint)
         return self._trained
 
-    def evaluate(self, split: str = "test") -> dict:
+    def evaluate(self, split: str = "test", tta: str | None = None) -> dict:
         """Accuracy and loss of the chosen checkpoint (see ``checkpoint``) on a split of the run's dataset,
-        computed as the training loop's own evaluation (recorded precision, layout, TTA and crop)."""
-        res = self.trained.evaluate_split(split, self.data_dir)
-        return {**res.as_dict(), "split": split, "step": self.trained.step}
+        computed as the training loop's own evaluation (recorded precision, layout, TTA and crop).
+
+        ``tta``: evaluate with these test-time views instead of the recorded ones (one of `config.TTA_MODES`), to
+        see what they add; the result's "tta" names the views used.
+        """
+        if tta is not None and tta not in TTA_MODES:
+            raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+        res = self.trained.evaluate_split(split, self.data_dir, tta)
+        return {**res.as_dict(), "split": split, "step": self.trained.step,
+                "tta": self.trained.tta if tta is None else tta}
 
     def predict_proba(self, images, invert: str | None = None, centre: bool = False) -> torch.Tensor:
         """Class probabilities [N, num_classes] for paths, PIL images, arrays or a tensor of images.
