@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -52,25 +53,24 @@ def run_cli_train(recipe: str, model_dir: Path, overrides: list[str], log_file: 
     return result
 
 
-def ensure_trained_run(run_dir: str | None, out: Path, name: str, overrides: list[str],
-                       recipe: str = "lenet5-mnist") -> Path:
-    """``run_dir`` when given, else ``out/name``: a ``recipe`` run with ``overrides``, trained once (a later call
-    reuses it once it holds a checkpoint)."""
-    from cnnlab.errors import CnnlabError
-    from cnnlab.infer import find_checkpoint
-
+def ensure_trained_run(run_dir: str | Path | None, out: Path, name: str, overrides: list[str],
+                       recipe: str = "lenet5-mnist", log=sys.stdout) -> Path:
+    """``run_dir`` when given (it must be a run directory), else ``out/name``: a ``recipe`` run with ``overrides``,
+    trained once. A later call reuses it once its training finished (results.json written); a run that stopped
+    part-way (a checkpoint but no results) is cleared and trained again. Progress lines go to ``log``."""
     if run_dir:
-        return Path(run_dir)
-    run = out / name
-    try:
-        find_checkpoint(run)
+        run = Path(run_dir)
+        if not (run / "config.json").is_file():
+            raise SystemExit(f"{Path(sys.argv[0]).stem}: not a run directory: {run}")
         return run
-    except CnnlabError:
-        pass
-    print(f"training a {recipe} run in {run} ...", flush=True)
-    run.mkdir(parents=True, exist_ok=True)
-    res = run_cli_train(recipe, run, overrides, log_file=out / "train.log")
-    print(f"trained: test accuracy {res['test']['accuracy']:.4f} in {res['wall']:.0f} s", flush=True)
+    run = out / name
+    if (run / "results.json").is_file():
+        return run
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    print(f"training a {recipe} run in {run} ...", file=log, flush=True)
+    res = run_cli_train(recipe, run, overrides, log_file=out / f"{name}.log")
+    print(f"trained: test accuracy {res['test']['accuracy']:.4f} in {res['wall']:.0f} s", file=log, flush=True)
     return run
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware_line, host_info, print_table, run_cli_train
+from common import ensure_trained_run, hardware_line, host_info, print_table
 
 from cnnlab.data.hand_digits import CANVAS, HANDS, canvas_paths, digit_strokes, render
 
@@ -39,22 +39,6 @@ def drawings(repeats: int, seed: int, fill: float = 0.75) -> list[tuple[str, int
     rng = np.random.default_rng(seed)
     return [(h.name, r, d, canvas_paths(digit_strokes(d, h, rng), fill=fill))
             for h in HANDS for r in range(repeats) for d in range(10)]
-
-
-def ensure_run(run: Path | None, recipe: str, out: Path) -> Path:
-    """``run`` when given, else ``out/recipe``: trained once with ``recipe`` (reused once it has results)."""
-    if run is not None:
-        if not (run / "config.json").is_file():
-            raise SystemExit(f"draw_digits: not a run directory: {run}")
-        return run
-    run = out / recipe
-    if (run / "results.json").is_file():
-        return run
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
-    print(f"training {recipe} in {run} ...", file=sys.stderr, flush=True)
-    run_cli_train(recipe, run, ["--no-report"], log_file=out / f"{recipe}.log")
-    return run
 
 
 def read_via_predict(run: Path, items: list[tuple[str, int, int, Paths]]) -> list[str]:
@@ -164,7 +148,7 @@ def main() -> int:
         raise SystemExit(f"draw_digits: --fill must be in [0.1, 1], got {args.fill}")
     if args.data_dir:
         os.environ["CNNLAB_DATA"] = args.data_dir
-    run = ensure_run(args.run, args.recipe, args.out)
+    run = ensure_trained_run(args.run, args.out, args.recipe, ["--no-report"], recipe=args.recipe, log=sys.stderr)
     items = drawings(args.repeats, args.seed, args.fill)
     labels = (read_via_page if args.via == "page" else read_via_predict)(run, items)
     result = tally(items, labels)

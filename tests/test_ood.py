@@ -130,3 +130,29 @@ def test_a_failing_training_run_ends_the_benchmark_in_one_line(bench_modules, tm
     message = str(excinfo.value.code)
     assert "\n" not in message and message.startswith("run run failed: cnnlab: error: ")
     assert "no-such-recipe" in message and message.endswith(f"(log: {tmp_path / 'run.log'})")
+
+
+def test_a_benchmark_trains_its_run_once_and_retrains_one_that_stopped_part_way(bench_modules, tmp_path,
+                                                                               monkeypatch):
+    _, common = bench_modules
+    trained = []
+
+    def fake_train(recipe, run, overrides, log_file=None):
+        trained.append((recipe, run, overrides))
+        (run / "config.json").write_text("{}")
+        (run / "results.json").write_text("{}")
+        return {"test": {"accuracy": 0.5}, "wall": 1.0}
+
+    monkeypatch.setattr(common, "run_cli_train", fake_train)
+    run = common.ensure_trained_run(None, tmp_path, "r", ["--steps=2"], recipe="mnist-fast")
+    assert run == tmp_path / "r" and trained == [("mnist-fast", run, ["--steps=2"])]
+    assert common.ensure_trained_run(None, tmp_path, "r", ["--steps=2"]) == run and len(trained) == 1  # reused
+    # a run stopped part-way: a checkpoint and no results; its files are cleared before it trains again
+    (run / "results.json").unlink()
+    (run / "ckpt-00000001.safetensors").write_bytes(b"partial")
+    assert common.ensure_trained_run(None, tmp_path, "r", []) == run and len(trained) == 2
+    assert not (run / "ckpt-00000001.safetensors").exists()
+    # a given run is used as it is, and must be a run directory
+    assert common.ensure_trained_run(str(run), tmp_path, "other", []) == run and len(trained) == 2
+    with pytest.raises(SystemExit, match="not a run directory"):
+        common.ensure_trained_run(str(tmp_path / "missing"), tmp_path, "other", [])
