@@ -398,7 +398,7 @@ def test_val_split_picks_the_model_and_test_is_evaluated_once(folder, tmp_path, 
     assert results["best"]["metric"] == "val_accuracy" and results["best"]["step"] in (2, 4, 6)
     capsys.readouterr()
     assert main(["evaluate", str(run), "--split", "val", "--checkpoint", "latest", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {**results["val"], "step": 6, "split": "val"}
+    assert json.loads(capsys.readouterr().out) == {**results["val"], "step": 6, "split": "val", "tta": "none"}
 
 
 def test_folder_without_test_folder_evaluates_its_val_split_as_test(folder, tmp_path):
