@@ -95,7 +95,10 @@ def test_evaluate_tta_overrides_the_recorded_views_for_that_evaluation_only(tiny
 
 
 def test_evaluate_refuses_an_unknown_tta(tiny_run, capsys):
+    import torch
+
     from cnnlab.errors import ConfigError
+    from cnnlab.infer import load_trained
     from cnnlab.train.classifier import Classifier
 
     assert main(["evaluate", str(tiny_run.path), "--tta", "rotate", "--data-dir", str(tiny_run.data)]) == 2
@@ -103,6 +106,9 @@ def test_evaluate_refuses_an_unknown_tta(tiny_run, capsys):
     assert err.strip() == "cnnlab: error: tta must be one of none, flip, translate, flip-translate, got 'rotate'"
     with pytest.raises(ConfigError, match="tta must be one of none, flip, translate, flip-translate"):
         Classifier(model_dir=str(tiny_run.path), data_dir=str(tiny_run.data)).evaluate(tta="rotate")
+    trained = load_trained(tiny_run.path)  # an unknown mode would otherwise quietly mean the single view
+    with pytest.raises(ConfigError, match="got 'Flip'"):
+        trained.logits(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), tta="Flip")
 
 
 def test_predict_with_model_dir_takes_every_positional_as_an_image(tiny_run, tmp_path, capsys):

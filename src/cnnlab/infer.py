@@ -26,6 +26,7 @@ from torch._prims_common import suggest_memory_format  # Tensor.suggest_memory_f
 from torch.nn.modules.utils import _pair
 
 from . import checkpoint as ck
+from .config import TTA_MODES
 from .data import ArrayDataset, load_dataset
 from .data.augment import fit_to_size
 from .data.images import as_batch
@@ -259,6 +260,8 @@ class TrainedModel:
     def inference_kw(self, batch_size: int | None = None, tta: str | None = None) -> dict:
         """The `predict_logits` keywords of this run: its TTA (``tta`` overrides it), precision, layout, crop and
         eval batch size."""
+        if tta is not None and tta not in TTA_MODES:  # an unknown mode would quietly mean one view
+            raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         return {"batch_size": batch_size or int(self.config.get("eval_batch_size") or 1000),
                 "tta": self.tta if tta is None else tta, "precision": self.precision,
                 "channels_last": self.channels_last, "crop": self.preprocess.crop}
@@ -285,6 +288,7 @@ class TrainedModel:
 
     def evaluate_split(self, split: str = "test", data_dir: str | None = None, tta: str | None = None) -> EvalResult:
         """`evaluate` on a split of the run's dataset."""
+        self.inference_kw(tta=tta)  # a bad ``tta`` fails before the data is read
         ds = self.load_split(split, data_dir)
         return self.evaluate(ds.images, ds.labels, tta)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TTA_MODES, resolve_config
+from ..config import resolve_config
 from ..errors import ConfigError
 from ..infer import TrainedModel, load_trained, select_device
 from ..rundir import read_record
@@ -73,8 +73,6 @@ class Classifier:
         ``tta``: evaluate with these test-time views instead of the recorded ones (one of `config.TTA_MODES`), to
         see what they add; the result's "tta" names the views used.
         """
-        if tta is not None and tta not in TTA_MODES:
-            raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         res = self.trained.evaluate_split(split, self.data_dir, tta)
         return {**res.as_dict(), "split": split, "step": self.trained.step,
                 "tta": self.trained.tta if tta is None else tta}
