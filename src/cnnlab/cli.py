@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", allow_abbrev=False, help="accuracy and loss of a trained run")
     _add_run(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--tta", default=None,  # checked by Classifier.evaluate: config's modes, not imported here
+    p.add_argument("--tta", default=None,  # checked by TrainedModel.tta_mode: config's modes, not imported here
                    help="test-time augmentation for this evaluation instead of the run's own (config tta), to see "
                         "what it adds: none, flip (the mirror), translate (1-pixel shifts) or flip-translate")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -257,13 +257,19 @@ class TrainedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def inference_kw(self, batch_size: int | None = None, tta: str | None = None) -> dict:
-        """The `predict_logits` keywords of this run: its TTA (``tta`` overrides it), precision, layout, crop and
-        eval batch size."""
-        if tta is not None and tta not in TTA_MODES:  # an unknown mode would quietly mean one view
+    def tta_mode(self, tta: str | None = None) -> str:
+        """The test-time views to use: ``tta`` when given (one of `config.TTA_MODES`), else the run's own."""
+        if tta is None:
+            return self.tta
+        if tta not in TTA_MODES:  # an unknown mode would quietly mean one view
             raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+        return tta
+
+    def inference_kw(self, batch_size: int | None = None, tta: str | None = None) -> dict:
+        """The `predict_logits` keywords of this run: its TTA (``tta`` overrides it, see `tta_mode`), precision,
+        layout, crop and eval batch size."""
         return {"batch_size": batch_size or int(self.config.get("eval_batch_size") or 1000),
-                "tta": self.tta if tta is None else tta, "precision": self.precision,
+                "tta": self.tta_mode(tta), "precision": self.precision,
                 "channels_last": self.channels_last, "crop": self.preprocess.crop}
 
     def logits(self, images_u8: torch.Tensor, batch_size: int | None = None, tta: str | None = None) -> torch.Tensor:
@@ -288,7 +294,7 @@ class TrainedModel:
 
     def evaluate_split(self, split: str = "test", data_dir: str | None = None, tta: str | None = None) -> EvalResult:
         """`evaluate` on a split of the run's dataset."""
-        self.inference_kw(tta=tta)  # a bad ``tta`` fails before the data is read
+        self.tta_mode(tta)  # a bad ``tta`` fails before the data is read
         ds = self.load_split(split, data_dir)
         return self.evaluate(ds.images, ds.labels, tta)
 

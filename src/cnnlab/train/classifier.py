@@ -75,7 +75,7 @@ class Classifier:
         """
         res = self.trained.evaluate_split(split, self.data_dir, tta)
         return {**res.as_dict(), "split": split, "step": self.trained.step,
-                "tta": self.trained.tta if tta is None else tta}
+                "tta": self.trained.tta_mode(tta)}
 
     def predict_proba(self, images, invert: str | None = None, centre: bool = False) -> torch.Tensor:
         """Class probabilities [N, num_classes] for paths, PIL images, arrays or a tensor of images.
