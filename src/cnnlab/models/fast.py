@@ -43,7 +43,7 @@ def mnist_fast(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, c1:
     """A small BN/GELU net for MNIST-sized inputs: 28 -> 14 -> 7 -> 3 -> global max pool.
 
     With the default widths ~4.2 M multiply-adds per image, 1/3 of the tf.estimator CNN; the ``mnist-fast``
-    recipe trains it for 0.5 epoch (accuracy and time in docs/speed.md).
+    recipe trains it for 0.4 epoch (accuracy and time in docs/speed.md).
 
     Args:
         convs: Convolutions per stage. Each one past the first is a conv-BN-GELU at the pooled size (airbench's
